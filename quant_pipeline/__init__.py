@@ -1,0 +1,1 @@
+"""quant_pipeline: LLM quantization as an audited model-release event."""

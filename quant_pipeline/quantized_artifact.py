@@ -1,0 +1,184 @@
+"""Stage 4 — the quantized artifact: GPTQ through transformers/optimum, backed by gptqmodel.
+
+The artifact ID is derived from everything that determines the bytes (base hash, recipe,
+calibration hash, runtime fingerprint), so the same inputs give the same ID and the work is
+reused, and any changed input gives a new ID that starts its approval from scratch.
+The artifact is written atomically and carries a record of its inputs and its own file hashes.
+"""
+
+
+import json
+from pathlib import Path
+
+import dagster as dg
+
+from quant_pipeline.calibration_set import load_calibration_texts
+from quant_pipeline.errors import AuditInputError
+from quant_pipeline.perf import StageMeter
+from quant_pipeline.settings import AuditSettings, Recipe
+from quant_pipeline.storage import (
+    RECORD_FILE,
+    atomic_directory,
+    canonical_hash,
+    diff_hashes,
+    dir_size,
+    file_hashes,
+    sha256_file,
+    tree_hash,
+    write_json_atomic,
+)
+from quant_pipeline.tracking import MlflowTracker
+
+
+def check_recipe_fits(recipe: Recipe, config: dict, model_label: str) -> None:
+    """GPTQ groups split each linear layer's input features; every input width must divide evenly."""
+    recipe.validate_values()
+    if recipe.group_size == -1:
+        return
+    widths = {"hidden_size": config.get("hidden_size"), "intermediate_size": config.get("intermediate_size")}
+    for field, width in widths.items():
+        if width and width % recipe.group_size:
+            fits = [g for g in (32, 64, 128) if all(w % g == 0 for w in widths.values() if w)]
+            hint = f"use group_size {max(fits)}" if fits else "use group_size -1 (per-channel)"
+            raise AuditInputError(
+                f"recipe.group_size={recipe.group_size} does not divide {model_label}'s {field} {width}: {hint}"
+            )
+
+
+def artifact_id(base_hash: str, recipe: Recipe, calibration_hash: str, runtime_hash: str) -> str:
+    inputs = {"base": base_hash, "recipe": recipe.as_dict(), "calibration": calibration_hash, "runtime": runtime_hash}
+    return f"gptq-w{recipe.bits}g{recipe.group_size}-{canonical_hash(inputs)[:12]}"
+
+
+def quantize(base_path: Path, texts: list[str], recipe: Recipe, out_dir: Path) -> None:
+    """Run GPTQ on CPU (or GPU where present) and save the packed model with its tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GPTQConfig
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    config = GPTQConfig(
+        bits=recipe.bits,
+        group_size=recipe.group_size,
+        desc_act=recipe.desc_act,
+        sym=recipe.sym,
+        damp_percent=recipe.damp_percent,
+        dataset=texts[: recipe.calibration_samples],
+        tokenizer=tokenizer,
+        model_seqlen=recipe.seq_len,
+    )
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(
+        base_path, quantization_config=config, device_map=device, dtype=torch.float32 if device == "cpu" else torch.float16, use_safetensors=True
+    )
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+
+
+def scale_summary(artifact_dir: Path) -> dict:
+    """Per-layer scale/zero-point statistics and one hash over all of them (the 'scaling parameters')."""
+    import hashlib
+
+    from safetensors import safe_open
+
+    layers, h = {}, hashlib.sha256()
+    for st in sorted(artifact_dir.glob("*.safetensors")):
+        with safe_open(st, framework="pt") as f:
+            for key in sorted(f.keys()):
+                if key.endswith((".scales", ".qzeros")):
+                    t = f.get_tensor(key)
+                    h.update(key.encode())
+                    h.update(t.contiguous().view(-1).numpy().tobytes())
+                    layer, kind = key.rsplit(".", 1)
+                    tf = t.float()
+                    layers.setdefault(layer, {})[kind] = {"mean": round(tf.mean().item(), 6), "min": round(tf.min().item(), 6), "max": round(tf.max().item(), 6)}
+    return {"hash": h.hexdigest(), "layers": len(layers), "per_layer": layers}
+
+
+def verify_artifact(artifact_dir: Path) -> dict:
+    """Re-hash the artifact's files against its record; raise naming each file that differs."""
+    record_path = artifact_dir / RECORD_FILE
+    if not record_path.exists():
+        raise AuditInputError(f"{artifact_dir} has no {RECORD_FILE}: not a complete quant_pipeline artifact")
+    record = json.loads(record_path.read_text())
+    problems = diff_hashes(record["files"], file_hashes(artifact_dir))
+    if problems:
+        raise AuditInputError(f"artifact {record['artifact_id']} failed hash verification: {'; '.join(problems)}")
+    return record
+
+
+@dg.asset(group_name="audit", kinds={"pytorch", "gptq"})
+def quantized_artifact(
+    context: dg.AssetExecutionContext,
+    settings: AuditSettings,
+    mlflow: MlflowTracker,
+    base_checkpoint: dict,
+    calibration_set: dict,
+    runtime_environment: dict,
+) -> dg.MaterializeResult:
+    """The GPTQ-quantized model, saved atomically under an input-derived ID and registered in MLflow."""
+    recipe = settings.recipe
+    model_name = base_checkpoint["model_name"]
+    aid = artifact_id(base_checkpoint["hash"], recipe, calibration_set["hash"], runtime_environment["hash"])
+    target = settings.store / "artifacts" / aid
+    reused = target.exists()
+    with StageMeter() as meter:
+        if not reused:
+            calib_path = Path(calibration_set["path"])
+            if sha256_file(calib_path) != calibration_set["hash"]:
+                raise AuditInputError(f"calibration file {calib_path} changed since it was validated: re-materialize calibration_set")
+            texts = load_calibration_texts(calib_path)
+            with atomic_directory(target) as tmp:
+                quantize(Path(base_checkpoint["path"]), texts, recipe, tmp)
+                files = file_hashes(tmp)
+                record = {
+                    "artifact_id": aid,
+                    "model_name": model_name,
+                    "base_hash": base_checkpoint["hash"],
+                    "base_path": base_checkpoint["path"],
+                    "recipe": recipe.as_dict(),
+                    "calibration_hash": calibration_set["hash"],
+                    "calibration_count": calibration_set["used"],
+                    "runtime_hash": runtime_environment["hash"],
+                    "runtime": runtime_environment["fingerprint"],
+                    "precision": f"int{recipe.bits} weights (GPTQ, group {recipe.group_size}), fp32 activations",
+                    "scales": scale_summary(tmp),
+                    "files": files,
+                    "content_hash": tree_hash(files),
+                    "size_bytes": dir_size(tmp),
+                    "dagster_run_id": context.run_id,
+                }
+                write_json_atomic(tmp / RECORD_FILE, record)
+        record = verify_artifact(target)
+    tags = {
+        "artifact_id": aid,
+        "content_hash": record["content_hash"],
+        "base_hash": record["base_hash"],
+        "calibration_hash": record["calibration_hash"],
+        "runtime_hash": record["runtime_hash"],
+        "recipe": json.dumps(record["recipe"], sort_keys=True),
+        "approval": "pending sign-off",
+    }
+    with mlflow.stage_run(model_name, "quantized_artifact", {"dagster_run_id": context.run_id, "artifact_id": aid}) as run:
+        run.log_params({**record["recipe"], "artifact_id": aid, "content_hash": record["content_hash"]})
+        run.log_metrics({"size_bytes": record["size_bytes"], "base_size_bytes": base_checkpoint["size_bytes"], **meter.metadata()})
+        run.log_json({k: v for k, v in record.items() if k != "scales"} | {"scales_hash": record["scales"]["hash"]}, "artifact_record.json")
+        run.log_json(record["scales"], "scales_summary.json")
+        version = mlflow.register_artifact(model_name, aid, target.as_uri(), run.run_id, tags)
+    return dg.MaterializeResult(
+        value={**{k: v for k, v in record.items() if k not in ("files", "scales", "runtime")}, "path": str(target), "registry_version": version, "reused": reused},
+        data_version=dg.DataVersion(record["content_hash"][:16]),
+        metadata={
+            "artifact_id": aid,
+            "path": dg.MetadataValue.path(str(target)),
+            "content_hash": record["content_hash"],
+            "reused_existing_artifact": reused,
+            "recipe": dg.MetadataValue.json(record["recipe"]),
+            "size_mb": round(record["size_bytes"] / 2**20, 1),
+            "size_vs_base": round(record["size_bytes"] / base_checkpoint["size_bytes"], 3),
+            "scales_hash": record["scales"]["hash"],
+            "registry": f"{model_name} v{version}",
+            **meter.metadata(),
+            **run.metadata(),
+        },
+    )

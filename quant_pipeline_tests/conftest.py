@@ -1,0 +1,84 @@
+"""Shared fixtures: a tiny random Llama (seconds to quantize), an isolated store, MLflow and Dagster.
+
+Everything is real: the tiny model is a genuine LlamaForCausalLM with SmolLM2's tokenizer, GPTQ
+runs through gptqmodel, lm-eval scores the shipped tasks, MLflow writes to SQLite in a temp dir.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from quant_pipeline.definitions import AUDIT_ASSETS, AUDIT_CHECKS  # noqa: E402
+from quant_pipeline.paths import default_gguf_path  # noqa: E402
+from quant_pipeline.settings import AuditSettings, Recipe  # noqa: E402
+from quant_pipeline.tracking import MlflowTracker  # noqa: E402
+
+TINY_RECIPE = Recipe(bits=4, group_size=64, calibration_samples=8, seq_len=64)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    from transformers import AutoTokenizer
+
+    gguf = default_gguf_path()
+    assert gguf.exists(), f"{gguf} missing: run `make install`"
+    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, smollm2_tokenizer) -> Path:
+    """A 2-layer, 128-wide randomly initialised Llama saved as a safetensors checkpoint."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny_llama")
+    config = LlamaConfig(
+        vocab_size=len(smollm2_tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024, tie_word_embeddings=True,
+        bos_token_id=smollm2_tokenizer.bos_token_id, eos_token_id=smollm2_tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
+    smollm2_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def mlflow_tracker(tmp_path) -> MlflowTracker:
+    return MlflowTracker(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", artifact_root=(tmp_path / "mlartifacts").as_uri())
+
+
+@pytest.fixture
+def tiny_settings(tmp_path, tiny_llama) -> AuditSettings:
+    return AuditSettings(model=str(tiny_llama), store_dir=str(tmp_path / "store"), recipe=TINY_RECIPE, eval_limit=4)
+
+
+@pytest.fixture
+def instance(tmp_path):
+    (tmp_path / "dagster_home").mkdir()
+    with dg.instance_for_test(temp_dir=str(tmp_path / "dagster_home")) as inst:
+        yield inst
+
+
+def run_audit(settings: AuditSettings, tracker: MlflowTracker, instance, approver: str = "", note: str = "", selection=None):
+    """Materialize the audit graph (or a selection of it) with real resources; never raises."""
+    return dg.materialize(
+        [*AUDIT_ASSETS, *AUDIT_CHECKS],
+        resources={"settings": settings, "mlflow": tracker},
+        instance=instance,
+        run_config={"ops": {"approval": {"config": {"approver": approver, "note": note}}}} if selection is None or "approval" in str(selection) else None,
+        raise_on_error=False,
+        selection=selection,
+    )
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
