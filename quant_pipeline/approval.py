@@ -48,7 +48,7 @@ def approval(context: dg.AssetExecutionContext, config: ApprovalConfig, settings
         "approver": config.approver.strip() or None,
         "note": config.note,
         "policy_hash": delta_report["policy_hash"],
-        "dagster_run_id": context.run_id,
+        "dagster_run_id": context.run.run_id,
         "at": dt.datetime.now(dt.timezone.utc).isoformat(),
     }
     log = settings.store / "approvals" / f"{entry['artifact_id']}.jsonl"
@@ -56,7 +56,7 @@ def approval(context: dg.AssetExecutionContext, config: ApprovalConfig, settings
     with open(log, "a") as f:
         f.write(json.dumps(entry, sort_keys=True) + "\n")
     write_json_atomic(settings.store / "approvals" / f"{entry['artifact_id']}.latest.json", entry)
-    with mlflow.stage_run(model_name, "approval", {"dagster_run_id": context.run_id, "artifact_id": entry["artifact_id"], "decision": decision}) as run:
+    with mlflow.stage_run(model_name, "approval", {"dagster_run_id": context.run.run_id, "artifact_id": entry["artifact_id"], "decision": decision}) as run:
         run.log_params({k: entry[k] for k in ("decision", "approver", "note", "content_hash")})
         run.log_json(entry, "approval.json")
     mlflow.set_version_tags(model_name, version, {"approval": decision, "approver": entry["approver"] or "", "approval_note": config.note})

@@ -174,7 +174,7 @@ def base_checkpoint(context: dg.AssetExecutionContext, settings: AuditSettings, 
         path = materialize_checkpoint(source, settings.store, settings.trust_remote_code)
         record = {"model_name": source.name, "source": source.__dict__, **describe_checkpoint(path)}
     record["perf"] = meter.metadata()
-    with mlflow.stage_run(source.name, "base_checkpoint", {"dagster_run_id": context.run_id, "base_hash": record["hash"]}) as run:
+    with mlflow.stage_run(source.name, "base_checkpoint", {"dagster_run_id": context.run.run_id, "base_hash": record["hash"]}) as run:
         run.log_params({k: record[k] for k in ("path", "hash", "architecture", "num_parameters", "dtype")})
         run.log_metrics({"size_bytes": record["size_bytes"], **meter.metadata()})
         run.log_json(record, "base_checkpoint.json")

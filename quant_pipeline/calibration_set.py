@@ -83,7 +83,7 @@ def calibration_set(context: dg.AssetExecutionContext, settings: AuditSettings, 
         **stats,
         "perf": meter.metadata(),
     }
-    with mlflow.stage_run(base_checkpoint["model_name"], "calibration_set", {"dagster_run_id": context.run_id, "calibration_hash": record["hash"]}) as run:
+    with mlflow.stage_run(base_checkpoint["model_name"], "calibration_set", {"dagster_run_id": context.run.run_id, "calibration_hash": record["hash"]}) as run:
         run.log_params({"path": record["path"], "hash": record["hash"], "count": record["count"]})
         run.log_metrics({**stats, **meter.metadata()})
     return dg.MaterializeResult(

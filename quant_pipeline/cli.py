@@ -25,7 +25,7 @@ def _instance():
     return dg.DagsterInstance.get()
 
 
-def run_audit(settings_overrides: dict, approver: str = "", note: str = "", instance=None, raise_on_error: bool = False):
+def run_audit(settings_overrides: dict, approver: str = "", note: str = "", instance=None, tracker=None, raise_on_error: bool = False):
     """Preflight, then materialize every audit asset; returns the ExecuteInProcessResult."""
     import dagster as dg
 
@@ -33,6 +33,8 @@ def run_audit(settings_overrides: dict, approver: str = "", note: str = "", inst
     from quant_pipeline.preflight import preflight
 
     resources = build_resources(**settings_overrides)
+    if tracker is not None:
+        resources["mlflow"] = tracker
     preflight(resources["settings"])
     return dg.materialize(
         [*AUDIT_ASSETS, *AUDIT_CHECKS],

@@ -124,7 +124,7 @@ def delta_report(context: dg.AssetExecutionContext, settings: AuditSettings, mlf
         "path": str(out_dir / "delta_report.parquet"), "markdown_path": str(out_dir / "delta_report.md"),
     }
     write_json_atomic(out_dir / "delta_report.json", record)
-    with mlflow.stage_run(record["model_name"], "delta_report", {"dagster_run_id": context.run_id, "artifact_id": aid, "policy_hash": policy_hash}) as run:
+    with mlflow.stage_run(record["model_name"], "delta_report", {"dagster_run_id": context.run.run_id, "artifact_id": aid, "policy_hash": policy_hash}) as run:
         run.log_params({"policy_name": policy.name, "policy_hash": policy_hash, "passed": passed})
         run.log_metrics({f"delta/{r.metric}/{r.category}": r.delta for r in deltas.itertuples()} | {"slices_failed": int((~deltas["passed"]).sum())})
         for name in ("delta_report.md", "delta_report.parquet", "delta_report.json"):

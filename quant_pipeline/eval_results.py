@@ -49,7 +49,10 @@ def load_model(path: Path, trust_remote_code: bool = False):
 
 
 def run_suite(model, tokenizer, label: str, limit: int | None = None, batch_size: int = 8) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    """Run every shipped task; return (metric table, per-item table, throughput stats)."""
+    """Run every shipped task; return (metric table, per-item table, throughput stats).
+
+    The stats include the request texts, so a benchmark can time a bare forward pass over
+    exactly the tokens the harness scored."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import lm_eval
@@ -61,7 +64,7 @@ def run_suite(model, tokenizer, label: str, limit: int | None = None, batch_size
     out = lm_eval.simple_evaluate(
         model=lm,
         tasks=list(TASK_CATEGORY),
-        task_manager=TaskManager(include_path=str(EVALS_DIR)),
+        task_manager=TaskManager(include_path=str(EVALS_DIR), include_defaults=False),
         limit=limit,
         log_samples=True,
         random_seed=0,
@@ -70,7 +73,7 @@ def run_suite(model, tokenizer, label: str, limit: int | None = None, batch_size
         fewshot_random_seed=0,
     )
     seconds = time.perf_counter() - t0
-    rows, items, tokens = [], [], 0
+    rows, items, texts, tokens = [], [], [], 0
     for task, metrics in out["results"].items():
         for key, value in metrics.items():
             if "," not in key or key.split(",")[0].endswith("_stderr"):
@@ -81,10 +84,11 @@ def run_suite(model, tokenizer, label: str, limit: int | None = None, batch_size
     for task, samples in out["samples"].items():
         for s in samples:
             text = "".join(str(a) for arg in s["arguments"] for a in (arg if isinstance(arg, (list, tuple)) else [arg]))
+            texts.append(text)
             tokens += len(tokenizer(text)["input_ids"])
             scores = {m: s[m] for m in ("acc", "acc_norm") if m in s}
             items.append({"model": label, "task": task, "category": TASK_CATEGORY[task], "item_id": str(s["doc"].get("id", s["doc_id"])), **scores})
-    stats = {"eval_seconds": round(seconds, 2), "eval_tokens": tokens, "eval_tokens_per_second": round(tokens / seconds, 1) if seconds else 0.0}
+    stats = {"eval_seconds": round(seconds, 2), "eval_tokens": tokens, "eval_tokens_per_second": round(tokens / seconds, 1) if seconds else 0.0, "request_texts": texts}
     return pd.DataFrame(rows, columns=RESULT_COLUMNS), pd.DataFrame(items), stats
 
 
@@ -105,14 +109,15 @@ def evaluate_checkpoint(context: dg.AssetExecutionContext, settings: AuditSettin
                 verify_artifact(Path(model_path))  # never evaluate bytes other than the recorded ones
             model, tokenizer = load_model(Path(model_path), settings.trust_remote_code)
             results, items, stats = run_suite(model, tokenizer, label, settings.eval_limit, settings.eval_batch_size)
+            stats.pop("request_texts")
             out_dir.mkdir(parents=True, exist_ok=True)
             results.to_parquet(out_dir / "results.parquet")
             items.to_parquet(out_dir / "items.parquet")
-            record = {"key": key, "model_hash": model_hash, "suite_hash": suite, "runtime_hash": runtime_hash, "limit": settings.eval_limit, "label": label, "dagster_run_id": context.run_id, **stats}
+            record = {"key": key, "model_hash": model_hash, "suite_hash": suite, "runtime_hash": runtime_hash, "limit": settings.eval_limit, "label": label, "dagster_run_id": context.run.run_id, **stats}
             write_json_atomic(out_dir / "record.json", record)
     results = pd.read_parquet(out_dir / "results.parquet")
     record = {**record, "results_path": str(out_dir / "results.parquet"), "items_path": str(out_dir / "items.parquet"), "reused_from_run": reused_from, "perf": meter.metadata()}
-    with mlflow.stage_run(model_name, f"{label}_eval_results", {"dagster_run_id": context.run_id, "suite_hash": suite, **tags}) as run:
+    with mlflow.stage_run(model_name, f"{label}_eval_results", {"dagster_run_id": context.run.run_id, "suite_hash": suite, **tags}) as run:
         run.log_params({"suite_hash": suite, "limit": settings.eval_limit, "reused_from_run": reused_from})
         run.log_metrics({f"{r.metric}/{r.category}": r.value for r in results.itertuples()} | {k: record[k] for k in ("eval_seconds", "eval_tokens", "eval_tokens_per_second")} | meter.metadata())
         run.log_file(out_dir / "results.parquet")

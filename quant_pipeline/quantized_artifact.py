@@ -146,7 +146,7 @@ def quantized_artifact(
                     "files": files,
                     "content_hash": tree_hash(files),
                     "size_bytes": dir_size(tmp),
-                    "dagster_run_id": context.run_id,
+                    "dagster_run_id": context.run.run_id,
                 }
                 write_json_atomic(tmp / RECORD_FILE, record)
         record = verify_artifact(target)
@@ -159,7 +159,7 @@ def quantized_artifact(
         "recipe": json.dumps(record["recipe"], sort_keys=True),
         "approval": "pending sign-off",
     }
-    with mlflow.stage_run(model_name, "quantized_artifact", {"dagster_run_id": context.run_id, "artifact_id": aid}) as run:
+    with mlflow.stage_run(model_name, "quantized_artifact", {"dagster_run_id": context.run.run_id, "artifact_id": aid}) as run:
         run.log_params({**record["recipe"], "artifact_id": aid, "content_hash": record["content_hash"]})
         run.log_metrics({"size_bytes": record["size_bytes"], "base_size_bytes": base_checkpoint["size_bytes"], **meter.metadata()})
         run.log_json({k: v for k, v in record.items() if k != "scales"} | {"scales_hash": record["scales"]["hash"]}, "artifact_record.json")

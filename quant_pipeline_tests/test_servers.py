@@ -1,0 +1,204 @@
+"""The user-facing servers, for real, on loopback: `dagster dev` (what `make ui` runs) and
+`mlflow server` (what `make mlflow` runs), each started as a subprocess on a free port.
+
+Everything they write goes under tmp_path: nothing lands in the checkout.
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from .conftest import run_audit
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BIN_DIR = Path(sys.executable).parent
+STAGES = ["base_checkpoint", "calibration_set", "runtime_environment", "quantized_artifact", "base_eval_results", "quantized_eval_results", "delta_report", "approval"]
+
+
+# -- helpers ---------------------------------------------------------------------------------
+def free_port() -> int:
+    """A port nobody listens on right now: bind port 0 on loopback and let the OS pick."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(probe: Callable[[], object], timeout: float, interval: float = 2.0, proc: subprocess.Popen | None = None, log: Path | None = None):
+    """Call `probe` until it returns something truthy (returned) or `timeout` seconds pass (fails).
+    Exceptions from the probe count as "not yet"; a server process that exits ends the wait early."""
+    deadline = time.monotonic() + timeout
+    last_error: BaseException | None = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"server exited with code {proc.returncode} before it was ready\n{tail(log)}")
+        try:
+            value = probe()
+            if value:
+                return value
+        except Exception as e:  # not up yet, or still loading
+            last_error = e
+        time.sleep(interval)
+    pytest.fail(f"not ready after {timeout:.0f}s (last error: {last_error!r})\n{tail(log)}")
+
+
+def start_server(cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+    """Start a server in its own process group (so it and its children can be stopped together),
+    with stdout and stderr going to `log`."""
+    with open(log, "wb") as out:
+        return subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def stop_process_group(proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    """SIGTERM the whole process group, then SIGKILL whatever is still there after `timeout`."""
+    try:
+        pgid = os.getpgid(proc.pid)
+    except ProcessLookupError:
+        return
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pass
+    except ProcessLookupError:
+        return
+    try:  # the leader may be gone while children (code server, daemon, workers) linger
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=timeout)
+
+
+def tail(log: Path | None, lines: int = 40) -> str:
+    if log is None or not log.exists():
+        return ""
+    text = log.read_text(errors="replace").splitlines()[-lines:]
+    return "--- last server output ---\n" + "\n".join(text)
+
+
+def http_get(url: str, timeout: float = 10.0) -> str:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return resp.read().decode()
+
+
+def graphql(port: int, query: str, timeout: float = 30.0) -> dict:
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/graphql", data=json.dumps({"query": query}).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        body = json.loads(resp.read())
+    assert not body.get("errors"), body["errors"]
+    return body["data"]
+
+
+WORKSPACE_QUERY = """
+{
+  workspaceOrError {
+    __typename
+    ... on Workspace {
+      locationEntries {
+        name
+        loadStatus
+        locationOrLoadError {
+          __typename
+          ... on RepositoryLocation { repositories { name assetNodes { assetKey { path } } } }
+          ... on PythonError { message stack }
+        }
+      }
+    }
+    ... on PythonError { message }
+  }
+}
+"""
+
+
+# -- dagster dev -----------------------------------------------------------------------------
+def test_dagster_dev_loads_the_code_location_with_every_stage(tmp_path):
+    dagster_home = tmp_path / "dagster_home"
+    dagster_home.mkdir()
+    shutil.copy(REPO_ROOT / "dagster.yaml", dagster_home / "dagster.yaml")
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(dagster_home),
+        "QP_STORE_DIR": str(tmp_path / "store"),
+        "QP_MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    port, log = free_port(), tmp_path / "dagster_dev.log"
+    proc = start_server([str(BIN_DIR / "dagster"), "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)], log, env)
+    try:
+
+        def location_done():
+            data = graphql(port, WORKSPACE_QUERY)["workspaceOrError"]
+            assert data["__typename"] == "Workspace", data
+            entries = {e["name"]: e for e in data["locationEntries"]}
+            entry = entries.get("quant_pipeline")
+            return entry if entry and entry["loadStatus"] == "LOADED" else None
+
+        entry = wait_until(location_done, timeout=180, proc=proc, log=log)
+        location = entry["locationOrLoadError"]
+        assert location["__typename"] == "RepositoryLocation", f"code location failed to load: {location}\n{tail(log)}"
+        asset_keys = {"/".join(node["assetKey"]["path"]) for repo in location["repositories"] for node in repo["assetNodes"]}
+        missing = set(STAGES) - asset_keys
+        assert not missing, f"stages missing from the code location: {sorted(missing)} (found {sorted(asset_keys)})\n{tail(log)}"
+    finally:
+        stop_process_group(proc)
+
+
+# -- mlflow server ---------------------------------------------------------------------------
+@pytest.fixture
+def lenient_policy(tmp_path) -> Path:
+    """A random tiny model has no skill to lose; these tolerances let the gate pass so approval runs."""
+    path = tmp_path / "lenient.yaml"
+    path.write_text(
+        "name: lenient-test\ntolerances:\n"
+        "  acc: {direction: higher_is_better, mode: absolute, tolerance: 1.0}\n"
+        "  word_perplexity: {direction: lower_is_better, mode: relative, tolerance: 10.0}\n"
+    )
+    return path
+
+
+def test_mlflow_server_shows_audit_runs_metrics_and_registered_version(tmp_path, tiny_settings, mlflow_tracker, instance, lenient_policy):
+    settings = tiny_settings.model_copy(update={"policy_file": str(lenient_policy)})
+    result = run_audit(settings, mlflow_tracker, instance)
+    assert result.success
+    artifact = result.output_for_node("quantized_artifact")
+
+    port, log = free_port(), tmp_path / "mlflow_server.log"
+    cmd = [
+        str(BIN_DIR / "mlflow"), "server",
+        "--backend-store-uri", f"sqlite:///{tmp_path}/mlflow.db",
+        "--default-artifact-root", str(tmp_path / "mlartifacts"),
+        "--host", "127.0.0.1", "--port", str(port),
+        "--workers", "1",
+    ]  # fmt: skip
+    proc = start_server(cmd, log)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: http_get(f"{url}/health"), timeout=120, proc=proc, log=log)
+        client = MlflowClient(tracking_uri=url)
+
+        exp = client.get_experiment_by_name(f"quant_pipeline/{Path(settings.model).name}")
+        assert exp is not None, f"experiment missing on the server\n{tail(log)}"
+        runs = client.search_runs([exp.experiment_id])
+        by_stage = {r.data.tags.get("stage"): r for r in runs}
+        assert {"base_checkpoint", "quantized_artifact", "quantized_eval_results", "delta_report", "approval"} <= set(by_stage), sorted(map(str, by_stage))
+        assert "acc/facts" in by_stage["quantized_eval_results"].data.metrics, sorted(by_stage["quantized_eval_results"].data.metrics)
+
+        versions = client.search_model_versions(f"name='{artifact['model_name']}'")
+        assert artifact["artifact_id"] in {v.tags.get("artifact_id") for v in versions}, [v.tags for v in versions]
+    finally:
+        stop_process_group(proc)
