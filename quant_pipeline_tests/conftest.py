@@ -82,3 +82,8 @@ def run_audit(settings: AuditSettings, tracker: MlflowTracker, instance, approve
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def replace(settings: AuditSettings, **changes) -> AuditSettings:
+    """A new settings resource with some fields changed (a resource's `model_copy` keeps its old config)."""
+    return AuditSettings(**{**{name: getattr(settings, name) for name in AuditSettings.model_fields}, **changes})

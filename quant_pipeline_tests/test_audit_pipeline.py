@@ -11,7 +11,7 @@ from quant_pipeline.quantized_artifact import verify_artifact
 from quant_pipeline.storage import RECORD_FILE
 from quant_pipeline.tracking import APPROVED_ALIAS
 
-from .conftest import run_audit, write_jsonl
+from .conftest import replace, run_audit, write_jsonl
 
 STAGES = ["base_checkpoint", "calibration_set", "runtime_environment", "quantized_artifact", "base_eval_results", "quantized_eval_results", "delta_report", "approval"]
 
@@ -37,7 +37,7 @@ def lenient_policy(tmp_path) -> Path:
 
 
 def test_full_audit_records_every_stage_in_dagster_and_mlflow(tiny_settings, mlflow_tracker, instance, lenient_policy):
-    settings = tiny_settings.model_copy(update={"policy_file": str(lenient_policy)})
+    settings = replace(tiny_settings, policy_file=str(lenient_policy))
     result = run_audit(settings, mlflow_tracker, instance)
     assert result.success
     mats = materialized(result)
@@ -76,7 +76,7 @@ def test_full_audit_records_every_stage_in_dagster_and_mlflow(tiny_settings, mlf
 
 
 def test_named_approver_moves_the_approved_alias(tiny_settings, mlflow_tracker, instance, lenient_policy):
-    settings = tiny_settings.model_copy(update={"policy_file": str(lenient_policy)})
+    settings = replace(tiny_settings, policy_file=str(lenient_policy))
     result = run_audit(settings, mlflow_tracker, instance, approver="Ada Lovelace", note="within tolerance on all slices")
     assert result.success
     decision = result.output_for_node("approval")
@@ -90,7 +90,7 @@ def test_named_approver_moves_the_approved_alias(tiny_settings, mlflow_tracker, 
 def test_failed_blocking_check_stops_approval(tiny_settings, mlflow_tracker, instance, tmp_path):
     strict = tmp_path / "strict.yaml"  # negative tolerance: even a perfect copy fails every slice
     strict.write_text("name: impossible\ntolerances:\n  acc: {direction: higher_is_better, mode: absolute, tolerance: -0.5}\n")
-    settings = tiny_settings.model_copy(update={"policy_file": str(strict)})
+    settings = replace(tiny_settings, policy_file=str(strict))
     result = run_audit(settings, mlflow_tracker, instance, approver="Ada Lovelace")
     assert not result.success
     checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
@@ -102,7 +102,7 @@ def test_failed_blocking_check_stops_approval(tiny_settings, mlflow_tracker, ins
 
 
 def test_same_inputs_reuse_the_artifact_and_evaluations(tiny_settings, mlflow_tracker, instance, lenient_policy):
-    settings = tiny_settings.model_copy(update={"policy_file": str(lenient_policy)})
+    settings = replace(tiny_settings, policy_file=str(lenient_policy))
     first = run_audit(settings, mlflow_tracker, instance)
     second = run_audit(settings, mlflow_tracker, instance)
     assert first.success and second.success
