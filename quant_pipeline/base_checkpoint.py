@@ -21,8 +21,10 @@ from quant_pipeline.settings import AuditSettings
 from quant_pipeline.storage import (
     RECORD_FILE,
     atomic_directory,
-    dir_size,
+    canonical_hash,
     file_hashes,
+    hash_directory,
+    sha256_file,
     tree_hash,
     write_json_atomic,
 )
@@ -121,6 +123,30 @@ def _convert_gguf(source: ModelSource, out: Path) -> None:
     tok.save_pretrained(out)
 
 
+def source_files(source: ModelSource) -> list[Path]:
+    if source.kind == "gguf":
+        return [Path(source.location) / source.gguf_file]
+    if source.kind == "local":
+        return sorted(p for p in Path(source.location).rglob("*") if p.is_file() and p.name != RECORD_FILE)
+    return []
+
+
+def source_stat(source: ModelSource) -> str:
+    """Cheap change detector (names, sizes, mtimes): lets a sensor skip re-hashing gigabytes every tick."""
+    return canonical_hash([source.location, source.gguf_file] + [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in source_files(source)])
+
+
+def source_version(source: ModelSource) -> str:
+    """`name@hash` of the model as configured: changes when its files change or the config names another model."""
+    if source.kind == "gguf":
+        digest = sha256_file(source_files(source)[0])
+    elif source.kind == "local":
+        digest = hash_directory(Path(source.location))
+    else:
+        digest = canonical_hash(source.location)  # a hub id: its content is pinned once converted
+    return f"{source.name}@{digest[:16]}"
+
+
 def verify_kept_baseline(target: Path) -> None:
     record_path = target / RECORD_FILE
     if not record_path.exists():
@@ -172,7 +198,7 @@ def base_checkpoint(context: dg.AssetExecutionContext, settings: AuditSettings, 
     with StageMeter() as meter:
         source = resolve_model_source(settings.model)
         path = materialize_checkpoint(source, settings.store, settings.trust_remote_code)
-        record = {"model_name": source.name, "source": source.__dict__, **describe_checkpoint(path)}
+        record = {"model_name": source.name, "source": source.__dict__, "source_version": source_version(source), **describe_checkpoint(path)}
     record["perf"] = meter.metadata()
     with mlflow.stage_run(source.name, "base_checkpoint", {"dagster_run_id": context.run.run_id, "base_hash": record["hash"]}) as run:
         run.log_params({k: record[k] for k in ("path", "hash", "architecture", "num_parameters", "dtype")})
@@ -183,6 +209,7 @@ def base_checkpoint(context: dg.AssetExecutionContext, settings: AuditSettings, 
         data_version=dg.DataVersion(record["hash"][:16]),
         metadata={
             "model": source.name,
+            "source_version": record["source_version"],
             "path": dg.MetadataValue.path(str(path)),
             "content_hash": record["hash"],
             "architecture": record["architecture"],

@@ -52,6 +52,11 @@ def check_enough_samples(texts: list[str], path: Path, recipe: Recipe) -> None:
         )
 
 
+def calibration_version(path: Path) -> str:
+    """`file@hash`: what the calibration sensor compares between ticks."""
+    return f"{path.name}@{sha256_file(path)[:16]}"
+
+
 def token_stats(texts: list[str], tokenizer, seq_len: int) -> dict:
     lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]]
     return {
@@ -92,6 +97,7 @@ def calibration_set(context: dg.AssetExecutionContext, settings: AuditSettings, 
         metadata={
             "path": dg.MetadataValue.path(record["path"]),
             "content_hash": record["hash"],
+            "version": f"{path.name}@{record['hash'][:16]}",
             "samples": record["count"],
             "samples_used": record["used"],
             **stats,

@@ -9,6 +9,14 @@ from quant_pipeline.delta_report import delta_report, policy_metrics_measured, s
 from quant_pipeline.eval_results import base_eval_results, quantized_eval_results
 from quant_pipeline.quantized_artifact import quantized_artifact
 from quant_pipeline.runtime_environment import runtime_environment
+from quant_pipeline.sensors import (
+    base_model_sensor,
+    calibration_data_sensor,
+    full_audit_job,
+    periodic_reaudit_job,
+    periodic_reaudit_schedule,
+    runtime_sensor,
+)
 from quant_pipeline.settings import AuditSettings
 from quant_pipeline.tracking import MlflowTracker
 
@@ -24,9 +32,6 @@ AUDIT_ASSETS = [
 ]
 AUDIT_CHECKS = [slices_within_tolerance, policy_metrics_measured]
 
-audit_job = dg.define_asset_job("full_audit", selection=dg.AssetSelection.assets(*AUDIT_ASSETS), description="Every stage, base checkpoint to approval.")
-
-
 def build_resources(**settings_overrides) -> dict:
     import os
 
@@ -41,7 +46,9 @@ def build_resources(**settings_overrides) -> dict:
 defs = dg.Definitions(
     assets=AUDIT_ASSETS,
     asset_checks=AUDIT_CHECKS,
-    jobs=[audit_job],
+    jobs=[full_audit_job, periodic_reaudit_job],
+    sensors=[base_model_sensor, calibration_data_sensor, runtime_sensor],
+    schedules=[periodic_reaudit_schedule],
     resources=build_resources(),
     # Model stages share two cores and gigabytes of weights: run them one after another in one process.
     executor=dg.in_process_executor,

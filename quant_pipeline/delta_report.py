@@ -75,7 +75,7 @@ def compute_deltas(base: pd.DataFrame, quantized: pd.DataFrame, policy: Policy) 
         quant_value = q.get((category, metric), float("nan"))
         delta = quant_value - base_value
         degradation = -delta if tol.direction == "higher_is_better" else delta
-        rel = degradation / abs(base_value) if base_value else float("inf") * (degradation > 0)
+        rel = degradation / abs(base_value) if base_value else (float("inf") if degradation > 0 else 0.0)
         allowed = tol.for_category(category)
         measured = degradation if tol.mode == "absolute" else rel
         rows.append({

@@ -98,8 +98,9 @@ def evaluate_checkpoint(context: dg.AssetExecutionContext, settings: AuditSettin
     key = canonical_hash({"model": model_hash, "suite": suite, "runtime": runtime_hash, "limit": settings.eval_limit})[:16]
     out_dir = settings.store / "evals" / key
     reused_from = None
+    force = context.run.tags.get("quant_pipeline/force_reeval") == "true"  # the periodic re-audit
     with StageMeter() as meter:
-        if (out_dir / "record.json").exists():
+        if (out_dir / "record.json").exists() and not force:
             record = json.loads((out_dir / "record.json").read_text())
             reused_from = record["dagster_run_id"]
         else:
@@ -111,8 +112,9 @@ def evaluate_checkpoint(context: dg.AssetExecutionContext, settings: AuditSettin
             results, items, stats = run_suite(model, tokenizer, label, settings.eval_limit, settings.eval_batch_size)
             stats.pop("request_texts")
             out_dir.mkdir(parents=True, exist_ok=True)
-            results.to_parquet(out_dir / "results.parquet")
-            items.to_parquet(out_dir / "items.parquet")
+            for name, table in (("results.parquet", results), ("items.parquet", items)):
+                table.to_parquet(out_dir / f".{name}.tmp")
+                os.replace(out_dir / f".{name}.tmp", out_dir / name)
             record = {"key": key, "model_hash": model_hash, "suite_hash": suite, "runtime_hash": runtime_hash, "limit": settings.eval_limit, "label": label, "dagster_run_id": context.run.run_id, **stats}
             write_json_atomic(out_dir / "record.json", record)
     results = pd.read_parquet(out_dir / "results.parquet")

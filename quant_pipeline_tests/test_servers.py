@@ -12,7 +12,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -20,9 +19,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from quant_pipeline.settings import AuditSettings
-
-from .conftest import run_audit
+from .conftest import replace, run_audit
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BIN_DIR = Path(sys.executable).parent
@@ -174,8 +171,7 @@ def lenient_policy(tmp_path) -> Path:
 
 
 def test_mlflow_server_shows_audit_runs_metrics_and_registered_version(tmp_path, tiny_settings, mlflow_tracker, instance, lenient_policy):
-    # Build a new resource: Dagster resources ignore pydantic's model_copy(update=...) at run time.
-    settings = AuditSettings(**{**tiny_settings.model_dump(), "policy_file": str(lenient_policy)})
+    settings = replace(tiny_settings, policy_file=str(lenient_policy))
     result = run_audit(settings, mlflow_tracker, instance)
     assert result.success, [c for c in result.get_asset_check_evaluations() if not c.passed]
     artifact = result.output_for_node("quantized_artifact")
