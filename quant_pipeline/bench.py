@@ -45,19 +45,40 @@ def main(argv: list[str] | None = None) -> int:
     from quant_pipeline.settings import AuditSettings, Recipe
     from quant_pipeline.tracking import MlflowTracker
 
+    import shutil
+
+    from quant_pipeline.sensors import CALIBRATION_STAGES
+    from quant_pipeline.settings import DEFAULT_CALIBRATION, DEFAULT_POLICY
+
     work = Path(tempfile.mkdtemp(prefix="qp-bench-"))
-    overrides: dict = {"store_dir": str(work / "store"), "eval_limit": args.eval_limit}
+    calibration = Path(shutil.copy(DEFAULT_CALIBRATION, work / "calibration.jsonl"))
+    policy = Path(shutil.copy(DEFAULT_POLICY, work / "policy.yaml"))
+    overrides: dict = {"store_dir": str(work / "store"), "eval_limit": args.eval_limit, "calibration_file": str(calibration), "policy_file": str(policy)}
     if args.calibration_samples:
         overrides["recipe"] = Recipe(**{**AuditSettings.from_env().recipe.model_dump(), "calibration_samples": args.calibration_samples})
     print(f"bench store: {work} (cold: nothing reused)")
     tracker = MlflowTracker(tracking_uri=f"sqlite:///{work}/mlflow.db", artifact_root=(work / "mlartifacts").as_uri())
+    timings = {}
     with dg.instance_for_test(temp_dir=str(work)) as instance:
-        t0 = time.perf_counter()
-        result = run_audit(overrides, instance=instance, tracker=tracker)
-        total = time.perf_counter() - t0
-    print("\n== cold audit, per stage ==")
-    print(summarize(result))
-    print(f"total wall seconds: {total:.1f}")
+
+        def timed(name, selection=None):
+            t0 = time.perf_counter()
+            res = run_audit(overrides, instance=instance, tracker=tracker, selection=selection)
+            timings[name] = time.perf_counter() - t0
+            return res
+
+        result = timed("cold full audit")
+        print("\n== cold audit, per stage ==")
+        print(summarize(result))
+        lines = calibration.read_text().splitlines()
+        calibration.write_text("\n".join(reversed(lines)) + "\n")  # same texts, other samples used
+        timed("re-audit after calibration change", CALIBRATION_STAGES)
+        policy.write_text(policy.read_text().replace("name: ", "name: changed-", 1))
+        timed("re-audit after policy change", ["delta_report", "approval"])
+    print("\n== incremental re-audit (same run) ==")
+    cold = timings["cold full audit"]
+    for name, seconds in timings.items():
+        print(f"{name:<36} {seconds:>8.1f} s  {seconds / cold:>6.3f} of cold")
 
     base = result.output_for_node("base_checkpoint")
     artifact = result.output_for_node("quantized_artifact")

@@ -25,8 +25,8 @@ def _instance():
     return dg.DagsterInstance.get()
 
 
-def run_audit(settings_overrides: dict, approver: str = "", note: str = "", instance=None, tracker=None, raise_on_error: bool = False):
-    """Preflight, then materialize every audit asset; returns the ExecuteInProcessResult."""
+def run_audit(settings_overrides: dict, approver: str = "", note: str = "", instance=None, tracker=None, selection=None, raise_on_error: bool = False, tags: dict | None = None):
+    """Preflight, then materialize the audit assets (all, or a selection); returns the ExecuteInProcessResult."""
     import dagster as dg
 
     from quant_pipeline.definitions import AUDIT_ASSETS, AUDIT_CHECKS, build_resources
@@ -40,9 +40,10 @@ def run_audit(settings_overrides: dict, approver: str = "", note: str = "", inst
         [*AUDIT_ASSETS, *AUDIT_CHECKS],
         resources=resources,
         instance=instance or _instance(),
-        run_config={"ops": {"approval": {"config": {"approver": approver, "note": note}}}},
+        run_config={"ops": {"approval": {"config": {"approver": approver, "note": note}}}} if selection is None or "approval" in selection else None,
         raise_on_error=raise_on_error,
-        tags={"quant_pipeline/trigger": "cli"},
+        selection=selection,
+        tags=tags or {"quant_pipeline/trigger": "cli"},
     )
 
 

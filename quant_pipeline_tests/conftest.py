@@ -14,6 +14,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("QP_REAUDIT_SCHEDULE", "off")  # the weekly schedule stays off in tests
 
 from quant_pipeline.definitions import AUDIT_ASSETS, AUDIT_CHECKS  # noqa: E402
 from quant_pipeline.paths import default_gguf_path  # noqa: E402

@@ -88,7 +88,7 @@ def test_runtime_sensor_compares_with_the_fingerprint_of_the_latest_audit(instan
     assert tick(runtime_sensor, instance)[0] == []  # no audit yet
     older = json.loads(json.dumps(runtime_fingerprint()))
     older["libraries"]["torch"] = "2.12.0"
-    instance.report_runtime_event(dg.AssetMaterialization("runtime_environment", metadata={"fingerprint": dg.MetadataValue.json(older)}))
+    instance.report_runless_asset_event(dg.AssetMaterialization("runtime_environment", metadata={"fingerprint": dg.MetadataValue.json(older)}))
     requests, _, cursor = tick(runtime_sensor, instance)
     assert len(requests) == 1
     assert requests[0].tags[TRIGGER_TAG] == "runtime"
@@ -96,7 +96,7 @@ def test_runtime_sensor_compares_with_the_fingerprint_of_the_latest_audit(instan
     assert "libraries.torch: 2.12.0 -> " in requests[0].tags["quant_pipeline/changes"]
     assert tick(runtime_sensor, instance, cursor)[0] == []  # same change: one run only
 
-    instance.report_runtime_event(dg.AssetMaterialization("runtime_environment", metadata={"fingerprint": dg.MetadataValue.json(runtime_fingerprint())}))
+    instance.report_runless_asset_event(dg.AssetMaterialization("runtime_environment", metadata={"fingerprint": dg.MetadataValue.json(runtime_fingerprint())}))
     requests, skip, _ = tick(runtime_sensor, instance, cursor)
     assert requests == [] and "unchanged" in skip
 
@@ -107,7 +107,7 @@ def test_sensor_cursor_survives_a_new_instance_on_the_same_storage(tiny_settings
     home.mkdir()
     settings = replace(tiny_settings, calibration_file=str(calibration_copy))
     with dg.instance_for_test(temp_dir=str(home)) as first:
-        first.report_runtime_event(dg.AssetMaterialization("calibration_set", metadata={"version": "calibration.jsonl@0000000000000000"}))
+        first.report_runless_asset_event(dg.AssetMaterialization("calibration_set", metadata={"version": "calibration.jsonl@0000000000000000"}))
         requests, _, cursor = tick(calibration_data_sensor, first, None, settings)
         assert len(requests) == 1
     with dg.instance_for_test(temp_dir=str(home)) as second:

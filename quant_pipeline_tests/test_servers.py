@@ -201,3 +201,51 @@ def test_mlflow_server_shows_audit_runs_metrics_and_registered_version(tmp_path,
         assert artifact["artifact_id"] in {v.tags.get("artifact_id") for v in versions}, [v.tags for v in versions]
     finally:
         stop_process_group(proc)
+
+
+# -- the daemon re-audits on a calibration change -------------------------------------------
+def test_daemon_launches_and_completes_a_reaudit_after_a_calibration_change(tmp_path, tiny_llama, lenient_policy, monkeypatch):
+    import dagster as dg
+    from dagster._core.storage.dagster_run import DagsterRunStatus, RunsFilter
+
+    from quant_pipeline.definitions import AUDIT_ASSETS, AUDIT_CHECKS, build_resources
+    from quant_pipeline.sensors import CALIBRATION_STAGES, FROM_TAG, TO_TAG, TRIGGER_TAG
+    from quant_pipeline.settings import DEFAULT_CALIBRATION
+
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copy(REPO_ROOT / "dagster.yaml", home / "dagster.yaml")
+    calibration = Path(shutil.copy(DEFAULT_CALIBRATION, tmp_path / "calibration.jsonl"))
+    settings_env = {
+        "DAGSTER_HOME": str(home), "QP_MODEL": str(tiny_llama), "QP_CALIBRATION_FILE": str(calibration),
+        "QP_POLICY_FILE": str(lenient_policy), "QP_STORE_DIR": str(tmp_path / "store"),
+        "QP_MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "QP_CALIBRATION_SAMPLES": "8", "QP_SEQ_LEN": "64",
+        "QP_EVAL_LIMIT": "4", "QP_SENSOR_INTERVAL_SECONDS": "5", "QP_REAUDIT_SCHEDULE": "off",
+    }  # fmt: skip
+    for key, value in settings_env.items():
+        monkeypatch.setenv(key, value)
+    with dg.DagsterInstance.get() as instance:  # the same storage the daemon will use
+        first = dg.materialize([*AUDIT_ASSETS, *AUDIT_CHECKS], resources=build_resources(), instance=instance)
+        assert first.success
+
+    port, log = free_port(), tmp_path / "dagster_dev.log"
+    proc = start_server([str(BIN_DIR / "dagster"), "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)], log, {**os.environ, **settings_env})
+    try:
+        with dg.DagsterInstance.get() as instance:
+            wait_until(lambda: graphql(port, "{ version }"), timeout=180, proc=proc, log=log)
+            with open(calibration, "a") as f:
+                f.write(json.dumps({"text": "A late calibration sample about lighthouse keepers and fog signals."}) + "\n")
+
+            def reaudit_finished():
+                runs = instance.get_runs(filters=RunsFilter(tags={TRIGGER_TAG: "calibration"}))
+                done = [r for r in runs if r.status in (DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE)]
+                return done[0] if done else None
+
+            run = wait_until(reaudit_finished, timeout=420, interval=3, proc=proc, log=log)
+            assert run.status == DagsterRunStatus.SUCCESS, tail(log)
+            assert run.tags[FROM_TAG] != run.tags[TO_TAG] and run.tags[TO_TAG].startswith("calibration.jsonl@")
+            assert {k.to_user_string() for k in run.asset_selection} == set(CALIBRATION_STAGES)
+            time.sleep(12)  # two more sensor intervals: the same change must not launch a second run
+            assert len(instance.get_runs(filters=RunsFilter(tags={TRIGGER_TAG: "calibration"}))) == 1
+    finally:
+        stop_process_group(proc)
