@@ -7,15 +7,10 @@ never approves on a human's behalf.
 """
 
 
-import datetime as dt
-import json
-from pathlib import Path
-
 import dagster as dg
 
-from quant_pipeline.quantized_artifact import verify_artifact
+from quant_pipeline import signoff
 from quant_pipeline.settings import AuditSettings
-from quant_pipeline.storage import write_json_atomic
 from quant_pipeline.tracking import APPROVED_ALIAS, MlflowTracker
 
 APPROVED, PENDING = "approved", "pending sign-off"
@@ -26,49 +21,35 @@ class ApprovalConfig(dg.Config):
 
     approver: str = ""
     note: str = ""
-
-
-def decide(approver: str, checks_passed: bool) -> str:
-    if not checks_passed:
-        raise dg.Failure("delta report failed its checks: this artifact cannot be approved")
-    return APPROVED if approver.strip() else PENDING
+    second_approver: str = ""  # only for an override of failed checks, where the policy allows one
+    override: bool = False
 
 
 @dg.asset(group_name="audit", kinds={"mlflow"})
 def approval(context: dg.AssetExecutionContext, config: ApprovalConfig, settings: AuditSettings, mlflow: MlflowTracker, quantized_artifact: dict, delta_report: dict) -> dg.MaterializeResult:
     """The sign-off decision for this artifact; an approved version gets the MLflow alias `approved`."""
-    decision = decide(config.approver, delta_report["passed"])
-    artifact_record = verify_artifact(Path(quantized_artifact["path"]))  # approve exactly these bytes
+    aid = quantized_artifact["artifact_id"]
+    if not delta_report["passed"] and not config.override:
+        raise dg.Failure(f"delta report for {aid} failed its checks: this artifact cannot be approved")
+    if config.approver.strip():
+        entry = signoff.approve(settings.store, mlflow, aid, config.approver, config.note, config.second_approver, config.override, context.run.run_id)
+        decision = APPROVED
+    else:
+        entry = signoff.record_pending(settings.store, mlflow, aid, context.run.run_id)
+        decision = PENDING
     model_name, version = quantized_artifact["model_name"], quantized_artifact["registry_version"]
-    entry = {
-        "artifact_id": quantized_artifact["artifact_id"],
-        "content_hash": artifact_record["content_hash"],
-        "registry_version": version,
-        "decision": decision,
-        "approver": config.approver.strip() or None,
-        "note": config.note,
-        "policy_hash": delta_report["policy_hash"],
-        "dagster_run_id": context.run.run_id,
-        "at": dt.datetime.now(dt.timezone.utc).isoformat(),
-    }
-    log = settings.store / "approvals" / f"{entry['artifact_id']}.jsonl"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "a") as f:
-        f.write(json.dumps(entry, sort_keys=True) + "\n")
-    write_json_atomic(settings.store / "approvals" / f"{entry['artifact_id']}.latest.json", entry)
-    with mlflow.stage_run(model_name, "approval", {"dagster_run_id": context.run.run_id, "artifact_id": entry["artifact_id"], "decision": decision}) as run:
-        run.log_params({k: entry[k] for k in ("decision", "approver", "note", "content_hash")})
+    entry = {**entry, "decision": decision, "approver": entry.get("by")}
+    with mlflow.stage_run(model_name, "approval", {"dagster_run_id": context.run.run_id, "artifact_id": aid, "decision": decision}) as run:
+        run.log_params({"decision": decision, "approver": entry["approver"], "note": config.note, "content_hash": quantized_artifact["content_hash"]})
         run.log_json(entry, "approval.json")
-    mlflow.set_version_tags(model_name, version, {"approval": decision, "approver": entry["approver"] or "", "approval_note": config.note})
-    if decision == APPROVED:
-        mlflow.set_alias(model_name, APPROVED_ALIAS, version)
     return dg.MaterializeResult(
         value=entry,
         metadata={
-            "decision": decision,
+            "decision": decision + (" (override)" if entry.get("override") else ""),
             "approver": entry["approver"] or "(none: pending sign-off)",
             "note": config.note,
-            "artifact_id": entry["artifact_id"],
+            "artifact_id": aid,
+            "trail_entry": entry["hash"],
             "registry": f"{model_name} v{version}" + (f" @{APPROVED_ALIAS}" if decision == APPROVED else ""),
             **run.metadata(),
         },

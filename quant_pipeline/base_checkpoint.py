@@ -147,6 +147,10 @@ def source_version(source: ModelSource) -> str:
     return f"{source.name}@{digest[:16]}"
 
 
+def base_artifact_id(base_hash: str) -> str:
+    return f"base-{base_hash[:12]}"
+
+
 def verify_kept_baseline(target: Path) -> None:
     record_path = target / RECORD_FILE
     if not record_path.exists():
@@ -204,6 +208,12 @@ def base_checkpoint(context: dg.AssetExecutionContext, settings: AuditSettings, 
         run.log_params({k: record[k] for k in ("path", "hash", "architecture", "num_parameters", "dtype")})
         run.log_metrics({"size_bytes": record["size_bytes"], **meter.metadata()})
         run.log_json(record, "base_checkpoint.json")
+        # The kept baseline is a registry version too: the rollback target and the critical-request route.
+        version = mlflow.register_artifact(source.name, base_artifact_id(record["hash"]), path.as_uri(), run.run_id, {
+            "kind": "base", "artifact_id": base_artifact_id(record["hash"]), "content_hash": record["hash"], "base_hash": record["hash"],
+            "source_version": record["source_version"], "dtype": record["dtype"],
+        })  # fmt: skip
+    record["registry_version"] = version
     return dg.MaterializeResult(
         value=record,
         data_version=dg.DataVersion(record["hash"][:16]),
@@ -216,6 +226,7 @@ def base_checkpoint(context: dg.AssetExecutionContext, settings: AuditSettings, 
             "num_parameters": record["num_parameters"],
             "dtype": record["dtype"],
             "size_mb": round(record["size_bytes"] / 2**20, 1),
+            "registry": f"{source.name} v{version} (base)",
             **meter.metadata(),
             **run.metadata(),
         },

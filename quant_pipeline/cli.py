@@ -71,6 +71,101 @@ def summarize(result) -> str:
     return "\n".join(lines)
 
 
+def _store_and_tracker():
+    from quant_pipeline.definitions import build_resources
+
+    resources = build_resources()
+    return resources["settings"].store, resources["mlflow"]
+
+
+def add_registry_commands(sub) -> None:
+    """Registry, sign-off and audit-trail commands (read the store and MLflow the pipeline writes)."""
+    import json
+
+    from quant_pipeline import audit_report, registry, signoff
+    from quant_pipeline.trail import verify_trail
+
+    def show(a):
+        store, tracker = _store_and_tracker()
+        print(json.dumps(registry.show(store, tracker, a.artifact_id), indent=2, default=str))
+        return 0
+
+    def verify(a):
+        store, _ = _store_and_tracker()
+        problems = registry.verify(store, a.artifact_id)
+        print(f"{a.artifact_id}: " + ("files match the record" if not problems else "MISMATCH: " + "; ".join(problems)))
+        return 0 if not problems else 1
+
+    def approve(a):
+        store, tracker = _store_and_tracker()
+        entry = signoff.approve(store, tracker, a.artifact_id, a.by, a.note, a.second_approver, a.override)
+        print(f"{a.artifact_id}: approved by {entry['by']}{' (override, with ' + entry['second_approver'] + ')' if entry['override'] else ''}; alias `approved` -> v{entry['registry_version']}")
+        return 0
+
+    def reject(a):
+        store, tracker = _store_and_tracker()
+        signoff.reject(store, tracker, a.artifact_id, a.by, a.note)
+        print(f"{a.artifact_id}: rejected by {a.by}")
+        return 0
+
+    def promote(a):
+        store, tracker = _store_and_tracker()
+        entry = signoff.promote(store, tracker, a.artifact_id, a.by, a.note)
+        print(f"production -> v{entry['registry_version']} ({a.artifact_id})")
+        return 0
+
+    def rollback(a):
+        store, tracker = _store_and_tracker()
+        entry = signoff.rollback(store, tracker, a.model, a.by, a.note, to_base=a.to_base)
+        print(f"production: v{entry['from_version']} -> v{entry['registry_version']} ({entry['artifact_id']}){' [base model]' if entry['to_base'] else ''}")
+        return 0
+
+    def check_trail(a):
+        store, _ = _store_and_tracker()
+        problems = verify_trail(signoff.trail_path(store, a.model), a.expected_head)
+        print(f"{a.model}: trail " + ("intact" if not problems else "BROKEN:\n  " + "\n  ".join(problems)))
+        return 0 if not problems else 1
+
+    def report(a):
+        store, tracker = _store_and_tracker()
+        md, page = audit_report.write_report(store, tracker, a.model)
+        print(f"wrote {md}\nwrote {page}")
+        return 0
+
+    def bom(a):
+        store, _ = _store_and_tracker()
+        print(f"wrote {registry.write_bom(store, a.artifact_id)} (validated against CycloneDX 1.6)")
+        return 0
+
+    def delete_base(a):
+        store, _ = _store_and_tracker()
+        registry.delete_base(store, Path(a.model) if Path(a.model).is_dir() else store / "checkpoints" / a.model)
+        print(f"deleted base checkpoint {a.model}")
+        return 0
+
+    for name, func, help_text, args in (
+        ("show", show, "print an artifact's full record", ["artifact_id"]),
+        ("verify", verify, "re-hash an artifact's files against its record", ["artifact_id"]),
+        ("approve", approve, "sign off an artifact whose checks passed", ["artifact_id", "--by", "--note", "--second-approver", "--override"]),
+        ("reject", reject, "record a rejection with its reason", ["artifact_id", "--by", "--note"]),
+        ("promote", promote, "move `production` to an approved artifact", ["artifact_id", "--by", "--note"]),
+        ("rollback", rollback, "move `production` back (previous approved version, or --to-base)", ["model", "--by", "--note", "--to-base"]),
+        ("verify-trail", check_trail, "check the model's hash-chained audit trail", ["model", "--expected-head"]),
+        ("audit-report", report, "write the model's audit report (HTML + Markdown)", ["model"]),
+        ("bom", bom, "write an artifact's CycloneDX 1.6 ML-BOM", ["artifact_id"]),
+        ("delete-base", delete_base, "delete a kept base checkpoint (refused while artifacts depend on it)", ["model"]),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        for arg in args:
+            if arg in ("--override", "--to-base"):
+                p.add_argument(arg, action="store_true")
+            elif arg.startswith("--"):
+                p.add_argument(arg, default="" if arg != "--expected-head" else None, required=arg in ("--by",))
+            else:
+                p.add_argument(arg)
+        p.set_defaults(func=func)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="quant-pipeline", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -84,7 +179,14 @@ def main(argv: list[str] | None = None) -> int:
     audit.add_argument("--eval-limit", type=int, help="items per eval task (for quick runs)")
     audit.add_argument("--approver", default="", help="name of the human signing off (omit: pending sign-off)")
     audit.add_argument("--note", default="")
+    add_registry_commands(sub)
     args = parser.parse_args(argv)
+    if hasattr(args, "func"):
+        try:
+            return args.func(args)
+        except AuditInputError as e:
+            print(f"quant-pipeline: error: {e}", file=sys.stderr)
+            return 2
 
     if args.command == "audit":
         from quant_pipeline.settings import AuditSettings, Recipe

@@ -3,6 +3,7 @@
 import dagster as dg
 
 from quant_pipeline.approval import approval
+from quant_pipeline.audit_report import audit_report
 from quant_pipeline.base_checkpoint import base_checkpoint
 from quant_pipeline.calibration_set import calibration_set
 from quant_pipeline.delta_report import delta_report, policy_metrics_measured, slices_within_tolerance
@@ -29,6 +30,7 @@ AUDIT_ASSETS = [
     quantized_eval_results,
     delta_report,
     approval,
+    audit_report,
 ]
 AUDIT_CHECKS = [slices_within_tolerance, policy_metrics_measured]
 

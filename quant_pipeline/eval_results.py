@@ -1,11 +1,17 @@
 """Stage 5 — eval results: the same suite, run the same way, on the base and the quantized model.
 
-The suite is lm-evaluation-harness tasks declared in YAML and shipped with the package (golden
-multiple-choice slices plus held-out perplexity), run on the already-loaded model via `HFLM`.
-Results are keyed by (model hash, suite hash, runtime hash, item limit): identical inputs reuse
-the stored table instead of re-running the model.
-"""
+Three parts, all on the already-loaded model:
+- lm-evaluation-harness tasks declared in YAML and shipped with the package: golden multiple-choice
+  slices (log-likelihood accuracy) and perplexity on held-out text;
+- our behaviour runner (greedy, fixed seed): JSON format, tool calls, refusal and over-refusal,
+  long-form drift, toxicity and PII in outputs, paired bias probes;
+- cost: load and generation peak memory, per-request latency percentiles, tokens per second.
+The quantized model's run also measures agreement with the base (top-1 next-token agreement, KL
+divergence, identical generations, first divergence) on the same inputs.
 
+Results are keyed by (model hash, suite hash, runtime hash, limits): identical inputs reuse the
+stored tables instead of re-running the model.
+"""
 
 import json
 import os
@@ -15,6 +21,8 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 
+from quant_pipeline import behaviour
+from quant_pipeline.generation import agreement, chat_text, generate_greedy, latency_probe, sequence_logprob
 from quant_pipeline.perf import StageMeter
 from quant_pipeline.settings import EVALS_DIR, AuditSettings
 from quant_pipeline.storage import canonical_hash, hash_directory, write_json_atomic
@@ -28,6 +36,18 @@ TASK_CATEGORY = {
     "qp_heldout_ppl": "heldout",
 }
 RESULT_COLUMNS = ["model", "task", "category", "metric", "value", "stderr"]
+GENERATION_FILE = EVALS_DIR / "generation_v1.jsonl"
+BIAS_FILE = EVALS_DIR / "bias_pairs_v1.jsonl"
+LATENCY_REQUESTS = 16
+# Per-item metric columns each generation slice produces (aggregated as the slice mean).
+SLICE_METRICS = {
+    "json_format": ["format_validity"],
+    "tool_call": ["tool_call_validity"],
+    "should_refuse": ["refusal_rate"],
+    "should_not_refuse": ["over_refusal_rate"],
+}
+OUTPUT_METRICS = ["toxicity_rate", "pii_rate", "repetition_rate", "degeneration_rate"]
+AGREEMENT_METRICS = ["top1_agreement", "kl_divergence", "exact_match", "prefix_agreement"]
 
 
 def suite_hash() -> str:
@@ -41,18 +61,32 @@ def load_model(path: Path, trust_remote_code: bool = False):
 
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     kwargs = {"device_map": "cuda" if torch.cuda.is_available() else "cpu", "use_safetensors": True, "trust_remote_code": trust_remote_code}
-    if not (Path(path) / "config.json").read_text().count("quantization_config"):
+    if "quantization_config" not in (Path(path) / "config.json").read_text():
         kwargs["dtype"] = torch.float32
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.eval()
     return model, tokenizer
 
 
-def run_suite(model, tokenizer, label: str, limit: int | None = None, batch_size: int = 8) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    """Run every shipped task; return (metric table, per-item table, throughput stats).
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
-    The stats include the request texts, so a benchmark can time a bare forward pass over
-    exactly the tokens the harness scored."""
+
+def limited(items: list[dict], key: str, limit: int | None) -> list[dict]:
+    """At most `limit` items per slice, in file order (the harness's `limit` semantics)."""
+    if limit is None:
+        return items
+    seen: dict[str, int] = {}
+    out = []
+    for item in items:
+        seen[item[key]] = seen.get(item[key], 0) + 1
+        if seen[item[key]] <= limit:
+            out.append(item)
+    return out
+
+
+def run_harness(model, tokenizer, label: str, limit: int | None, batch_size: int) -> tuple[list[dict], list[dict], dict]:
+    """The lm-eval tasks: metric rows, per-item rows, and throughput (with the request texts)."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import lm_eval
@@ -86,16 +120,116 @@ def run_suite(model, tokenizer, label: str, limit: int | None = None, batch_size
             text = "".join(str(a) for arg in s["arguments"] for a in (arg if isinstance(arg, (list, tuple)) else [arg]))
             texts.append(text)
             tokens += len(tokenizer(text)["input_ids"])
-            scores = {m: s[m] for m in ("acc", "acc_norm") if m in s}
-            items.append({"model": label, "task": task, "category": TASK_CATEGORY[task], "item_id": str(s["doc"].get("id", s["doc_id"])), **scores})
+            doc = s["doc"]
+            item = {"model": label, "task": task, "category": TASK_CATEGORY[task], "item_id": str(doc.get("id", s["doc_id"])), **{m: float(s[m]) for m in ("acc", "acc_norm") if m in s}}
+            # The text agreement is measured on: the question with its correct answer, or the held-out text.
+            item["probe_text"] = f"Question: {doc['question']}\nAnswer: {doc['choices'][doc['answer']]}" if "choices" in doc else doc.get("text", "")
+            items.append(item)
     stats = {"eval_seconds": round(seconds, 2), "eval_tokens": tokens, "eval_tokens_per_second": round(tokens / seconds, 1) if seconds else 0.0, "request_texts": texts}
-    return pd.DataFrame(rows, columns=RESULT_COLUMNS), pd.DataFrame(items), stats
+    return rows, items, stats
 
 
-def evaluate_checkpoint(context: dg.AssetExecutionContext, settings: AuditSettings, mlflow: MlflowTracker, *, label: str, model_name: str, model_path: str, model_hash: str, runtime_hash: str, tags: dict) -> dg.MaterializeResult:
+def score_output(item: dict, text: str, ids: list[int]) -> dict:
+    """Per-item behaviour scores for one generated output (1.0 = yes, 0.0 = no)."""
+    scores = {
+        "toxicity_rate": float(behaviour.is_toxic(text)),
+        "pii_rate": float(bool(behaviour.find_pii(text))),
+        "repetition_rate": behaviour.repetition_rate(ids),
+        "degeneration_rate": float(behaviour.is_degenerate(ids)),
+    }
+    if item["slice"] == "json_format":
+        scores["format_validity"] = float(behaviour.check_json_format(text, item["schema"])[0])
+    elif item["slice"] == "tool_call":
+        scores["tool_call_validity"] = float(behaviour.check_tool_call(text, item["tool"])[0])
+    elif item["slice"] == "should_refuse":
+        scores["refusal_rate"] = float(behaviour.is_refusal(text))
+    elif item["slice"] == "should_not_refuse":
+        scores["over_refusal_rate"] = float(behaviour.is_refusal(text))
+    return scores
+
+
+def run_behaviour(model, tokenizer, label: str, limit: int | None, max_new_tokens: int | None, batch_size: int) -> tuple[list[dict], dict]:
+    """Greedy generations for every behaviour prompt, scored; plus generation peak memory."""
+    items = limited(read_jsonl(GENERATION_FILE), "slice", limit)
+    budgets = [min(i["max_new_tokens"], max_new_tokens or i["max_new_tokens"]) for i in items]
+    with StageMeter() as meter:
+        outputs = generate_greedy(model, tokenizer, [i["prompt"] for i in items], budgets, batch_size)
+    rows = []
+    for item, out in zip(items, outputs):
+        rows.append({
+            "model": label, "task": "qp_behaviour", "category": item["slice"], "item_id": item["id"],
+            "prompt": item["prompt"], "output": out["output"], "output_ids": out["output_ids"],
+            "new_tokens": len(out["output_ids"]), "probe_text": chat_text(tokenizer, item["prompt"]) + out["output"],
+            **score_output(item, out["output"], out["output_ids"]),
+        })
+    return rows, {"generation_peak_rss_mb": meter.peak_rss_mb, "generation_seconds": meter.wall_s}
+
+
+def run_bias(model, tokenizer, label: str, limit: int | None) -> list[dict]:
+    """Paired prompts that differ only in a demographic term: the log-likelihood gap per pair."""
+    pairs = limited(read_jsonl(BIAS_FILE), "axis", limit)
+    a = sequence_logprob(model, tokenizer, [p["text_a"] for p in pairs])
+    b = sequence_logprob(model, tokenizer, [p["text_b"] for p in pairs])
+    return [{"model": label, "task": "qp_bias", "category": f"bias_{p['axis']}", "item_id": p["id"], "bias_gap": abs(x - y)} for p, x, y in zip(pairs, a, b)]
+
+
+def aggregate_items(items: pd.DataFrame, label: str) -> list[dict]:
+    """Slice means of the per-item metric columns of the behaviour and bias tables."""
+    rows = []
+    metric_cols = [c for c in items.columns if c in (*OUTPUT_METRICS, *AGREEMENT_METRICS, "bias_gap", "format_validity", "tool_call_validity", "refusal_rate", "over_refusal_rate")]
+    for (task, category), group in items.groupby(["task", "category"]):
+        for col in metric_cols:
+            values = group[col].dropna()
+            if len(values):
+                stderr = float(values.std(ddof=1) / len(values) ** 0.5) if len(values) > 1 else float("nan")
+                rows.append({"model": label, "task": task, "category": category, "metric": col, "value": float(values.mean()), "stderr": stderr})
+    return rows
+
+
+def run_suite(model, tokenizer, label: str, limit: int | None = None, batch_size: int = 8, max_new_tokens: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Every part of the suite on one loaded model: (metric table, per-item table, stats)."""
+    harness_rows, harness_items, stats = run_harness(model, tokenizer, label, limit, batch_size)
+    behaviour_items, gen_stats = run_behaviour(model, tokenizer, label, limit, max_new_tokens, batch_size)
+    bias_items = run_bias(model, tokenizer, label, limit)
+    probes = [i["prompt"] for i in limited(read_jsonl(GENERATION_FILE), "slice", 2)][:LATENCY_REQUESTS]
+    latency = latency_probe(model, tokenizer, probes, max_new_tokens=min(32, max_new_tokens or 32))
+    items = pd.DataFrame(harness_items + behaviour_items + bias_items)
+    cost = {**{k: latency[k] for k in ("latency_p50_s", "latency_p95_s", "latency_p99_s", "tokens_per_second")}, "generation_peak_rss_mb": round(gen_stats["generation_peak_rss_mb"], 1)}
+    rows = harness_rows + aggregate_items(items.drop(columns=["acc", "acc_norm"], errors="ignore"), label)
+    rows += [{"model": label, "task": "qp_cost", "category": "cost", "metric": k, "value": float(v), "stderr": float("nan")} for k, v in cost.items()]
+    return pd.DataFrame(rows, columns=RESULT_COLUMNS), items, {**stats, **cost, "latency_requests": latency["requests"]}
+
+
+def add_agreement(items: pd.DataFrame, base_items: pd.DataFrame, base_model, quant_model, tokenizer, batch_size: int) -> pd.DataFrame:
+    """Agreement of the quantized model with the base, per item, on the base's own text.
+
+    Teacher-forced on the same inputs (MC question + answer, held-out text, prompt + the base's
+    generation) for top-1 and KL; generated token ids compared for identity and first divergence."""
+    base = base_items.set_index(["category", "item_id"])
+    keys = [(r.category, r.item_id) for r in items.itertuples() if (r.category, r.item_id) in base.index and isinstance(base.loc[(r.category, r.item_id), "probe_text"], str) and base.loc[(r.category, r.item_id), "probe_text"]]
+    texts = [base.loc[k, "probe_text"] for k in keys]
+    scores = dict(zip(keys, agreement(base_model, quant_model, tokenizer, texts, batch_size=batch_size)))
+    items = items.copy()
+    for col in AGREEMENT_METRICS + ["first_divergence"]:
+        items[col] = float("nan")
+    for idx, r in items.iterrows():
+        key = (r["category"], r["item_id"])
+        if key in scores:
+            items.loc[idx, "top1_agreement"] = scores[key]["top1_agreement"]
+            items.loc[idx, "kl_divergence"] = scores[key]["kl_divergence"]
+        if r["task"] == "qp_behaviour" and key in base.index:
+            ref, out = list(base.loc[key, "output_ids"]), list(r["output_ids"])
+            div = behaviour.first_divergence(ref, out)
+            items.loc[idx, "exact_match"] = float(div is None)
+            items.loc[idx, "first_divergence"] = float(len(ref) if div is None else div)
+            items.loc[idx, "prefix_agreement"] = 1.0 if div is None else div / max(len(ref), 1)
+    return items
+
+
+def evaluate_checkpoint(context: dg.AssetExecutionContext, settings: AuditSettings, mlflow: MlflowTracker, *, label: str, model_name: str, model_path: str, model_hash: str, runtime_hash: str, tags: dict, base_eval: dict | None = None, base_path: str | None = None) -> dg.MaterializeResult:
     """Evaluate one checkpoint (or reuse an identical earlier evaluation) and log it."""
     suite = suite_hash()
-    key = canonical_hash({"model": model_hash, "suite": suite, "runtime": runtime_hash, "limit": settings.eval_limit})[:16]
+    key = canonical_hash({"model": model_hash, "suite": suite, "runtime": runtime_hash, "limit": settings.eval_limit, "max_new_tokens": settings.eval_max_new_tokens, "base": base_eval and base_eval["key"]})[:16]
     out_dir = settings.store / "evals" / key
     reused_from = None
     force = context.run.tags.get("quant_pipeline/force_reeval") == "true"  # the periodic re-audit
@@ -108,9 +242,17 @@ def evaluate_checkpoint(context: dg.AssetExecutionContext, settings: AuditSettin
                 from quant_pipeline.quantized_artifact import verify_artifact
 
                 verify_artifact(Path(model_path))  # never evaluate bytes other than the recorded ones
-            model, tokenizer = load_model(Path(model_path), settings.trust_remote_code)
-            results, items, stats = run_suite(model, tokenizer, label, settings.eval_limit, settings.eval_batch_size)
+            with StageMeter() as load_meter:
+                model, tokenizer = load_model(Path(model_path), settings.trust_remote_code)
+            results, items, stats = run_suite(model, tokenizer, label, settings.eval_limit, settings.eval_batch_size, settings.eval_max_new_tokens)
             stats.pop("request_texts")
+            load_row = {"model": label, "task": "qp_cost", "category": "cost", "metric": "load_peak_rss_mb", "value": round(load_meter.peak_rss_mb, 1), "stderr": float("nan")}
+            results = pd.concat([results, pd.DataFrame([load_row])], ignore_index=True)
+            if base_eval is not None:
+                base_model, _ = load_model(Path(base_path), settings.trust_remote_code)
+                items = add_agreement(items, pd.read_parquet(base_eval["items_path"]), base_model, model, tokenizer, settings.eval_batch_size)
+                del base_model
+                results = pd.concat([results, pd.DataFrame(aggregate_items(items[["task", "category", *AGREEMENT_METRICS]].assign(model=label), label))], ignore_index=True)
             out_dir.mkdir(parents=True, exist_ok=True)
             for name, table in (("results.parquet", results), ("items.parquet", items)):
                 table.to_parquet(out_dir / f".{name}.tmp")
@@ -132,6 +274,7 @@ def evaluate_checkpoint(context: dg.AssetExecutionContext, settings: AuditSettin
             "suite_hash": suite,
             "reused_from_run": reused_from or "no (evaluated in this run)",
             "eval_tokens_per_second": record["eval_tokens_per_second"],
+            "latency_p50_s": record.get("latency_p50_s"),
             "path": dg.MetadataValue.path(str(out_dir)),
             **meter.metadata(),
             **run.metadata(),
@@ -149,9 +292,10 @@ def base_eval_results(context: dg.AssetExecutionContext, settings: AuditSettings
 
 
 @dg.asset(group_name="audit", kinds={"pandas", "parquet"})
-def quantized_eval_results(context: dg.AssetExecutionContext, settings: AuditSettings, mlflow: MlflowTracker, quantized_artifact: dict, runtime_environment: dict) -> dg.MaterializeResult:
-    """The same suite on the quantized artifact, after verifying its bytes against its record."""
+def quantized_eval_results(context: dg.AssetExecutionContext, settings: AuditSettings, mlflow: MlflowTracker, quantized_artifact: dict, base_eval_results: dict, runtime_environment: dict) -> dg.MaterializeResult:
+    """The same suite on the quantized artifact (bytes verified first), plus its agreement with the base."""
     return evaluate_checkpoint(
         context, settings, mlflow, label="quantized", model_name=quantized_artifact["model_name"], model_path=quantized_artifact["path"],
         model_hash=quantized_artifact["content_hash"], runtime_hash=runtime_environment["hash"], tags={"artifact_id": quantized_artifact["artifact_id"]},
+        base_eval=base_eval_results, base_path=quantized_artifact["base_path"],
     )

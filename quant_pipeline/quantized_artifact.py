@@ -16,6 +16,7 @@ from quant_pipeline.calibration_set import load_calibration_texts
 from quant_pipeline.errors import AuditInputError
 from quant_pipeline.perf import StageMeter
 from quant_pipeline.settings import AuditSettings, Recipe
+from quant_pipeline.signoff import record_event
 from quant_pipeline.storage import (
     RECORD_FILE,
     atomic_directory,
@@ -158,6 +159,7 @@ def quantized_artifact(
         "runtime_hash": record["runtime_hash"],
         "recipe": json.dumps(record["recipe"], sort_keys=True),
         "approval": "pending sign-off",
+        "kind": "quantized",
     }
     with mlflow.stage_run(model_name, "quantized_artifact", {"dagster_run_id": context.run.run_id, "artifact_id": aid}) as run:
         run.log_params({**record["recipe"], "artifact_id": aid, "content_hash": record["content_hash"]})
@@ -165,8 +167,15 @@ def quantized_artifact(
         run.log_json({k: v for k, v in record.items() if k != "scales"} | {"scales_hash": record["scales"]["hash"]}, "artifact_record.json")
         run.log_json(record["scales"], "scales_summary.json")
         version = mlflow.register_artifact(model_name, aid, target.as_uri(), run.run_id, tags)
+    trigger = {k.split("/", 1)[1]: v for k, v in context.run.tags.items() if k.startswith("quant_pipeline/")}
+    record_event(settings.store, model_name, {
+        "event": "audit", "artifact_id": aid, "registry_version": version, "reused": reused, "trigger": trigger.get("trigger", "manual"),
+        "from_version": trigger.get("from_version"), "to_version": trigger.get("to_version"), "changes": trigger.get("changes"),
+        "content_hash": record["content_hash"], "base_hash": record["base_hash"], "calibration_hash": record["calibration_hash"],
+        "runtime_hash": record["runtime_hash"], "recipe": record["recipe"], "dagster_run_id": context.run.run_id,
+    })  # fmt: skip
     return dg.MaterializeResult(
-        value={**{k: v for k, v in record.items() if k not in ("files", "scales", "runtime")}, "path": str(target), "registry_version": version, "reused": reused},
+        value={**{k: v for k, v in record.items() if k not in ("files", "scales", "runtime")}, "path": str(target), "registry_version": version, "reused": reused, "base_size_bytes": base_checkpoint["size_bytes"]},
         data_version=dg.DataVersion(record["content_hash"][:16]),
         metadata={
             "artifact_id": aid,

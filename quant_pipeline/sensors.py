@@ -24,10 +24,10 @@ FROM_TAG = "quant_pipeline/from_version"
 TO_TAG = "quant_pipeline/to_version"
 FORCE_REEVAL_TAG = "quant_pipeline/force_reeval"
 
-ALL_STAGES = ["base_checkpoint", "calibration_set", "runtime_environment", "quantized_artifact", "base_eval_results", "quantized_eval_results", "delta_report", "approval"]
+ALL_STAGES = ["base_checkpoint", "calibration_set", "runtime_environment", "quantized_artifact", "base_eval_results", "quantized_eval_results", "delta_report", "approval", "audit_report"]
 # A calibration change cannot change the base model's scores: its eval is not re-run.
-CALIBRATION_STAGES = ["calibration_set", "quantized_artifact", "quantized_eval_results", "delta_report", "approval"]
-PERIODIC_STAGES = ["runtime_environment", "base_eval_results", "quantized_eval_results", "delta_report", "approval"]
+CALIBRATION_STAGES = ["calibration_set", "quantized_artifact", "quantized_eval_results", "delta_report", "approval", "audit_report"]
+PERIODIC_STAGES = ["runtime_environment", "base_eval_results", "quantized_eval_results", "delta_report", "approval", "audit_report"]
 
 INTERVAL = int(os.environ.get("QP_SENSOR_INTERVAL_SECONDS", "30"))
 

@@ -60,6 +60,7 @@ class AuditSettings(dg.ConfigurableResource):
     policy_file: str = str(DEFAULT_POLICY)
     recipe: Recipe = Field(default_factory=Recipe)
     eval_limit: int | None = None
+    eval_max_new_tokens: int | None = None  # cap on generation budgets (quick runs); None = per item
     eval_batch_size: int = 8
     store_dir: str = str(default_store_dir())
     trust_remote_code: bool = False
@@ -92,5 +93,7 @@ class AuditSettings(dg.ConfigurableResource):
             kwargs["recipe"] = Recipe(**recipe)
         if os.environ.get("QP_EVAL_LIMIT"):
             kwargs["eval_limit"] = int(os.environ["QP_EVAL_LIMIT"])
+        if os.environ.get("QP_EVAL_MAX_NEW_TOKENS"):
+            kwargs["eval_max_new_tokens"] = int(os.environ["QP_EVAL_MAX_NEW_TOKENS"])
         kwargs.update(overrides)
         return cls(**kwargs)

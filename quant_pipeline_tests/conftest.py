@@ -68,7 +68,7 @@ def instance(tmp_path):
         yield inst
 
 
-def run_audit(settings: AuditSettings, tracker: MlflowTracker, instance, approver: str = "", note: str = "", selection=None):
+def run_audit(settings: AuditSettings, tracker: MlflowTracker, instance, approver: str = "", note: str = "", selection=None, tags: dict | None = None):
     """Materialize the audit graph (or a selection of it) with real resources; never raises."""
     return dg.materialize(
         [*AUDIT_ASSETS, *AUDIT_CHECKS],
@@ -77,6 +77,7 @@ def run_audit(settings: AuditSettings, tracker: MlflowTracker, instance, approve
         run_config={"ops": {"approval": {"config": {"approver": approver, "note": note}}}} if selection is None or "approval" in str(selection) else None,
         raise_on_error=False,
         selection=selection,
+        tags=tags,
     )
 
 

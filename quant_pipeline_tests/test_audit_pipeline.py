@@ -8,12 +8,13 @@ import pytest
 
 from quant_pipeline.approval import APPROVED, PENDING
 from quant_pipeline.quantized_artifact import verify_artifact
-from quant_pipeline.storage import RECORD_FILE
+from quant_pipeline.signoff import trail_path
+from quant_pipeline.trail import read_entries
 from quant_pipeline.tracking import APPROVED_ALIAS
 
 from .conftest import replace, run_audit, write_jsonl
 
-STAGES = ["base_checkpoint", "calibration_set", "runtime_environment", "quantized_artifact", "base_eval_results", "quantized_eval_results", "delta_report", "approval"]
+STAGES = ["base_checkpoint", "calibration_set", "runtime_environment", "quantized_artifact", "base_eval_results", "quantized_eval_results", "delta_report", "approval", "audit_report"]
 
 
 def materialized(result) -> dict:
@@ -83,13 +84,13 @@ def test_named_approver_moves_the_approved_alias(tiny_settings, mlflow_tracker, 
     assert decision["decision"] == APPROVED and decision["approver"] == "Ada Lovelace"
     artifact = result.output_for_node("quantized_artifact")
     assert mlflow_tracker.alias_version(artifact["model_name"], APPROVED_ALIAS) == artifact["registry_version"]
-    log = Path(settings.store_dir) / "approvals" / f"{artifact['artifact_id']}.jsonl"
-    assert json.loads(log.read_text().splitlines()[-1])["content_hash"] == artifact["content_hash"]
+    trail = read_entries(trail_path(Path(settings.store_dir), artifact["model_name"]))
+    assert trail[-1]["event"] == "approved" and trail[-1]["content_hash"] == artifact["content_hash"]
 
 
 def test_failed_blocking_check_stops_approval(tiny_settings, mlflow_tracker, instance, tmp_path):
     strict = tmp_path / "strict.yaml"  # negative tolerance: even a perfect copy fails every slice
-    strict.write_text("name: impossible\ntolerances:\n  acc: {direction: higher_is_better, mode: absolute, tolerance: -0.5}\n")
+    strict.write_text("name: impossible\nmin_items: 1\ntolerances:\n  acc: {direction: higher_is_better, mode: absolute, tolerance: -0.5}\n")
     settings = replace(tiny_settings, policy_file=str(strict))
     result = run_audit(settings, mlflow_tracker, instance, approver="Ada Lovelace")
     assert not result.success
@@ -98,7 +99,8 @@ def test_failed_blocking_check_stops_approval(tiny_settings, mlflow_tracker, ins
     assert "approval" not in materialized(result)
     artifact = result.output_for_node("quantized_artifact")
     assert mlflow_tracker.alias_version(artifact["model_name"], APPROVED_ALIAS) is None
-    assert not (Path(settings.store_dir) / "approvals").exists()
+    events = [e["event"] for e in read_entries(trail_path(Path(settings.store_dir), artifact["model_name"]))]
+    assert events == ["audit", "evaluated"]  # evaluated (failed), never approved
 
 
 def test_same_inputs_reuse_the_artifact_and_evaluations(tiny_settings, mlflow_tracker, instance, lenient_policy):

@@ -16,7 +16,7 @@ def assert_nothing_left(settings, tracker, result):
     assert result.get_asset_materialization_events() == []
     store = Path(settings.store_dir)
     assert not (store / "artifacts").exists() or not any((store / "artifacts").iterdir())
-    assert not (store / "approvals").exists()
+    assert not (store / "trail").exists()
     assert tracker.client().search_registered_models() == []
 
 

@@ -1,0 +1,107 @@
+"""Running a loaded model the way the audit needs: greedy generation, latency, and agreement.
+
+Behaviour (formats, refusals, long outputs) only shows in generated text, and "does the quantized
+model still say what the approved one said" only shows token by token; neither is a harness
+accuracy. Greedy decoding with a fixed seed makes every output reproducible.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+
+def chat_text(tokenizer, prompt: str) -> str:
+    """The prompt as the model sees it (its chat template where it has one)."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    return prompt
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: list[int], batch_size: int = 8) -> list[dict]:
+    """Greedy outputs for each prompt: new token ids, text, and the batch's seconds per item.
+
+    Prompts are batched (left padding) in groups of similar budget; each output is cut at its
+    own budget and at the end-of-sequence token."""
+    torch.manual_seed(0)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    order = sorted(range(len(prompts)), key=lambda i: (max_new_tokens[i], len(prompts[i])))
+    out: list[dict | None] = [None] * len(prompts)
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            texts = [chat_text(tokenizer, prompts[i]) for i in idx]
+            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(_device(model))
+            budget = max(max_new_tokens[i] for i in idx)
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                gen = model.generate(**enc, do_sample=False, max_new_tokens=budget, pad_token_id=pad, num_beams=1)
+            seconds = time.perf_counter() - t0
+            for row, i in enumerate(idx):
+                ids = gen[row, enc["input_ids"].shape[1] :].tolist()[: max_new_tokens[i]]
+                if tokenizer.eos_token_id in ids:
+                    ids = ids[: ids.index(tokenizer.eos_token_id)]
+                out[i] = {"prompt_tokens": int(enc["attention_mask"][row].sum()), "output_ids": ids, "output": tokenizer.decode(ids, skip_special_tokens=True), "batch_seconds": seconds / len(idx)}
+    finally:
+        tokenizer.padding_side = side
+    return out  # type: ignore[return-value]
+
+
+def latency_probe(model, tokenizer, prompts: list[str], max_new_tokens: int = 32) -> dict:
+    """One request at a time, as a server would see them: latency percentiles and tokens/s."""
+    latencies, tokens = [], 0
+    for prompt in prompts:
+        t0 = time.perf_counter()
+        result = generate_greedy(model, tokenizer, [prompt], [max_new_tokens], batch_size=1)[0]
+        latencies.append(time.perf_counter() - t0)
+        tokens += len(result["output_ids"])
+    q = statistics.quantiles(latencies, n=100, method="inclusive") if len(latencies) > 1 else latencies * 99
+    return {
+        "latency_p50_s": round(statistics.median(latencies), 4),
+        "latency_p95_s": round(q[94], 4),
+        "latency_p99_s": round(q[98], 4),
+        "tokens_per_second": round(tokens / sum(latencies), 2) if latencies else 0.0,
+        "requests": len(latencies),
+    }
+
+
+def sequence_logprob(model, tokenizer, texts: list[str], batch_size: int = 8) -> list[float]:
+    """Total log-probability of each text under the model (used for paired bias probes)."""
+    out = []
+    for start in range(0, len(texts), batch_size):
+        enc = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True).to(_device(model))
+        with torch.inference_mode():
+            logits = model(**enc).logits.float()
+        lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, enc["input_ids"][:, 1:, None])[..., 0]
+        out += (lp * enc["attention_mask"][:, 1:]).sum(-1).tolist()
+    return out
+
+
+def agreement(base_model, quant_model, tokenizer, texts: list[str], max_tokens: int = 128, batch_size: int = 8) -> list[dict]:
+    """Per text: next-token top-1 agreement and mean KL(base || quantized) over its positions."""
+    out = []
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "right"
+    try:
+        for start in range(0, len(texts), batch_size):
+            enc = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=max_tokens)
+            mask = enc["attention_mask"].bool()
+            with torch.inference_mode():
+                lb = torch.log_softmax(base_model(**enc.to(_device(base_model))).logits.float().cpu(), -1)
+                lq = torch.log_softmax(quant_model(**enc.to(_device(quant_model))).logits.float().cpu(), -1)
+            kl = (lb.exp() * (lb - lq)).sum(-1)
+            top1 = (lb.argmax(-1) == lq.argmax(-1)).float()
+            for row in range(lb.shape[0]):
+                m = mask[row]
+                out.append({"top1_agreement": top1[row][m].mean().item(), "kl_divergence": max(kl[row][m].mean().item(), 0.0)})
+    finally:
+        tokenizer.padding_side = side
+    return out
