@@ -58,7 +58,7 @@ def mlflow_tracker(tmp_path) -> MlflowTracker:
 
 @pytest.fixture
 def tiny_settings(tmp_path, tiny_llama) -> AuditSettings:
-    return AuditSettings(model=str(tiny_llama), store_dir=str(tmp_path / "store"), recipe=TINY_RECIPE, eval_limit=4)
+    return AuditSettings(model=str(tiny_llama), store_dir=str(tmp_path / "store"), recipe=TINY_RECIPE, eval_limit=4, eval_max_new_tokens=16)
 
 
 @pytest.fixture
