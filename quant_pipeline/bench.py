@@ -32,6 +32,31 @@ def bare_forward_tokens_per_second(model, tokenizer, texts: list[str], batch_siz
     return tokens / seconds, tokens
 
 
+def bench_slices(model, tokenizer, limit: int | None) -> list[dict]:
+    """Per slice: items, wall seconds, tokens/s; for harness slices also a bare forward pass over
+    exactly the same request tokens (ratio = harness overhead; generation has no such baseline)."""
+    from quant_pipeline.eval_results import GENERATION_FILE, TASK_CATEGORY, limited, read_jsonl, run_harness
+    from quant_pipeline.generation import generate_greedy
+
+    rows = []
+    for task, category in TASK_CATEGORY.items():
+        t0 = time.perf_counter()
+        _, items, stats = run_harness(model, tokenizer, "bench", limit, 8, tasks=[task])
+        seconds = time.perf_counter() - t0
+        bare, _ = bare_forward_tokens_per_second(model, tokenizer, stats["request_texts"])
+        tps = stats["eval_tokens"] / seconds
+        rows.append({"slice": category, "items": len(items), "seconds": seconds, "tps": tps, "bare": bare, "ratio": tps / bare})
+    items = limited(read_jsonl(GENERATION_FILE), "slice", limit)
+    for slice_name in dict.fromkeys(i["slice"] for i in items):
+        chosen = [i for i in items if i["slice"] == slice_name]
+        t0 = time.perf_counter()
+        outs = generate_greedy(model, tokenizer, [i["prompt"] for i in chosen], [i["max_new_tokens"] for i in chosen])
+        seconds = time.perf_counter() - t0
+        tokens = sum(o["prompt_tokens"] + len(o["output_ids"]) for o in outs)
+        rows.append({"slice": slice_name, "items": len(chosen), "seconds": seconds, "tps": tokens / seconds, "bare": None, "ratio": None})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="quant_pipeline.bench")
     parser.add_argument("--eval-limit", type=int, default=None, help="items per eval task")
@@ -41,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     import dagster as dg
 
     from quant_pipeline.cli import run_audit, summarize
-    from quant_pipeline.eval_results import load_model, run_suite
+    from quant_pipeline.eval_results import load_model
     from quant_pipeline.settings import AuditSettings, Recipe
     from quant_pipeline.tracking import MlflowTracker
 
@@ -85,13 +110,14 @@ def main(argv: list[str] | None = None) -> int:
     print("\n== size ==")
     print(f"base {base['size_bytes'] / 2**20:.1f} MB, artifact {artifact['size_bytes'] / 2**20:.1f} MB, ratio {artifact['size_bytes'] / base['size_bytes']:.3f}")
 
-    print("\n== eval throughput vs bare forward (same tokens, same process) ==")
-    print(f"{'model':<10} {'eval tok/s':>11} {'forward tok/s':>14} {'ratio':>6} {'tokens':>8}")
+    print("\n== eval stage per slice (base and quantized, same process) ==")
+    print(f"{'model':<10} {'slice':<18} {'items':>5} {'seconds':>8} {'tok/s':>8} {'bare fwd tok/s':>15} {'ratio':>6}")
     for label, path in (("base", base["path"]), ("quantized", artifact["path"])):
         model, tokenizer = load_model(Path(path))
-        _, _, stats = run_suite(model, tokenizer, label, args.eval_limit)
-        forward_tps, tokens = bare_forward_tokens_per_second(model, tokenizer, stats["request_texts"])
-        print(f"{label:<10} {stats['eval_tokens_per_second']:>11.1f} {forward_tps:>14.1f} {stats['eval_tokens_per_second'] / forward_tps:>6.2f} {tokens:>8}")
+        for row in bench_slices(model, tokenizer, args.eval_limit):
+            ratio = f"{row['ratio']:.2f}" if row["ratio"] else "n/a"
+            bare = f"{row['bare']:.1f}" if row["bare"] else "n/a"
+            print(f"{label:<10} {row['slice']:<18} {row['items']:>5} {row['seconds']:>8.1f} {row['tps']:>8.1f} {bare:>15} {ratio:>6}")
     return 0 if result.success else 1
 
 

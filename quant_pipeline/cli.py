@@ -64,6 +64,7 @@ def summarize(result) -> str:
             "quantized_eval_results": lambda: f"{md.get('rows')} metrics, {md.get('eval_tokens_per_second')} tok/s",
             "delta_report": lambda: f"{'PASS' if md.get('passed') else 'FAIL'}: {md.get('slices') - md.get('slices_failed')}/{md.get('slices')} slices within tolerance",
             "approval": lambda: f"{md.get('decision')} ({md.get('registry')})",
+            "audit_report": lambda: f"report {md.get('html')}, ML-BOM {md.get('mlbom')}",
         }.get(stage, lambda: "")()
         lines.append(f"{stage:<24} {md.get('wall_seconds', ''):>8} {md.get('peak_rss_mb', ''):>8}  {found}")
     for check in result.get_asset_check_evaluations():

@@ -85,7 +85,7 @@ def limited(items: list[dict], key: str, limit: int | None) -> list[dict]:
     return out
 
 
-def run_harness(model, tokenizer, label: str, limit: int | None, batch_size: int) -> tuple[list[dict], list[dict], dict]:
+def run_harness(model, tokenizer, label: str, limit: int | None, batch_size: int, tasks: list[str] | None = None) -> tuple[list[dict], list[dict], dict]:
     """The lm-eval tasks: metric rows, per-item rows, and throughput (with the request texts)."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -97,7 +97,7 @@ def run_harness(model, tokenizer, label: str, limit: int | None, batch_size: int
     t0 = time.perf_counter()
     out = lm_eval.simple_evaluate(
         model=lm,
-        tasks=list(TASK_CATEGORY),
+        tasks=tasks or list(TASK_CATEGORY),
         task_manager=TaskManager(include_path=str(EVALS_DIR), include_defaults=False),
         limit=limit,
         log_samples=True,

@@ -109,15 +109,20 @@ def verify_ref(ref: dict) -> None:
         raise ServingError(f"refusing to load {ref['artifact_id']} from {directory}: files differ from the registered hashes: {'; '.join(problems)}")
 
 
-def log_registered_pyfunc(client: MlflowClient, run_id: str, model_dir: Path, record: dict, store_dir: Path | None = None) -> str:
+def log_registered_pyfunc(
+    client: MlflowClient, run_id: str, model_dir: Path, record: dict, store_dir: Path | None = None, artifact_path: str = PYFUNC_ARTIFACT_PATH
+) -> str:
     """Log a `QuantizedLLM` pyfunc (reference only, no weights) under the run; return the source URI
-    to register (`<run artifact_uri>/model`). The directory must match the record right now."""
+    to register (`<run artifact_uri>/model`). The directory must match the record right now.
+    One pyfunc per run and artifact path: a second one would silently merge into the first."""
     ref = build_ref(model_dir, record, store_dir)
     verify_ref(ref)
+    if client.list_artifacts(run_id, artifact_path):
+        raise ServingError(f"run {run_id} already holds a model at `{artifact_path}`: log each registered version from its own run or artifact_path")
     with tempfile.TemporaryDirectory() as tmp:
         ref_path = Path(tmp) / REF_FILE
         ref_path.write_text(json.dumps(ref, indent=2, sort_keys=True))
-        saved = Path(tmp) / PYFUNC_ARTIFACT_PATH
+        saved = Path(tmp) / "model"
         mlflow.pyfunc.save_model(
             path=str(saved),
             python_model=QuantizedLLM(),
@@ -126,8 +131,8 @@ def log_registered_pyfunc(client: MlflowClient, run_id: str, model_dir: Path, re
             pip_requirements=[],  # served with --env-manager local: no pip inference (it would load the model)
             metadata={"quant_pipeline_artifact_id": ref["artifact_id"], "quant_pipeline_kind": ref["kind"], "content_hash": ref["content_hash"]},
         )
-        client.log_artifacts(run_id, str(saved), PYFUNC_ARTIFACT_PATH)
-    return f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{PYFUNC_ARTIFACT_PATH}"
+        client.log_artifacts(run_id, str(saved), artifact_path)
+    return f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
 
 
 # -- generation ---------------------------------------------------------------------------------
@@ -343,6 +348,10 @@ class ModelResolver:
         return Resolved(str(mv.version), ref)
 
     def _download_ref(self, source: str) -> dict | None:
+        parsed = urlparse(source)
+        if parsed.scheme == "file":  # a local artifact store: read in place
+            path = Path(unquote(parsed.path)) / "artifacts" / REF_FILE
+            return json.loads(path.read_text()) if path.is_file() else None
         with tempfile.TemporaryDirectory() as tmp:
             try:
                 local = mlflow.artifacts.download_artifacts(artifact_uri=f"{source.rstrip('/')}/artifacts/{REF_FILE}", dst_path=tmp, tracking_uri=self.tracker.tracking_uri)

@@ -29,7 +29,7 @@ class Recipe(dg.Config):
     desc_act: bool = False
     sym: bool = True
     damp_percent: float = 0.1
-    calibration_samples: int = 128
+    calibration_samples: int = 64
     seq_len: int = 256
 
     def validate_values(self) -> None:
