@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-fast ui mlflow bench check-deps clean
+.PHONY: install demo test test-fast ui mlflow bench check-deps clean serve
 
 install: $(VENV)/.installed $(GGUF) $(DAGSTER_HOME)/dagster.yaml
 
@@ -61,3 +61,10 @@ bench: install
 
 clean:
 	rm -rf .store .mlflow .dagster_home
+
+# Serve the registered model by alias with MLflow's own server (loopback). MODEL defaults to SmolLM2.
+MODEL ?= SmolLM2-135M-Instruct
+ALIAS ?= production
+serve: install
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH MLFLOW_TRACKING_URI=sqlite:///$(CURDIR)/.mlflow/mlflow.db QP_STORE_DIR=$(CURDIR)/.store \
+	  $(VENV)/bin/mlflow models serve -m "models:/$(MODEL)@$(ALIAS)" --env-manager local -h 127.0.0.1 -p 5001

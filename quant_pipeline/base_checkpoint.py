@@ -17,6 +17,7 @@ import dagster as dg
 from quant_pipeline.errors import AuditInputError
 from quant_pipeline.paths import default_gguf_path
 from quant_pipeline.perf import StageMeter
+from quant_pipeline.serving import log_registered_pyfunc
 from quant_pipeline.settings import AuditSettings
 from quant_pipeline.storage import (
     RECORD_FILE,
@@ -209,7 +210,7 @@ def base_checkpoint(context: dg.AssetExecutionContext, settings: AuditSettings, 
         run.log_metrics({"size_bytes": record["size_bytes"], **meter.metadata()})
         run.log_json(record, "base_checkpoint.json")
         # The kept baseline is a registry version too: the rollback target and the critical-request route.
-        version = mlflow.register_artifact(source.name, base_artifact_id(record["hash"]), path.as_uri(), run.run_id, {
+        version = mlflow.register_artifact(source.name, base_artifact_id(record["hash"]), log_registered_pyfunc(run.client, run.run_id, path, record, settings.store), run.run_id, {
             "kind": "base", "artifact_id": base_artifact_id(record["hash"]), "content_hash": record["hash"], "base_hash": record["hash"],
             "source_version": record["source_version"], "dtype": record["dtype"],
         })  # fmt: skip

@@ -181,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     audit.add_argument("--approver", default="", help="name of the human signing off (omit: pending sign-off)")
     audit.add_argument("--note", default="")
     add_registry_commands(sub)
+    from quant_pipeline.serving import add_cli as add_serving_commands
+
+    add_serving_commands(sub)
     args = parser.parse_args(argv)
     if hasattr(args, "func"):
         try:

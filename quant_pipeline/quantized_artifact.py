@@ -16,6 +16,7 @@ from quant_pipeline.calibration_set import load_calibration_texts
 from quant_pipeline.errors import AuditInputError
 from quant_pipeline.perf import StageMeter
 from quant_pipeline.settings import AuditSettings, Recipe
+from quant_pipeline.serving import log_registered_pyfunc
 from quant_pipeline.signoff import record_event
 from quant_pipeline.storage import (
     RECORD_FILE,
@@ -166,7 +167,10 @@ def quantized_artifact(
         run.log_metrics({"size_bytes": record["size_bytes"], "base_size_bytes": base_checkpoint["size_bytes"], **meter.metadata()})
         run.log_json({k: v for k, v in record.items() if k != "scales"} | {"scales_hash": record["scales"]["hash"]}, "artifact_record.json")
         run.log_json(record["scales"], "scales_summary.json")
-        version = mlflow.register_artifact(model_name, aid, target.as_uri(), run.run_id, tags)
+        # The version is an MLflow pyfunc that points at (and re-verifies) these exact bytes:
+        # `mlflow models serve -m models:/<name>@production` serves it.
+        source = log_registered_pyfunc(run.client, run.run_id, target, record, settings.store)
+        version = mlflow.register_artifact(model_name, aid, source, run.run_id, tags)
     trigger = {k.split("/", 1)[1]: v for k, v in context.run.tags.items() if k.startswith("quant_pipeline/")}
     record_event(settings.store, model_name, {
         "event": "audit", "artifact_id": aid, "registry_version": version, "reused": reused, "trigger": trigger.get("trigger", "manual"),

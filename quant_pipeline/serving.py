@@ -285,7 +285,7 @@ class ModelResolver:
         try:
             return self.client.get_model_version_by_alias(self.model_name, alias)
         except MlflowException as e:
-            if e.get_error_code() in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
                 return None
             raise
 
@@ -301,6 +301,7 @@ class ModelResolver:
             found = self.client.search_model_versions(f"name='{self.model_name}' and tag.kind='base'")
         except MlflowException:
             return None
+        found = sorted(found, key=lambda v: int(v.version), reverse=True)  # newest first
         same = [v for v in found if base_hash and v.tags.get("content_hash") == base_hash]
         return (same or found or [None])[0]
 
@@ -322,7 +323,12 @@ class ModelResolver:
         mv = self.alias_version(ref)
         if mv is not None:
             return self.for_version(mv), ref
-        raise ServingError(f"{self.model_name}: `{ref}` is neither a registered artifact ID, an alias (approved, production) nor `base`")
+        if re.fullmatch(r"v?\d+", ref):  # a registry version number, pinned
+            try:
+                return self.for_version(self.client.get_model_version(self.model_name, ref.lstrip("v"))), None
+            except MlflowException:
+                pass
+        raise ServingError(f"{self.model_name}: `{ref}` is neither a registered artifact ID, an alias (approved, production), a version number nor `base`")
 
     def ref_for_artifact(self, artifact_id: str) -> dict:
         """An artifact's reference: via its registry version, else from its record in the store."""
@@ -366,8 +372,14 @@ class ModelResolver:
             raise ServingError(f"{self.model_name} v{mv.version}: source {mv.source} is neither a quant_pipeline pyfunc nor a local checkpoint directory")
         record_path = directory / RECORD_FILE
         record = json.loads(record_path.read_text()) if record_path.exists() else {}
-        if not record.get("files"):  # a user's own checkpoint: the registry's content hash is the anchor
-            record = {**record, "files": file_hashes(directory), "content_hash": tags.get("content_hash")}
+        if not record.get("files"):  # a user's own checkpoint: only the registry's content hash to check against
+            files = file_hashes(directory)
+            if tags.get("content_hash") and tree_hash(files) != tags["content_hash"]:
+                raise ServingError(
+                    f"refusing to load {tags.get('artifact_id', directory.name)} from {directory}: its files no longer match the "
+                    f"registered content hash {tags['content_hash'][:16]} (no per-file record to name which; re-register it with log_registered_pyfunc)"
+                )
+            record = {**record, "files": files, "content_hash": tags.get("content_hash")}
         record = {"model_name": self.model_name, "kind": tags.get("kind"), **{k: v for k, v in record.items() if v is not None}}
         return build_ref(directory, record, self.store)
 

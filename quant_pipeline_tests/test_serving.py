@@ -239,6 +239,24 @@ def test_pyfunc_loads_in_process_and_accepts_lists_dicts_and_frames(deployment, 
     assert find_request(d.store, d.model_name, "frame-1")["prompt"] == "pyfunc frame prompt"
 
 
+def test_versions_registered_with_a_plain_directory_source_are_served_too(deployment, mlflow_tracker, tiny_llama):
+    """What the pipeline registered before the pyfunc: the checkpoint directory's URI as the source."""
+    d = deployment
+    tracker = mlflow_tracker
+    with tracker.stage_run(d.model_name, "legacy_registration") as run:
+        base_version = tracker.register_artifact(d.model_name, d.base_aid, tiny_llama.as_uri(), run.run_id, {"kind": "base", "artifact_id": d.base_aid, "content_hash": d.base_hash})
+        version = tracker.register_artifact(d.model_name, d.aid, d.artifact_dir.as_uri(), run.run_id, {"kind": "quantized", "artifact_id": d.aid, "content_hash": d.record["content_hash"]})
+    tracker.set_alias(d.model_name, "production", version)
+    server = Server(tracker, d.model_name, "production", d.store)
+    rec = server.generate("served from a directory source", max_new_tokens=4)
+    assert (rec["artifact_id"], rec["model_version"], rec["bits"], rec["runtime_hash"]) == (d.aid, str(version), 4, fingerprint_hash(rec["runtime"]))
+    critical = server.generate("critical, from the base directory", max_new_tokens=4, critical=True)
+    assert (critical["artifact_id"], critical["model_version"], critical["served_by"]) == (d.base_aid, str(base_version), "base")
+    assert reproduce(tracker, d.store, d.model_name, rec["request_id"])["status"] == "reproduced exactly"
+    pinned = Server(tracker, d.model_name, f"v{version}", d.store)
+    assert pinned.current.artifact_id == d.aid and pinned.alias is None
+
+
 # -- routing ------------------------------------------------------------------------------------
 def test_critical_requests_and_rules_are_served_by_the_base(deployment):
     d = deployment
