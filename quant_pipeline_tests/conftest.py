@@ -62,6 +62,18 @@ def tiny_settings(tmp_path, tiny_llama) -> AuditSettings:
 
 
 @pytest.fixture
+def lenient_policy(tmp_path) -> Path:
+    """A random tiny model has no skill to lose; these tolerances let the gate pass so approval runs."""
+    path = tmp_path / "lenient.yaml"
+    path.write_text(
+        "name: lenient-test\ntolerances:\n"
+        "  acc: {direction: higher_is_better, mode: absolute, tolerance: 1.0}\n"
+        "  word_perplexity: {direction: lower_is_better, mode: relative, tolerance: 10.0}\n"
+    )
+    return path
+
+
+@pytest.fixture
 def instance(tmp_path):
     (tmp_path / "dagster_home").mkdir()
     with dg.instance_for_test(temp_dir=str(tmp_path / "dagster_home")) as inst:

@@ -25,16 +25,6 @@ def materialized(result) -> dict:
     return out
 
 
-@pytest.fixture
-def lenient_policy(tmp_path) -> Path:
-    """A random tiny model has no skill to lose; these tolerances let the gate pass so approval runs."""
-    path = tmp_path / "lenient.yaml"
-    path.write_text(
-        "name: lenient-test\ntolerances:\n"
-        "  acc: {direction: higher_is_better, mode: absolute, tolerance: 1.0}\n"
-        "  word_perplexity: {direction: lower_is_better, mode: relative, tolerance: 10.0}\n"
-    )
-    return path
 
 
 def test_full_audit_records_every_stage_in_dagster_and_mlflow(tiny_settings, mlflow_tracker, instance, lenient_policy):

@@ -158,16 +158,6 @@ def test_dagster_dev_loads_the_code_location_with_every_stage(tmp_path):
 
 
 # -- mlflow server ---------------------------------------------------------------------------
-@pytest.fixture
-def lenient_policy(tmp_path) -> Path:
-    """A random tiny model has no skill to lose; these tolerances let the gate pass so approval runs."""
-    path = tmp_path / "lenient.yaml"
-    path.write_text(
-        "name: lenient-test\ntolerances:\n"
-        "  acc: {direction: higher_is_better, mode: absolute, tolerance: 1.0}\n"
-        "  word_perplexity: {direction: lower_is_better, mode: relative, tolerance: 10.0}\n"
-    )
-    return path
 
 
 def test_mlflow_server_shows_audit_runs_metrics_and_registered_version(tmp_path, tiny_settings, mlflow_tracker, instance, lenient_policy):
