@@ -57,6 +57,38 @@ def bench_slices(model, tokenizer, limit: int | None) -> list[dict]:
     return rows
 
 
+def serving_overhead(tracker, store: Path, artifact: dict, requests: int = 20, max_new_tokens: int = 32) -> str:
+    """p50/p95 latency of `Server.generate` (provenance JSONL + MLflow trace) vs `greedy_generate`."""
+    import statistics
+
+    from quant_pipeline.eval_results import GENERATION_FILE, load_model, read_jsonl
+    from quant_pipeline.serving import Server, greedy_generate
+
+    prompts = [i["prompt"] for i in read_jsonl(GENERATION_FILE) if i["slice"] in ("should_not_refuse", "json_format")][:requests]
+    server = Server(tracker, artifact["model_name"], ref=artifact["artifact_id"], store_dir=store)
+    model, tokenizer = load_model(Path(artifact["path"]))
+    greedy_generate(model, tokenizer, prompts[0], max_new_tokens)  # warm-up, both paths
+    server.generate(prompts[0], max_new_tokens)
+    bare, logged = [], []
+    for prompt in prompts:  # interleaved, so machine noise hits both alike
+        t0 = time.perf_counter()
+        greedy_generate(model, tokenizer, prompt, max_new_tokens)
+        bare.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        server.generate(prompt, max_new_tokens)
+        logged.append(time.perf_counter() - t0)
+
+    def pct(xs, q):
+        return statistics.quantiles(xs, n=100, method="inclusive")[q - 1]
+
+    return (
+        f"{requests} requests, {max_new_tokens} new tokens max\n"
+        f"bare    p50 {statistics.median(bare):.3f} s  p95 {pct(bare, 95):.3f} s\n"
+        f"logged  p50 {statistics.median(logged):.3f} s  p95 {pct(logged, 95):.3f} s\n"
+        f"ratio   p50 {statistics.median(logged) / statistics.median(bare):.3f}  p95 {pct(logged, 95) / pct(bare, 95):.3f}  (goal <= 1.05 at p50)"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="quant_pipeline.bench")
     parser.add_argument("--eval-limit", type=int, default=None, help="items per eval task")
@@ -118,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
             ratio = f"{row['ratio']:.2f}" if row["ratio"] else "n/a"
             bare = f"{row['bare']:.1f}" if row["bare"] else "n/a"
             print(f"{label:<10} {row['slice']:<18} {row['items']:>5} {row['seconds']:>8.1f} {row['tps']:>8.1f} {bare:>15} {ratio:>6}")
+    print("\n== serving overhead: logged requests vs the bare generate call (same artifact) ==")
+    print(serving_overhead(tracker, work / "store", artifact))
     return 0 if result.success else 1
 
 

@@ -42,6 +42,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from quant_pipeline.behaviour import first_divergence
 from quant_pipeline.errors import AuditInputError
 from quant_pipeline.storage import RECORD_FILE, diff_hashes, file_hashes, tree_hash
 from quant_pipeline.tracking import MlflowTracker
@@ -137,27 +138,14 @@ def log_registered_pyfunc(
 
 # -- generation ---------------------------------------------------------------------------------
 def greedy_generate(model, tokenizer, prompt: str, max_new_tokens: int, seed: int = 0) -> dict:
-    """One prompt, greedy (as the audit's `generate_greedy` with batch size 1, so no padding)."""
+    """One prompt, greedy: the audit's own `generate_greedy` with batch size 1 (no padding), so a
+    served output and its reproduction take exactly the path the evaluation took."""
     import torch
 
-    from quant_pipeline.generation import chat_text
+    from quant_pipeline.generation import generate_greedy
 
     torch.manual_seed(seed)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    enc = tokenizer([chat_text(tokenizer, prompt)], return_tensors="pt", add_special_tokens=False).to(next(model.parameters()).device)
-    with torch.inference_mode():
-        gen = model.generate(**enc, do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, pad_token_id=pad)
-    ids = gen[0, enc["input_ids"].shape[1] :].tolist()[:max_new_tokens]
-    if tokenizer.eos_token_id in ids:
-        ids = ids[: ids.index(tokenizer.eos_token_id)]
-    return {"prompt_tokens": int(enc["input_ids"].shape[1]), "output_ids": ids, "output": tokenizer.decode(ids, skip_special_tokens=True)}
-
-
-def first_divergence(a: list, b: list) -> int | None:
-    for i, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            return i
-    return None if len(a) == len(b) else min(len(a), len(b))
+    return generate_greedy(model, tokenizer, [prompt], [max_new_tokens], batch_size=1)[0]
 
 
 def _sha256(text: str) -> str:
