@@ -19,6 +19,7 @@ import pandas as pd
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from quant_pipeline.behaviour import paired_bootstrap_ci
 from quant_pipeline.errors import AuditInputError
 from quant_pipeline.settings import AuditSettings
 from quant_pipeline.signoff import record_event
@@ -82,14 +83,6 @@ def load_policy(path: Path) -> tuple[Policy, str]:
     return policy, sha256_file(path)
 
 
-def paired_bootstrap(base: np.ndarray, quant: np.ndarray, n_resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95% percentile interval of mean(quant) - mean(base), resampling items jointly."""
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(base), size=(n_resamples, len(base)))
-    deltas = quant[idx].mean(1) - base[idx].mean(1)
-    return float(np.percentile(deltas, 2.5)), float(np.percentile(deltas, 97.5))
-
-
 def paired_items(base_items: pd.DataFrame | None, quant_items: pd.DataFrame | None, category: str, metric: str) -> tuple[np.ndarray, np.ndarray] | None:
     """Per-item values of one metric for the same items on both models (the base's fixed for agreement)."""
     if quant_items is None or metric not in quant_items.columns:
@@ -116,7 +109,7 @@ def compute_deltas(base: pd.DataFrame, quantized: pd.DataFrame, policy: Policy, 
         delta = quant_value - base_value
         pairs = paired_items(base_items, quant_items, category, metric)
         n_items = len(pairs[0]) if pairs is not None else None
-        ci_low, ci_high = paired_bootstrap(*pairs) if pairs is not None and n_items else (float("nan"), float("nan"))
+        ci_low, ci_high = paired_bootstrap_ci(*pairs)[1:] if pairs is not None and n_items else (float("nan"), float("nan"))
         row = {
             "category": category, "metric": metric, "base": base_value, "quantized": quant_value, "delta": delta,
             "rel_delta": delta / abs(base_value) if base_value else float("nan"), "ci_low": ci_low, "ci_high": ci_high,

@@ -5,7 +5,8 @@ import pandas as pd
 import pytest
 import torch
 
-from quant_pipeline.delta_report import NOT_MEASURABLE, REGRESSION, WITHIN, Policy, compute_deltas, paired_bootstrap, render_html, render_markdown
+from quant_pipeline.delta_report import NOT_MEASURABLE, REGRESSION, WITHIN, Policy, compute_deltas, render_html, render_markdown
+from quant_pipeline.behaviour import paired_bootstrap_ci
 from quant_pipeline.eval_results import AGREEMENT_METRICS, add_agreement, aggregate_items, load_model, run_suite
 
 LIMIT, MAX_NEW = 3, 8
@@ -121,6 +122,6 @@ def test_paired_bootstrap_interval_contains_the_true_delta_and_collapses_for_ide
     rng = np.random.default_rng(0)
     base = rng.normal(0.0, 1.0, 400)
     quant = base + 0.3 + rng.normal(0, 0.1, 400)
-    low, high = paired_bootstrap(base, quant)
+    _, low, high = paired_bootstrap_ci(base, quant)
     assert low < 0.3 < high and high - low < 0.1  # pairing removes the between-item variance
-    assert paired_bootstrap(base, base) == (0.0, 0.0)
+    assert paired_bootstrap_ci(base, base)[1:] == (0.0, 0.0)
