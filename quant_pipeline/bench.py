@@ -129,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
         print(summarize(result))
         lines = calibration.read_text().splitlines()
         calibration.write_text("\n".join(reversed(lines)) + "\n")  # same texts, other samples used
-        timed("re-audit after calibration change", CALIBRATION_STAGES)
+        reaudit = timed("re-audit after calibration change", CALIBRATION_STAGES)
+        print("\n== re-audit after a calibration change, per stage ==")
+        print(summarize(reaudit))
         policy.write_text(policy.read_text().replace("name: ", "name: changed-", 1))
         timed("re-audit after policy change", ["delta_report", "approval"])
     print("\n== incremental re-audit (same run) ==")

@@ -47,6 +47,12 @@ def run_audit(settings_overrides: dict, approver: str = "", note: str = "", inst
     )
 
 
+def _parts(md: dict) -> str:
+    """Seconds per part of an eval stage (harness, behaviour, bias, latency, reference/agreement)."""
+    parts = md.get("part_seconds") or {}
+    return " ".join(f"{k.removesuffix('_seconds')} {v:.0f}s" for k, v in parts.items()) or f"reused from {md.get('reused_from_run')}"
+
+
 def summarize(result) -> str:
     """A plain-text table of what each stage found, for the terminal."""
     lines = [f"{'stage':<24} {'seconds':>8} {'peak MB':>8}  result", "-" * 78]
@@ -60,8 +66,8 @@ def summarize(result) -> str:
             "calibration_set": lambda: f"{md.get('samples')} samples, hash {str(md.get('content_hash'))[:12]}",
             "runtime_environment": lambda: f"torch {md.get('lib/torch')}, {md.get('cpu')}"[:60],
             "quantized_artifact": lambda: f"{md.get('artifact_id')} {md.get('size_mb')} MB ({md.get('size_vs_base')} of base)",
-            "base_eval_results": lambda: f"{md.get('rows')} metrics, {md.get('eval_tokens_per_second')} tok/s",
-            "quantized_eval_results": lambda: f"{md.get('rows')} metrics, {md.get('eval_tokens_per_second')} tok/s",
+            "base_eval_results": lambda: f"{md.get('rows')} metrics, {md.get('eval_tokens_per_second')} tok/s; {_parts(md)}",
+            "quantized_eval_results": lambda: f"{md.get('rows')} metrics, {md.get('eval_tokens_per_second')} tok/s; {_parts(md)}",
             "delta_report": lambda: f"{'PASS' if md.get('passed') else 'FAIL'}: {md.get('slices') - md.get('slices_failed')}/{md.get('slices')} slices within tolerance",
             "approval": lambda: f"{md.get('decision')} ({md.get('registry')})",
             "audit_report": lambda: f"report {md.get('html')}, ML-BOM {md.get('mlbom')}",

@@ -6,8 +6,10 @@ Three parts, all on the already-loaded model:
 - our behaviour runner (greedy, fixed seed): JSON format, tool calls, refusal and over-refusal,
   long-form drift, toxicity and PII in outputs, paired bias probes;
 - cost: load and generation peak memory, per-request latency percentiles, tokens per second.
-The quantized model's run also measures agreement with the base (top-1 next-token agreement, KL
-divergence, identical generations, first divergence) on the same inputs.
+The base run also stores its final hidden states on its own probe texts (hash-recorded), so the
+quantized run measures exact agreement with the base (top-1 next-token agreement, KL divergence,
+identical generations, first divergence) by applying the base's output embeddings to them, without
+running the base model again: a calibration re-audit runs only the quantized model's forwards.
 
 Results are keyed by (model hash, suite hash, runtime hash, limits): identical inputs reuse the
 stored tables instead of re-running the model.
@@ -22,10 +24,11 @@ import dagster as dg
 import pandas as pd
 
 from quant_pipeline import behaviour
-from quant_pipeline.generation import agreement, chat_text, generate_greedy, latency_probe, sequence_logprob
+from quant_pipeline.errors import AuditInputError
+from quant_pipeline.generation import agreement_with_reference, chat_text, generate_greedy, latency_probe, reference_states, sequence_logprob
 from quant_pipeline.perf import StageMeter
 from quant_pipeline.settings import EVALS_DIR, AuditSettings
-from quant_pipeline.storage import canonical_hash, hash_directory, write_json_atomic
+from quant_pipeline.storage import canonical_hash, hash_directory, sha256_file, write_json_atomic
 from quant_pipeline.tracking import MlflowTracker
 
 TASK_CATEGORY = {
@@ -188,35 +191,57 @@ def aggregate_items(items: pd.DataFrame, label: str) -> list[dict]:
 
 def run_suite(model, tokenizer, label: str, limit: int | None = None, batch_size: int = 8, max_new_tokens: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Every part of the suite on one loaded model: (metric table, per-item table, stats)."""
+    parts, t0 = {}, time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal t0
+        parts[f"{name}_seconds"] = round(time.perf_counter() - t0, 2)
+        t0 = time.perf_counter()
+
     harness_rows, harness_items, stats = run_harness(model, tokenizer, label, limit, batch_size)
+    lap("harness")
     behaviour_items, gen_stats = run_behaviour(model, tokenizer, label, limit, max_new_tokens, batch_size)
+    lap("behaviour")
     bias_items = run_bias(model, tokenizer, label, limit)
+    lap("bias")
     probes = [i["prompt"] for i in limited(read_jsonl(GENERATION_FILE), "slice", 2)][:LATENCY_REQUESTS]
     latency = latency_probe(model, tokenizer, probes, max_new_tokens=min(32, max_new_tokens or 32))
+    lap("latency")
     items = pd.DataFrame(harness_items + behaviour_items + bias_items)
     cost = {**{k: latency[k] for k in ("latency_p50_s", "latency_p95_s", "latency_p99_s", "tokens_per_second")}, "generation_peak_rss_mb": round(gen_stats["generation_peak_rss_mb"], 1)}
     rows = harness_rows + aggregate_items(items.drop(columns=["acc", "acc_norm"], errors="ignore"), label)
     rows += [{"model": label, "task": "qp_cost", "category": "cost", "metric": k, "value": float(v), "stderr": float("nan")} for k, v in cost.items()]
-    return pd.DataFrame(rows, columns=RESULT_COLUMNS), items, {**stats, **cost, "latency_requests": latency["requests"]}
+    return pd.DataFrame(rows, columns=RESULT_COLUMNS), items, {**stats, **cost, "latency_requests": latency["requests"], "part_seconds": parts}
 
 
-def add_agreement(items: pd.DataFrame, base_items: pd.DataFrame, base_model, quant_model, tokenizer, batch_size: int) -> pd.DataFrame:
+def with_reference(items: pd.DataFrame, model, tokenizer, batch_size: int) -> tuple[pd.DataFrame, dict]:
+    """The base's final hidden states on its own probe texts (MC question + answer, held-out text, prompt
+    + the base's generation), and the items with `ref_index` pointing into them (-1: no probe)."""
+    has_probe = items["probe_text"].map(lambda t: isinstance(t, str) and bool(t)) if "probe_text" in items else pd.Series(False, index=items.index)
+    items = items.copy()
+    items["ref_index"] = -1
+    items.loc[has_probe, "ref_index"] = range(int(has_probe.sum()))
+    reference = reference_states(model, tokenizer, items.loc[has_probe, "probe_text"].tolist(), batch_size=batch_size)
+    return items, reference
+
+
+def add_agreement(items: pd.DataFrame, base_items: pd.DataFrame, reference: dict, base_head, quant_model, batch_size: int) -> pd.DataFrame:
     """Agreement of the quantized model with the base, per item, on the base's own text.
 
-    Teacher-forced on the same inputs (MC question + answer, held-out text, prompt + the base's
-    generation) for top-1 and KL; generated token ids compared for identity and first divergence."""
+    Teacher-forced on the same tokens for top-1 and KL (the base's side recomputed from its stored
+    hidden states through its output embeddings); generated token ids
+    compared for identity and first divergence."""
     base = base_items.set_index(["category", "item_id"])
-    keys = [(r.category, r.item_id) for r in items.itertuples() if (r.category, r.item_id) in base.index and isinstance(base.loc[(r.category, r.item_id), "probe_text"], str) and base.loc[(r.category, r.item_id), "probe_text"]]
-    texts = [base.loc[k, "probe_text"] for k in keys]
-    scores = dict(zip(keys, agreement(base_model, quant_model, tokenizer, texts, batch_size=batch_size)))
+    scores = agreement_with_reference(base_head, quant_model, reference, batch_size=batch_size)
+    by_key = {key: scores[int(i)] for key, i in base["ref_index"].items() if i >= 0}
     items = items.copy()
     for col in AGREEMENT_METRICS + ["first_divergence"]:
         items[col] = float("nan")
     for idx, r in items.iterrows():
         key = (r["category"], r["item_id"])
-        if key in scores:
-            items.loc[idx, "top1_agreement"] = scores[key]["top1_agreement"]
-            items.loc[idx, "kl_divergence"] = scores[key]["kl_divergence"]
+        if key in by_key:
+            items.loc[idx, "top1_agreement"] = by_key[key]["top1_agreement"]
+            items.loc[idx, "kl_divergence"] = by_key[key]["kl_divergence"]
         if r["task"] == "qp_behaviour" and key in base.index:
             ref, out = list(base.loc[key, "output_ids"]), list(r["output_ids"])
             div = behaviour.first_divergence(ref, out)
@@ -226,10 +251,20 @@ def add_agreement(items: pd.DataFrame, base_items: pd.DataFrame, base_model, qua
     return items
 
 
+def load_reference(base_eval: dict) -> dict:
+    """The base's stored hidden states, verified against the hash its evaluation recorded."""
+    from safetensors.torch import load_file
+
+    path = Path(base_eval["reference_path"])
+    if not path.exists() or sha256_file(path) != base_eval["reference_sha256"]:
+        raise AuditInputError(f"{path} does not match the hash recorded by base evaluation {base_eval['key']}: re-materialize base_eval_results")
+    return load_file(path)
+
+
 def evaluate_checkpoint(context: dg.AssetExecutionContext, settings: AuditSettings, mlflow: MlflowTracker, *, label: str, model_name: str, model_path: str, model_hash: str, runtime_hash: str, tags: dict, base_eval: dict | None = None, base_path: str | None = None) -> dg.MaterializeResult:
     """Evaluate one checkpoint (or reuse an identical earlier evaluation) and log it."""
     suite = suite_hash()
-    key = canonical_hash({"model": model_hash, "suite": suite, "runtime": runtime_hash, "limit": settings.eval_limit, "max_new_tokens": settings.eval_max_new_tokens, "base": base_eval and base_eval["key"]})[:16]
+    key = canonical_hash({"model": model_hash, "suite": suite, "runtime": runtime_hash, "limit": settings.eval_limit, "max_new_tokens": settings.eval_max_new_tokens, "base": base_eval and base_eval["key"], "reference": "hidden_states"})[:16]
     out_dir = settings.store / "evals" / key
     reused_from = None
     force = context.run.tags.get("quant_pipeline/force_reeval") == "true"  # the periodic re-audit
@@ -248,19 +283,31 @@ def evaluate_checkpoint(context: dg.AssetExecutionContext, settings: AuditSettin
             stats.pop("request_texts")
             load_row = {"model": label, "task": "qp_cost", "category": "cost", "metric": "load_peak_rss_mb", "value": round(load_meter.peak_rss_mb, 1), "stderr": float("nan")}
             results = pd.concat([results, pd.DataFrame([load_row])], ignore_index=True)
-            if base_eval is not None:
-                base_model, _ = load_model(Path(base_path), settings.trust_remote_code)
-                items = add_agreement(items, pd.read_parquet(base_eval["items_path"]), base_model, model, tokenizer, settings.eval_batch_size)
-                del base_model
-                results = pd.concat([results, pd.DataFrame(aggregate_items(items[["task", "category", *AGREEMENT_METRICS]].assign(model=label), label))], ignore_index=True)
             out_dir.mkdir(parents=True, exist_ok=True)
+            if base_eval is None:  # the reference every quantized variant's agreement is measured against
+                from safetensors.torch import save_file
+
+                t0 = time.perf_counter()
+                items, reference = with_reference(items, model, tokenizer, settings.eval_batch_size)
+                stats["part_seconds"]["reference_seconds"] = round(time.perf_counter() - t0, 2)
+                save_file(reference, out_dir / ".reference.safetensors.tmp")
+                os.replace(out_dir / ".reference.safetensors.tmp", out_dir / "reference.safetensors")
+                stats["reference_sha256"] = sha256_file(out_dir / "reference.safetensors")
+            else:
+                t0 = time.perf_counter()
+                base_model, _ = load_model(Path(base_path), settings.trust_remote_code)  # its output embeddings only: no forward pass
+                items = add_agreement(items, pd.read_parquet(base_eval["items_path"]), load_reference(base_eval), base_model.get_output_embeddings(), model, settings.eval_batch_size)
+                del base_model
+                stats["agreement_reference_sha256"] = base_eval["reference_sha256"]
+                stats["part_seconds"]["agreement_seconds"] = round(time.perf_counter() - t0, 2)
+                results = pd.concat([results, pd.DataFrame(aggregate_items(items[["task", "category", *AGREEMENT_METRICS]].assign(model=label), label))], ignore_index=True)
             for name, table in (("results.parquet", results), ("items.parquet", items)):
                 table.to_parquet(out_dir / f".{name}.tmp")
                 os.replace(out_dir / f".{name}.tmp", out_dir / name)
             record = {"key": key, "model_hash": model_hash, "suite_hash": suite, "runtime_hash": runtime_hash, "limit": settings.eval_limit, "label": label, "dagster_run_id": context.run.run_id, **stats}
             write_json_atomic(out_dir / "record.json", record)
     results = pd.read_parquet(out_dir / "results.parquet")
-    record = {**record, "results_path": str(out_dir / "results.parquet"), "items_path": str(out_dir / "items.parquet"), "reused_from_run": reused_from, "perf": meter.metadata()}
+    record = {**record, "results_path": str(out_dir / "results.parquet"), "items_path": str(out_dir / "items.parquet"), "reference_path": str(out_dir / "reference.safetensors"), "reused_from_run": reused_from, "perf": meter.metadata()}
     with mlflow.stage_run(model_name, f"{label}_eval_results", {"dagster_run_id": context.run.run_id, "suite_hash": suite, **tags}) as run:
         run.log_params({"suite_hash": suite, "limit": settings.eval_limit, "reused_from_run": reused_from})
         run.log_metrics({f"{r.metric}/{r.category}": r.value for r in results.itertuples()} | {k: record[k] for k in ("eval_seconds", "eval_tokens", "eval_tokens_per_second")} | meter.metadata())
@@ -275,6 +322,7 @@ def evaluate_checkpoint(context: dg.AssetExecutionContext, settings: AuditSettin
             "reused_from_run": reused_from or "no (evaluated in this run)",
             "eval_tokens_per_second": record["eval_tokens_per_second"],
             "latency_p50_s": record.get("latency_p50_s"),
+            "part_seconds": dg.MetadataValue.json({} if reused_from else record.get("part_seconds", {})),
             "path": dg.MetadataValue.path(str(out_dir)),
             **meter.metadata(),
             **run.metadata(),

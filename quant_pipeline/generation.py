@@ -85,23 +85,62 @@ def sequence_logprob(model, tokenizer, texts: list[str], batch_size: int = 8) ->
     return out
 
 
-def agreement(base_model, quant_model, tokenizer, texts: list[str], max_tokens: int = 128, batch_size: int = 8) -> list[dict]:
-    """Per text: next-token top-1 agreement and mean KL(base || quantized) over its positions."""
-    out = []
+def reference_states(model, tokenizer, texts: list[str], max_tokens: int = 128, batch_size: int = 8) -> dict[str, torch.Tensor]:
+    """The base model's final hidden states on `texts`: what its exact next-token distributions are
+    recomputed from (logits = output embeddings of the last hidden state) without re-running it.
+
+    Hidden states are vocab/hidden times smaller than the log-probs (85x for SmolLM2). Returns flat
+    tensors (a safetensors file's worth): every text's token ids, each text's offset, the states."""
+    ids_all, states, offsets = [], [], [0]
+    head = model.get_output_embeddings()
     side = tokenizer.padding_side
     tokenizer.padding_side = "right"
     try:
         for start in range(0, len(texts), batch_size):
-            enc = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=max_tokens)
-            mask = enc["attention_mask"].bool()
+            enc = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=max_tokens).to(_device(model))
             with torch.inference_mode():
-                lb = torch.log_softmax(base_model(**enc.to(_device(base_model))).logits.float().cpu(), -1)
-                lq = torch.log_softmax(quant_model(**enc.to(_device(quant_model))).logits.float().cpu(), -1)
-            kl = (lb.exp() * (lb - lq)).sum(-1)
-            top1 = (lb.argmax(-1) == lq.argmax(-1)).float()
-            for row in range(lb.shape[0]):
-                m = mask[row]
-                out.append({"top1_agreement": top1[row][m].mean().item(), "kl_divergence": max(kl[row][m].mean().item(), 0.0)})
+                out = model(**enc, output_hidden_states=True)
+                hidden = out.hidden_states[-1]
+                if not torch.allclose(head(hidden).float(), out.logits.float(), atol=1e-4):
+                    raise ValueError(f"{type(model).__name__}: logits are not the output embeddings of the last hidden state, so agreement cannot be measured from stored states")
+            for row in range(hidden.shape[0]):
+                m = enc["attention_mask"][row].bool()
+                ids_all.append(enc["input_ids"][row][m].cpu())
+                states.append(hidden[row][m].float().cpu())
+                offsets.append(offsets[-1] + int(m.sum()))
     finally:
         tokenizer.padding_side = side
+    width = model.config.get_text_config().hidden_size
+    return {
+        "input_ids": torch.cat(ids_all).to(torch.int64) if ids_all else torch.zeros(0, dtype=torch.int64),
+        "offsets": torch.tensor(offsets, dtype=torch.int64),
+        "hidden_states": torch.cat(states) if states else torch.zeros(0, width),
+    }
+
+
+def agreement_with_reference(base_head, model, reference: dict[str, torch.Tensor], batch_size: int = 8) -> list[dict]:
+    """Per reference text: next-token top-1 agreement and mean KL(base || model) over its positions.
+
+    The base's distributions come from its stored final hidden states through its own output
+    embeddings (`base_head`), so both figures are exact; only `model` runs a forward pass."""
+    offsets = reference["offsets"].tolist()
+    dev = _device(model)
+    out = []
+    for start in range(0, len(offsets) - 1, batch_size):
+        spans = [(offsets[i], offsets[i + 1]) for i in range(start, min(start + batch_size, len(offsets) - 1))]
+        width = max(b - a for a, b in spans)
+        ids = torch.zeros(len(spans), width, dtype=torch.int64)
+        mask = torch.zeros(len(spans), width, dtype=torch.int64)
+        for row, (a, b) in enumerate(spans):
+            ids[row, : b - a] = reference["input_ids"][a:b]
+            mask[row, : b - a] = 1
+        with torch.inference_mode():
+            lq_all = torch.log_softmax(model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float().cpu(), -1)
+            for row, (a, b) in enumerate(spans):
+                hidden = reference["hidden_states"][a:b].to(base_head.weight.device, base_head.weight.dtype)
+                lb = torch.log_softmax(base_head(hidden).float().cpu(), -1)
+                lq = lq_all[row, : b - a]
+                kl = (lb.exp() * (lb - lq)).sum(-1)
+                top1 = (lb.argmax(-1) == lq.argmax(-1)).float()
+                out.append({"top1_agreement": top1.mean().item(), "kl_divergence": max(kl.mean().item(), 0.0)})
     return out

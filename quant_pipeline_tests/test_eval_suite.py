@@ -4,10 +4,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from quant_pipeline.delta_report import NOT_MEASURABLE, REGRESSION, WITHIN, Policy, compute_deltas, render_html, render_markdown
 from quant_pipeline.behaviour import paired_bootstrap_ci
-from quant_pipeline.eval_results import AGREEMENT_METRICS, add_agreement, aggregate_items, load_model, run_suite
+from quant_pipeline.eval_results import AGREEMENT_METRICS, add_agreement, aggregate_items, load_model, load_reference, run_suite, with_reference
+from quant_pipeline.errors import AuditInputError
+from quant_pipeline.storage import sha256_file
+from quant_pipeline.generation import agreement_with_reference, reference_states
 
 LIMIT, MAX_NEW = 3, 8
 AGREEMENT_POLICY = Policy.model_validate({
@@ -28,7 +32,8 @@ def tiny_suite(tiny_llama):
 
 
 def with_agreement(results, items, base_items, base_model, other_model, tokenizer, label):
-    items = add_agreement(items.assign(model=label), base_items, base_model, other_model, tokenizer, batch_size=4)
+    base_items, reference = with_reference(base_items, base_model, tokenizer, batch_size=4)
+    items = add_agreement(items.assign(model=label), base_items, reference, base_model.get_output_embeddings(), other_model, batch_size=4)
     agree = pd.DataFrame(aggregate_items(items[["task", "category", *AGREEMENT_METRICS]].assign(model=label), label))
     return pd.concat([results.assign(model=label), agree], ignore_index=True), items
 
@@ -87,6 +92,39 @@ def test_noise_damaged_copy_fails_the_slices_it_damages_and_the_gate_everywhere(
     assert "FAIL" in md and "Regression beyond tolerance" in md
     page = render_html(deltas, md, results, quant_results, {"base_mb": 27.0, "quantized_mb": 27.0})
     assert page.count("data:image/png;base64,") == 2
+
+
+def test_agreement_from_stored_base_states_equals_running_both_models(tiny_suite, tiny_llama):
+    model, tokenizer, _, items, _ = tiny_suite
+    damaged, _ = load_model(tiny_llama)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, p in damaged.named_parameters():
+            if "layers" in name and p.dim() == 2:
+                p.add_(torch.randn_like(p) * p.std() * 0.5)
+    texts = [t for t in items["probe_text"] if isinstance(t, str) and t][:6]
+    path = tiny_llama.parent / "reference.safetensors"
+    save_file(reference_states(model, tokenizer, texts, batch_size=4), path)  # through storage, as the pipeline does
+    stored = agreement_with_reference(model.get_output_embeddings(), damaged, load_file(path), batch_size=4)
+    for text, got in zip(texts, stored):
+        enc = tokenizer(text, return_tensors="pt", truncation=True, max_length=128)
+        with torch.inference_mode():
+            lb = torch.log_softmax(model(**enc).logits.float(), -1)[0]
+            lq = torch.log_softmax(damaged(**enc).logits.float(), -1)[0]
+        assert got["kl_divergence"] == pytest.approx((lb.exp() * (lb - lq)).sum(-1).mean().item(), rel=1e-4, abs=1e-6)
+        assert got["kl_divergence"] > 1e-4
+        assert got["top1_agreement"] == pytest.approx((lb.argmax(-1) == lq.argmax(-1)).float().mean().item())
+def test_a_changed_stored_base_reference_is_refused_with_the_file_named(tmp_path):
+    path = tmp_path / "reference.safetensors"
+    save_file({"input_ids": torch.arange(4), "offsets": torch.tensor([0, 4]), "hidden_states": torch.zeros(4, 8)}, path)
+    record = {"key": "k", "reference_path": str(path), "reference_sha256": sha256_file(path)}
+    assert load_reference(record)["hidden_states"].shape == (4, 8)
+    save_file({"input_ids": torch.arange(4), "offsets": torch.tensor([0, 4]), "hidden_states": torch.ones(4, 8)}, path)
+    with pytest.raises(AuditInputError, match=f"{path}.*re-materialize base_eval_results"):
+        load_reference(record)
+    path.unlink()
+    with pytest.raises(AuditInputError, match="reference.safetensors"):
+        load_reference(record)
 
 
 def _items(category: str, metric: str, values: list[float], model: str) -> pd.DataFrame:

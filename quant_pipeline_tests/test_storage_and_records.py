@@ -107,3 +107,22 @@ def test_a_missing_quantized_measurement_fails_its_slice():
     policy = Policy.model_validate({"name": "p", "tolerances": {"acc": {"direction": "higher_is_better", "tolerance": 0.05}}})
     deltas = compute_deltas(_table({("facts", "acc"): 0.5}), _table({("other", "acc"): 0.5}), policy)
     assert not deltas.set_index("category").loc["facts", "passed"]
+
+
+def test_grouping_layers_that_share_an_input_quantizes_to_the_same_bytes(tiny_llama, tmp_path, monkeypatch):
+    """q/k/v (and gate/up) read one input, so one calibration pass per group gives each the same
+    Hessian as a pass per layer: the packed weights must be identical, only faster to produce."""
+    from quant_pipeline import quantized_artifact
+    from quant_pipeline.calibration_set import load_calibration_texts
+    from quant_pipeline.settings import DEFAULT_CALIBRATION
+
+    from .conftest import TINY_RECIPE
+
+    texts = load_calibration_texts(DEFAULT_CALIBRATION)
+    assert quantized_artifact.block_groups(tiny_llama) == quantized_artifact.LLAMA_BLOCK_GROUPS
+    quantized_artifact.quantize(tiny_llama, texts, TINY_RECIPE, tmp_path / "grouped")
+    monkeypatch.setattr(quantized_artifact, "block_groups", lambda path: None)  # one pass per linear layer
+    quantized_artifact.quantize(tiny_llama, texts, TINY_RECIPE, tmp_path / "per_layer")
+    grouped = json.loads((tmp_path / "grouped" / "config.json").read_text())["quantization_config"]
+    assert grouped["modules_in_block_to_quantize"] == quantized_artifact.LLAMA_BLOCK_GROUPS
+    assert file_hashes(tmp_path / "grouped")["model.safetensors"] == file_hashes(tmp_path / "per_layer")["model.safetensors"]
