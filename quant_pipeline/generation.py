@@ -85,36 +85,48 @@ def sequence_logprob(model, tokenizer, texts: list[str], batch_size: int = 8) ->
     return out
 
 
+def right_padded(seqs: list, pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists as one right-padded batch: (input_ids, attention_mask)."""
+    width = max(len(x) for x in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.int64)
+    mask = torch.zeros(len(seqs), width, dtype=torch.int64)
+    for row, seq in enumerate(seqs):
+        ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.int64)
+        mask[row, : len(seq)] = 1
+    return ids, mask
+
+
+def _by_length(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices in batches of similar length, so little of each forward pass is spent on padding."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
 def reference_states(model, tokenizer, texts: list[str], max_tokens: int = 128, batch_size: int = 8) -> dict[str, torch.Tensor]:
     """The base model's final hidden states on `texts`: what its exact next-token distributions are
     recomputed from (logits = output embeddings of the last hidden state) without re-running it.
 
-    Hidden states are vocab/hidden times smaller than the log-probs (85x for SmolLM2). Returns flat
-    tensors (a safetensors file's worth): every text's token ids, each text's offset, the states."""
-    ids_all, states, offsets = [], [], [0]
-    head = model.get_output_embeddings()
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "right"
-    try:
-        for start in range(0, len(texts), batch_size):
-            enc = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=max_tokens).to(_device(model))
-            with torch.inference_mode():
-                out = model(**enc, output_hidden_states=True)
-                hidden = out.hidden_states[-1]
-                if not torch.allclose(head(hidden).float(), out.logits.float(), atol=1e-4):
+    Hidden states are vocab/hidden times smaller than the log-probs (85x for SmolLM2), and only the
+    decoder runs here (no output layer). Returns flat tensors (a safetensors file's worth): every
+    text's token ids, each text's offset, the states."""
+    encoded = [tokenizer(t, truncation=True, max_length=max_tokens)["input_ids"] for t in texts]
+    states: list[torch.Tensor | None] = [None] * len(texts)
+    decoder, dev = model.get_decoder(), _device(model)
+    for n, idx in enumerate(_by_length([len(e) for e in encoded], batch_size)):
+        ids, mask = right_padded([encoded[i] for i in idx])
+        with torch.inference_mode():
+            hidden = decoder(input_ids=ids.to(dev), attention_mask=mask.to(dev)).last_hidden_state
+            if n == 0:  # the premise of storing states: the model's logits are its output layer applied to them
+                logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits
+                if not torch.allclose(model.get_output_embeddings()(hidden).float(), logits.float(), atol=1e-4):
                     raise ValueError(f"{type(model).__name__}: logits are not the output embeddings of the last hidden state, so agreement cannot be measured from stored states")
-            for row in range(hidden.shape[0]):
-                m = enc["attention_mask"][row].bool()
-                ids_all.append(enc["input_ids"][row][m].cpu())
-                states.append(hidden[row][m].float().cpu())
-                offsets.append(offsets[-1] + int(m.sum()))
-    finally:
-        tokenizer.padding_side = side
+        for row, i in enumerate(idx):
+            states[i] = hidden[row, : len(encoded[i])].float().cpu()
     width = model.config.get_text_config().hidden_size
     return {
-        "input_ids": torch.cat(ids_all).to(torch.int64) if ids_all else torch.zeros(0, dtype=torch.int64),
-        "offsets": torch.tensor(offsets, dtype=torch.int64),
-        "hidden_states": torch.cat(states) if states else torch.zeros(0, width),
+        "input_ids": torch.tensor([t for e in encoded for t in e], dtype=torch.int64),
+        "offsets": torch.tensor([0] + [len(e) for e in encoded], dtype=torch.int64).cumsum(0),
+        "hidden_states": torch.cat(states) if states else torch.zeros(0, width),  # type: ignore[arg-type]
     }
 
 
@@ -124,23 +136,19 @@ def agreement_with_reference(base_head, model, reference: dict[str, torch.Tensor
     The base's distributions come from its stored final hidden states through its own output
     embeddings (`base_head`), so both figures are exact; only `model` runs a forward pass."""
     offsets = reference["offsets"].tolist()
+    spans = list(zip(offsets[:-1], offsets[1:]))
     dev = _device(model)
-    out = []
-    for start in range(0, len(offsets) - 1, batch_size):
-        spans = [(offsets[i], offsets[i + 1]) for i in range(start, min(start + batch_size, len(offsets) - 1))]
-        width = max(b - a for a, b in spans)
-        ids = torch.zeros(len(spans), width, dtype=torch.int64)
-        mask = torch.zeros(len(spans), width, dtype=torch.int64)
-        for row, (a, b) in enumerate(spans):
-            ids[row, : b - a] = reference["input_ids"][a:b]
-            mask[row, : b - a] = 1
+    out: list[dict | None] = [None] * len(spans)
+    for idx in _by_length([b - a for a, b in spans], batch_size):
+        ids, mask = right_padded([reference["input_ids"][spans[i][0] : spans[i][1]] for i in idx])
         with torch.inference_mode():
             lq_all = torch.log_softmax(model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float().cpu(), -1)
-            for row, (a, b) in enumerate(spans):
+            for row, i in enumerate(idx):
+                a, b = spans[i]
                 hidden = reference["hidden_states"][a:b].to(base_head.weight.device, base_head.weight.dtype)
                 lb = torch.log_softmax(base_head(hidden).float().cpu(), -1)
                 lq = lq_all[row, : b - a]
                 kl = (lb.exp() * (lb - lq)).sum(-1)
                 top1 = (lb.argmax(-1) == lq.argmax(-1)).float()
-                out.append({"top1_agreement": top1.mean().item(), "kl_divergence": max(kl.mean().item(), 0.0)})
-    return out
+                out[i] = {"top1_agreement": top1.mean().item(), "kl_divergence": max(kl.mean().item(), 0.0)}
+    return out  # type: ignore[return-value]

@@ -269,29 +269,13 @@ class ModelResolver:
         self.known = {r["artifact_id"]: r for r in known_refs}
 
     def alias_version(self, alias: str):
-        """The version an alias points at (None if the alias does not exist)."""
-        try:
-            return self.client.get_model_version_by_alias(self.model_name, alias)
-        except MlflowException as e:
-            if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
-                return None
-            raise
+        return self.tracker.alias_model_version(self.model_name, alias)
 
     def version_of(self, artifact_id: str):
-        try:
-            found = self.client.search_model_versions(f"name='{self.model_name}' and tag.artifact_id='{artifact_id}'")
-        except MlflowException:
-            return None
-        return found[0] if found else None
+        return self.tracker.model_version(self.model_name, artifact_id)
 
     def base_version(self, base_hash: str | None):
-        try:
-            found = self.client.search_model_versions(f"name='{self.model_name}' and tag.kind='base'")
-        except MlflowException:
-            return None
-        found = sorted(found, key=lambda v: int(v.version), reverse=True)  # newest first
-        same = [v for v in found if base_hash and v.tags.get("content_hash") == base_hash]
-        return (same or found or [None])[0]
+        return self.tracker.base_model_version(self.model_name, base_hash)
 
     def resolve(self, ref: str) -> tuple[Resolved, str | None]:
         """(what `ref` names now, the alias followed or None)."""

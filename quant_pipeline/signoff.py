@@ -148,5 +148,5 @@ def version_artifact(tracker: MlflowTracker, model_name: str, version: str) -> s
 
 
 def base_version(tracker: MlflowTracker, model_name: str) -> str | None:
-    found = tracker.client().search_model_versions(f"name='{model_name}' and tag.kind='base'")
-    return found[0].version if found else None
+    mv = tracker.base_model_version(model_name)
+    return mv.version if mv else None

@@ -111,13 +111,36 @@ class MlflowTracker(dg.ConfigurableResource):
         mv = client.create_model_version(model_name, source=source, run_id=run_id, tags={k: str(v) for k, v in tags.items()})
         return mv.version
 
-    def find_version(self, model_name: str, artifact_id: str) -> str | None:
-        client = self.client()
+    def model_version(self, model_name: str, artifact_id: str):
+        """The registry version holding `artifact_id` (None if there is none)."""
         try:
-            found = client.search_model_versions(f"name='{model_name}' and tag.artifact_id='{artifact_id}'")
+            found = self.client().search_model_versions(f"name='{model_name}' and tag.artifact_id='{artifact_id}'")
         except MlflowException:
             return None
-        return found[0].version if found else None
+        return found[0] if found else None
+
+    def base_model_version(self, model_name: str, base_hash: str | None = None):
+        """The base model's version: the newest one with `base_hash` if given and present, else the newest."""
+        try:
+            found = self.client().search_model_versions(f"name='{model_name}' and tag.kind='base'")
+        except MlflowException:
+            return None
+        found = sorted(found, key=lambda v: int(v.version), reverse=True)
+        same = [v for v in found if base_hash and v.tags.get("content_hash") == base_hash]
+        return (same or found or [None])[0]
+
+    def alias_model_version(self, model_name: str, alias: str):
+        """The version an alias points at (None if the alias or the model does not exist)."""
+        try:
+            return self.client().get_model_version_by_alias(model_name, alias)
+        except MlflowException as e:
+            if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+                return None
+            raise  # a registry that cannot be read is not an absent alias
+
+    def find_version(self, model_name: str, artifact_id: str) -> str | None:
+        mv = self.model_version(model_name, artifact_id)
+        return mv.version if mv else None
 
     def delete_version(self, model_name: str, version: str) -> None:
         self.client().delete_model_version(model_name, version)
@@ -131,7 +154,5 @@ class MlflowTracker(dg.ConfigurableResource):
         self.client().set_registered_model_alias(model_name, alias, version)
 
     def alias_version(self, model_name: str, alias: str) -> str | None:
-        try:
-            return self.client().get_model_version_by_alias(model_name, alias).version
-        except MlflowException:
-            return None
+        mv = self.alias_model_version(model_name, alias)
+        return mv.version if mv else None

@@ -38,6 +38,17 @@ def with_agreement(results, items, base_items, base_model, other_model, tokenize
     return pd.concat([results.assign(model=label), agree], ignore_index=True), items
 
 
+def noise_damaged(path, scale: float, seed: int):
+    """A copy of the model with Gaussian noise (`scale` x each matrix's std) on every block weight."""
+    damaged, _ = load_model(path)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in damaged.named_parameters():
+            if "layers" in name and p.dim() == 2:
+                p.add_(torch.randn_like(p) * p.std() * scale)
+    return damaged
+
+
 def test_suite_measures_every_slice_and_metric_family(tiny_suite):
     _, _, results, items, stats = tiny_suite
     slices = set(results["category"])
@@ -75,12 +86,7 @@ def test_model_compared_with_itself_has_zero_delta_and_full_agreement(tiny_suite
 
 def test_noise_damaged_copy_fails_the_slices_it_damages_and_the_gate_everywhere(tiny_suite, tiny_llama):
     model, tokenizer, results, items, _ = tiny_suite
-    damaged, _ = load_model(tiny_llama)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, p in damaged.named_parameters():
-            if "layers" in name and p.dim() == 2:
-                p.add_(torch.randn_like(p) * p.std() * 3)
+    damaged = noise_damaged(tiny_llama, scale=3.0, seed=1)
     quant_results, quant_items = with_agreement(results, items, items, model, damaged, tokenizer, "quantized")
     deltas = compute_deltas(results, quant_results, AGREEMENT_POLICY, items, quant_items)
     gated = deltas[deltas["mode"] != ""]
@@ -96,12 +102,7 @@ def test_noise_damaged_copy_fails_the_slices_it_damages_and_the_gate_everywhere(
 
 def test_agreement_from_stored_base_states_equals_running_both_models(tiny_suite, tiny_llama):
     model, tokenizer, _, items, _ = tiny_suite
-    damaged, _ = load_model(tiny_llama)
-    torch.manual_seed(2)
-    with torch.no_grad():
-        for name, p in damaged.named_parameters():
-            if "layers" in name and p.dim() == 2:
-                p.add_(torch.randn_like(p) * p.std() * 0.5)
+    damaged = noise_damaged(tiny_llama, scale=0.5, seed=2)
     texts = [t for t in items["probe_text"] if isinstance(t, str) and t][:6]
     path = tiny_llama.parent / "reference.safetensors"
     save_file(reference_states(model, tokenizer, texts, batch_size=4), path)  # through storage, as the pipeline does
