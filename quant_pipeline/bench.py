@@ -37,18 +37,11 @@ def bare_generate_tokens_per_second(model, tokenizer, prompts: list[str], budget
     decoding or scoring in the timed part (prompt + new tokens per second)."""
     import torch
 
-    from quant_pipeline.generation import chat_text
+    from quant_pipeline.generation import greedy_batches
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    order = sorted(range(len(prompts)), key=lambda i: (budgets[i], len(prompts[i])))
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    batches = []
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        batches.append((tokenizer([chat_text(tokenizer, prompts[i]) for i in idx], return_tensors="pt", padding=True, add_special_tokens=False), max(budgets[i] for i in idx)))
-    tokenizer.padding_side = side
     tokens, seconds = 0, 0.0
-    for enc, budget in batches:
+    for _, enc, budget in greedy_batches(tokenizer, prompts, budgets, batch_size):
         torch.manual_seed(0)
         t0 = time.perf_counter()
         with torch.inference_mode():

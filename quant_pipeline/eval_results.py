@@ -229,8 +229,8 @@ def add_agreement(items: pd.DataFrame, base_items: pd.DataFrame, reference: dict
     """Agreement of the quantized model with the base, per item, on the base's own text.
 
     Teacher-forced on the same tokens for top-1 and KL (the base's side recomputed from its stored
-    hidden states through its output embeddings); generated token ids
-    compared for identity and first divergence."""
+    hidden states through its output embeddings); generated token ids compared for identity and
+    first divergence."""
     base = base_items.set_index(["category", "item_id"])
     scores = agreement_with_reference(base_head, quant_model, reference, batch_size=batch_size)
     by_key = {key: scores[int(i)] for key, i in base["ref_index"].items() if i >= 0}
@@ -307,7 +307,7 @@ def evaluate_checkpoint(context: dg.AssetExecutionContext, settings: AuditSettin
             record = {"key": key, "model_hash": model_hash, "suite_hash": suite, "runtime_hash": runtime_hash, "limit": settings.eval_limit, "label": label, "dagster_run_id": context.run.run_id, **stats}
             write_json_atomic(out_dir / "record.json", record)
     results = pd.read_parquet(out_dir / "results.parquet")
-    record = {**record, "results_path": str(out_dir / "results.parquet"), "items_path": str(out_dir / "items.parquet"), "reference_path": str(out_dir / "reference.safetensors"), "reused_from_run": reused_from, "perf": meter.metadata()}
+    record = {**record, "results_path": str(out_dir / "results.parquet"), "items_path": str(out_dir / "items.parquet"), **({"reference_path": str(out_dir / "reference.safetensors")} if base_eval is None else {}), "reused_from_run": reused_from, "perf": meter.metadata()}
     with mlflow.stage_run(model_name, f"{label}_eval_results", {"dagster_run_id": context.run.run_id, "suite_hash": suite, **tags}) as run:
         run.log_params({"suite_hash": suite, "limit": settings.eval_limit, "reused_from_run": reused_from})
         run.log_metrics({f"{r.metric}/{r.category}": r.value for r in results.itertuples()} | {k: record[k] for k in ("eval_seconds", "eval_tokens", "eval_tokens_per_second")} | meter.metadata())

@@ -24,34 +24,42 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: list[int], batch_size: int = 8) -> list[dict]:
-    """Greedy outputs for each prompt: new token ids, text, and the batch's seconds per item.
+def greedy_batches(tokenizer, prompts: list[str], max_new_tokens: list[int], batch_size: int = 8) -> list[tuple[list[int], dict, int]]:
+    """The batches greedy generation runs: (prompt indices, left-padded encoding, token budget).
 
-    Prompts are batched (left padding) in groups of similar budget; each output is cut at its
-    own budget and at the end-of-sequence token."""
-    torch.manual_seed(0)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    Prompts are grouped by budget, then by length, so a batch wastes few steps and little padding."""
     order = sorted(range(len(prompts)), key=lambda i: (max_new_tokens[i], len(prompts[i])))
-    out: list[dict | None] = [None] * len(prompts)
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
+        batches = []
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            texts = [chat_text(tokenizer, prompts[i]) for i in idx]
-            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(_device(model))
-            budget = max(max_new_tokens[i] for i in idx)
-            t0 = time.perf_counter()
-            with torch.inference_mode():
-                gen = model.generate(**enc, do_sample=False, max_new_tokens=budget, pad_token_id=pad, num_beams=1)
-            seconds = time.perf_counter() - t0
-            for row, i in enumerate(idx):
-                ids = gen[row, enc["input_ids"].shape[1] :].tolist()[: max_new_tokens[i]]
-                if tokenizer.eos_token_id in ids:
-                    ids = ids[: ids.index(tokenizer.eos_token_id)]
-                out[i] = {"prompt_tokens": int(enc["attention_mask"][row].sum()), "output_ids": ids, "output": tokenizer.decode(ids, skip_special_tokens=True), "batch_seconds": seconds / len(idx)}
+            enc = tokenizer([chat_text(tokenizer, prompts[i]) for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+            batches.append((idx, enc, max(max_new_tokens[i] for i in idx)))
     finally:
         tokenizer.padding_side = side
+    return batches
+
+
+def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: list[int], batch_size: int = 8) -> list[dict]:
+    """Greedy outputs for each prompt: new token ids, text, and the batch's seconds per item.
+
+    Each output is cut at its own budget and at the end-of-sequence token."""
+    torch.manual_seed(0)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out: list[dict | None] = [None] * len(prompts)
+    for idx, enc, budget in greedy_batches(tokenizer, prompts, max_new_tokens, batch_size):
+        enc = enc.to(_device(model))
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            gen = model.generate(**enc, do_sample=False, max_new_tokens=budget, pad_token_id=pad, num_beams=1)
+        seconds = time.perf_counter() - t0
+        for row, i in enumerate(idx):
+            ids = gen[row, enc["input_ids"].shape[1] :].tolist()[: max_new_tokens[i]]
+            if tokenizer.eos_token_id in ids:
+                ids = ids[: ids.index(tokenizer.eos_token_id)]
+            out[i] = {"prompt_tokens": int(enc["attention_mask"][row].sum()), "output_ids": ids, "output": tokenizer.decode(ids, skip_special_tokens=True), "batch_seconds": seconds / len(idx)}
     return out  # type: ignore[return-value]
 
 
