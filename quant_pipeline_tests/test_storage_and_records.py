@@ -111,7 +111,8 @@ def test_a_missing_quantized_measurement_fails_its_slice():
 
 def test_grouping_layers_that_share_an_input_quantizes_to_the_same_bytes(tiny_llama, tmp_path, monkeypatch):
     """q/k/v (and gate/up) read one input, so one calibration pass per group gives each the same
-    Hessian as a pass per layer: the packed weights must be identical, only faster to produce."""
+    Hessian as a pass per layer, and a group's pass may stop once its layers have their inputs:
+    the packed weights must be identical, only faster to produce."""
     from quant_pipeline import quantized_artifact
     from quant_pipeline.calibration_set import load_calibration_texts
     from quant_pipeline.settings import DEFAULT_CALIBRATION
@@ -120,9 +121,12 @@ def test_grouping_layers_that_share_an_input_quantizes_to_the_same_bytes(tiny_ll
 
     texts = load_calibration_texts(DEFAULT_CALIBRATION)
     assert quantized_artifact.block_groups(tiny_llama) == quantized_artifact.LLAMA_BLOCK_GROUPS
-    quantized_artifact.quantize(tiny_llama, texts, TINY_RECIPE, tmp_path / "grouped")
-    monkeypatch.setattr(quantized_artifact, "block_groups", lambda path: None)  # one pass per linear layer
-    quantized_artifact.quantize(tiny_llama, texts, TINY_RECIPE, tmp_path / "per_layer")
+    grouped_passes = quantized_artifact.quantize(tiny_llama, texts, TINY_RECIPE, tmp_path / "grouped")
+    monkeypatch.setattr(quantized_artifact, "block_groups", lambda path: None)  # one full pass per linear layer
+    per_layer_passes = quantized_artifact.quantize(tiny_llama, texts, TINY_RECIPE, tmp_path / "per_layer")
+    # every sample's q/k/v, o and gate/up passes stop early in both blocks; only down's runs in full
+    assert grouped_passes == {"calibration_passes_cut_short": 2 * TINY_RECIPE.calibration_samples * 3}
+    assert per_layer_passes == {"calibration_passes_cut_short": 0}
     grouped = json.loads((tmp_path / "grouped" / "config.json").read_text())["quantization_config"]
     assert grouped["modules_in_block_to_quantize"] == quantized_artifact.LLAMA_BLOCK_GROUPS
     assert file_hashes(tmp_path / "grouped")["model.safetensors"] == file_hashes(tmp_path / "per_layer")["model.safetensors"]
