@@ -115,48 +115,93 @@ def reference_states(model, tokenizer, texts: list[str], max_tokens: int = 128, 
     recomputed from (logits = output embeddings of the last hidden state) without re-running it.
 
     Hidden states are vocab/hidden times smaller than the log-probs (85x for SmolLM2), and only the
-    decoder runs here (no output layer). Returns flat tensors (a safetensors file's worth): every
-    text's token ids, each text's offset, the states."""
+    decoder runs here (no output layer). Alongside them, per position, what every quantized variant
+    needs of the base's distribution p when it shares the base's output layer W (GPTQ leaves it
+    untouched): the top-1 token, sum p log p, and the expected output embedding p @ W, so that
+    KL(p || q) = sum p log p - (h_q . (p @ W) - logsumexp(W h_q)) needs no vocab-sized work on the
+    base's side. Computed once per base, here, instead of once per variant. Returns flat tensors
+    (a safetensors file's worth): every text's token ids, each text's offset, the states, the summaries."""
     encoded = [tokenizer(t, truncation=True, max_length=max_tokens)["input_ids"] for t in texts]
-    states: list[torch.Tensor | None] = [None] * len(texts)
-    decoder, dev = model.get_decoder(), _device(model)
-    for n, idx in enumerate(_by_length([len(e) for e in encoded], batch_size)):
+    n = len(texts)
+    states: list = [None] * n
+    top1: list = [None] * n
+    neg_entropy: list = [None] * n
+    expected: list = [None] * n
+    decoder, head, dev = model.get_decoder(), model.get_output_embeddings(), _device(model)
+    if encoded:
+        _check_logits_are_head_of_hidden(model, torch.tensor([encoded[0]]))
+    for idx in _by_length([len(e) for e in encoded], batch_size):
         ids, mask = right_padded([encoded[i] for i in idx])
         with torch.inference_mode():
             hidden = decoder(input_ids=ids.to(dev), attention_mask=mask.to(dev)).last_hidden_state
-            if n == 0:  # the premise of storing states: the model's logits are its output layer applied to them
-                logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits
-                if not torch.allclose(model.get_output_embeddings()(hidden).float(), logits.float(), atol=1e-4):
-                    raise ValueError(f"{type(model).__name__}: logits are not the output embeddings of the last hidden state, so agreement cannot be measured from stored states")
-        for row, i in enumerate(idx):
-            states[i] = hidden[row, : len(encoded[i])].float().cpu()
+            for row, i in enumerate(idx):
+                m = len(encoded[i])
+                states[i] = hidden[row, :m].float().cpu()
+                # float64: KL is a small difference of O(log vocab) terms, so the entropy needs the digits
+                logp = torch.log_softmax(head(hidden[row, :m]).double(), -1)
+                p = logp.exp()
+                top1[i], neg_entropy[i], expected[i] = logp.argmax(-1).cpu(), (p * logp).sum(-1).cpu(), (p.float() @ head.weight.float()).cpu()
     width = model.config.get_text_config().hidden_size
+    cat = lambda parts, empty: torch.cat(parts) if parts else empty  # noqa: E731
     return {
         "input_ids": torch.tensor([t for e in encoded for t in e], dtype=torch.int64),
         "offsets": torch.tensor([0] + [len(e) for e in encoded], dtype=torch.int64).cumsum(0),
-        "hidden_states": torch.cat(states) if states else torch.zeros(0, width),  # type: ignore[arg-type]
+        "hidden_states": cat(states, torch.zeros(0, width)),
+        "top1": cat(top1, torch.zeros(0, dtype=torch.int64)),
+        "neg_entropy": cat(neg_entropy, torch.zeros(0, dtype=torch.float64)),
+        "expected_embedding": cat(expected, torch.zeros(0, width)),
     }
+
+
+def _check_logits_are_head_of_hidden(model, ids: torch.Tensor) -> None:
+    """The premise of working from final hidden states: the model's logits are its output layer
+    applied to them (no soft-capping, scaling or bias in between). Checked on a few tokens."""
+    ids = ids[:1, :16].to(_device(model))
+    with torch.inference_mode():
+        hidden = model.get_decoder()(input_ids=ids).last_hidden_state
+        same = torch.allclose(model.get_output_embeddings()(hidden).float(), model(input_ids=ids).logits.float(), atol=1e-4)
+    if not same:
+        raise ValueError(f"{type(model).__name__}: logits are not the output embeddings of the last hidden state, so agreement cannot be measured from stored states")
+
+
+def _same_output_layer(a, b) -> bool:
+    return a.bias is None and b.bias is None and a.weight.shape == b.weight.shape and torch.equal(a.weight.float(), b.weight.to(a.weight.device).float())
 
 
 def agreement_with_reference(base_head, model, reference: dict[str, torch.Tensor], batch_size: int = 8) -> list[dict]:
     """Per reference text: next-token top-1 agreement and mean KL(base || model) over its positions.
 
-    The base's distributions come from its stored final hidden states through its own output
-    embeddings (`base_head`), so both figures are exact; only `model` runs a forward pass."""
+    Only `model` runs a forward pass. When it shares the base's output layer (byte-equal weights, no
+    bias: GPTQ quantizes the blocks only) the base's side is read from the summaries stored with
+    its states; otherwise the base's distributions are recomputed from its stored final hidden
+    states through `base_head`. Both are exact (the first up to float rounding of the same sums)."""
     offsets = reference["offsets"].tolist()
     spans = list(zip(offsets[:-1], offsets[1:]))
-    dev = _device(model)
+    dev, head = _device(model), model.get_output_embeddings()
+    shared = "expected_embedding" in reference and _same_output_layer(base_head, head)
+    if shared and spans:
+        _check_logits_are_head_of_hidden(model, reference["input_ids"][None, spans[0][0] : spans[0][1]])
     out: list[dict | None] = [None] * len(spans)
-    for idx in _by_length([b - a for a, b in spans], batch_size):
+    for idx in _by_length([hi - lo for lo, hi in spans], batch_size):
         ids, mask = right_padded([reference["input_ids"][spans[i][0] : spans[i][1]] for i in idx])
         with torch.inference_mode():
-            lq_all = torch.log_softmax(model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float().cpu(), -1)
+            if shared:
+                hidden = model.get_decoder()(input_ids=ids.to(dev), attention_mask=mask.to(dev)).last_hidden_state
+                logits = head(hidden).float()
+                lse, q_top1, hidden = torch.logsumexp(logits, -1).cpu(), logits.argmax(-1).cpu(), hidden.float().cpu()
+            else:
+                lq_all = torch.log_softmax(model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float().cpu(), -1)
             for row, i in enumerate(idx):
-                a, b = spans[i]
-                hidden = reference["hidden_states"][a:b].to(base_head.weight.device, base_head.weight.dtype)
-                lb = torch.log_softmax(base_head(hidden).float().cpu(), -1)
-                lq = lq_all[row, : b - a]
-                kl = (lb.exp() * (lb - lq)).sum(-1)
-                top1 = (lb.argmax(-1) == lq.argmax(-1)).float()
+                lo, hi = spans[i]
+                if shared:
+                    cross = (hidden[row, : hi - lo].double() * reference["expected_embedding"][lo:hi].double()).sum(-1)
+                    kl = reference["neg_entropy"][lo:hi].double() - (cross - lse[row, : hi - lo].double())
+                    top1 = (reference["top1"][lo:hi] == q_top1[row, : hi - lo]).float()
+                else:
+                    states = reference["hidden_states"][lo:hi].to(base_head.weight.device, base_head.weight.dtype)
+                    lb = torch.log_softmax(base_head(states).float().cpu(), -1)
+                    lq = lq_all[row, : hi - lo]
+                    kl = (lb.exp() * (lb - lq)).sum(-1)
+                    top1 = (lb.argmax(-1) == lq.argmax(-1)).float()
                 out[i] = {"top1_agreement": top1.mean().item(), "kl_divergence": max(kl.mean().item(), 0.0)}
     return out  # type: ignore[return-value]

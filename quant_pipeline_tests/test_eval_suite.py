@@ -100,13 +100,23 @@ def test_noise_damaged_copy_fails_the_slices_it_damages_and_the_gate_everywhere(
     assert page.count("data:image/png;base64,") == 2
 
 
-def test_agreement_from_stored_base_states_equals_running_both_models(tiny_suite, tiny_llama):
+@pytest.mark.parametrize("damage_output_layer", [False, True], ids=["shared_output_layer", "own_output_layer"])
+def test_agreement_from_stored_base_states_equals_running_both_models(tiny_suite, tiny_llama, damage_output_layer):
+    """A variant that keeps the base's output layer (as GPTQ does) is scored from the stored per-position
+    summaries alone (the stored states are blanked here to prove it); one with an output layer of
+    its own from the stored states through the base's head. Both must equal running both models."""
     model, tokenizer, _, items, _ = tiny_suite
     damaged = noise_damaged(tiny_llama, scale=0.5, seed=2)
+    if damage_output_layer:
+        with torch.no_grad():
+            damaged.get_output_embeddings().weight.add_(torch.randn_like(damaged.get_output_embeddings().weight) * 0.01)
     texts = [t for t in items["probe_text"] if isinstance(t, str) and t][:6]
     path = tiny_llama.parent / "reference.safetensors"
     save_file(reference_states(model, tokenizer, texts, batch_size=4), path)  # through storage, as the pipeline does
-    stored = agreement_with_reference(model.get_output_embeddings(), damaged, load_file(path), batch_size=4)
+    reference = load_file(path)
+    if not damage_output_layer:
+        reference["hidden_states"] = torch.zeros_like(reference["hidden_states"])
+    stored = agreement_with_reference(model.get_output_embeddings(), damaged, reference, batch_size=4)
     for text, got in zip(texts, stored):
         enc = tokenizer(text, return_tensors="pt", truncation=True, max_length=128)
         with torch.inference_mode():
@@ -115,6 +125,8 @@ def test_agreement_from_stored_base_states_equals_running_both_models(tiny_suite
         assert got["kl_divergence"] == pytest.approx((lb.exp() * (lb - lq)).sum(-1).mean().item(), rel=1e-4, abs=1e-6)
         assert got["kl_divergence"] > 1e-4
         assert got["top1_agreement"] == pytest.approx((lb.argmax(-1) == lq.argmax(-1)).float().mean().item())
+
+
 def test_a_changed_stored_base_reference_is_refused_with_the_file_named(tmp_path):
     path = tmp_path / "reference.safetensors"
     save_file({"input_ids": torch.arange(4), "offsets": torch.tensor([0, 4]), "hidden_states": torch.zeros(4, 8)}, path)
