@@ -114,8 +114,8 @@ def reference_states(model, tokenizer, texts: list[str], max_tokens: int = 128, 
     """The base model's final hidden states on `texts`: what its exact next-token distributions are
     recomputed from (logits = output embeddings of the last hidden state) without re-running it.
 
-    Hidden states are vocab/hidden times smaller than the log-probs (85x for SmolLM2), and only the
-    decoder runs here (no output layer). Alongside them, per position, what every quantized variant
+    Hidden states are vocab/hidden times smaller than the log-probs (85x for SmolLM2). Alongside
+    them, per position (one output-layer product per text, no second forward), what every quantized variant
     needs of the base's distribution p when it shares the base's output layer W (GPTQ leaves it
     untouched): the top-1 token, sum p log p, and the expected output embedding p @ W, so that
     KL(p || q) = sum p log p - (h_q . (p @ W) - logsumexp(W h_q)) needs no vocab-sized work on the
