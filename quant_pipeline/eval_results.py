@@ -228,9 +228,10 @@ def with_reference(items: pd.DataFrame, model, tokenizer, batch_size: int) -> tu
 def add_agreement(items: pd.DataFrame, base_items: pd.DataFrame, reference: dict, base_head, quant_model, batch_size: int) -> pd.DataFrame:
     """Agreement of the quantized model with the base, per item, on the base's own text.
 
-    Teacher-forced on the same tokens for top-1 and KL (the base's side recomputed from its stored
-    hidden states through its output embeddings); generated token ids compared for identity and
-    first divergence."""
+    Teacher-forced on the same tokens for top-1 and KL (the base's side read from what its
+    evaluation stored: per-position summaries, or its final hidden states through its output
+    embeddings when the variant has an output layer of its own); generated token ids compared for
+    identity and first divergence."""
     base = base_items.set_index(["category", "item_id"])
     scores = agreement_with_reference(base_head, quant_model, reference, batch_size=batch_size)
     by_key = {key: scores[int(i)] for key, i in base["ref_index"].items() if i >= 0}
