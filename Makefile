@@ -57,7 +57,7 @@ mlflow: install
 	$(VENV)/bin/mlflow server --backend-store-uri sqlite:///$(CURDIR)/.mlflow/mlflow.db --default-artifact-root $(CURDIR)/.mlflow/artifacts --host 127.0.0.1 --port 5000
 
 bench: install
-	$(PY) -m quant_pipeline.bench $(BENCH_ARGS)
+	$(PY) -m quant_pipeline.cli.bench $(BENCH_ARGS)
 
 clean:
 	rm -rf .store .mlflow .dagster_home

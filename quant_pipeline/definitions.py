@@ -1,16 +1,12 @@
-"""The table of contents of quant_pipeline: every stage, check and resource of the audit."""
+"""The table of contents of quant_pipeline: every stage, check, job, sensor and resource of the audit.
+
+base_checkpoint -> calibration_set -> quantized_artifact -> eval results (base and quantized)
+-> delta_report (+ checks) -> approval -> audit_report; runtime_environment feeds every artifact ID.
+"""
 
 import dagster as dg
 
-from quant_pipeline.approval import approval
-from quant_pipeline.audit_report import audit_report
-from quant_pipeline.base_checkpoint import base_checkpoint
-from quant_pipeline.calibration_set import calibration_set
-from quant_pipeline.delta_report import delta_report, policy_metrics_measured, slices_within_tolerance
-from quant_pipeline.eval_results import base_eval_results, quantized_eval_results
-from quant_pipeline.quantized_artifact import quantized_artifact
-from quant_pipeline.runtime_environment import runtime_environment
-from quant_pipeline.sensors import (
+from quant_pipeline.defs.automation import (
     base_model_sensor,
     calibration_data_sensor,
     full_audit_job,
@@ -18,32 +14,30 @@ from quant_pipeline.sensors import (
     periodic_reaudit_schedule,
     runtime_sensor,
 )
-from quant_pipeline.settings import AuditSettings
-from quant_pipeline.tracking import MlflowTracker
+from quant_pipeline.defs.evaluate import base_eval_results, quantized_eval_results
+from quant_pipeline.defs.gate import approval, delta_report, policy_metrics_measured, slices_within_tolerance
+from quant_pipeline.defs.inputs import base_checkpoint, calibration_set, runtime_environment
+from quant_pipeline.defs.quantize import quantized_artifact
+from quant_pipeline.defs.release import audit_report
+from quant_pipeline.defs.resources import build_resources
 
 AUDIT_ASSETS = [
+    # inputs
     base_checkpoint,
     calibration_set,
     runtime_environment,
+    # quantize
     quantized_artifact,
+    # evaluate
     base_eval_results,
     quantized_eval_results,
+    # gate
     delta_report,
     approval,
+    # release
     audit_report,
 ]
 AUDIT_CHECKS = [slices_within_tolerance, policy_metrics_measured]
-
-def build_resources(**settings_overrides) -> dict:
-    import os
-
-    return {
-        "settings": AuditSettings.from_env(**settings_overrides),
-        "mlflow": MlflowTracker(
-            **{k: v for k, v in {"tracking_uri": os.environ.get("QP_MLFLOW_TRACKING_URI"), "ui_url": os.environ.get("QP_MLFLOW_UI_URL")}.items() if v}
-        ),
-    }
-
 
 defs = dg.Definitions(
     assets=AUDIT_ASSETS,

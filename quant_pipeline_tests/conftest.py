@@ -4,7 +4,6 @@ Everything is real: the tiny model is a genuine LlamaForCausalLM with SmolLM2's 
 runs through gptqmodel, lm-eval scores the shipped tasks, MLflow writes to SQLite in a temp dir.
 """
 
-import json
 import os
 from pathlib import Path
 
@@ -16,12 +15,11 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("QP_REAUDIT_SCHEDULE", "off")  # the weekly schedule stays off in tests
 
-from quant_pipeline.definitions import AUDIT_ASSETS, AUDIT_CHECKS  # noqa: E402
-from quant_pipeline.paths import default_gguf_path  # noqa: E402
-from quant_pipeline.settings import AuditSettings, Recipe  # noqa: E402
-from quant_pipeline.tracking import MlflowTracker  # noqa: E402
+from quant_pipeline.core.paths import default_gguf_path  # noqa: E402
+from quant_pipeline.defs.resources import AuditSettings  # noqa: E402
+from quant_pipeline.core.tracking import MlflowTracker  # noqa: E402
+from quant_pipeline_tests.support import TINY_RECIPE  # noqa: E402
 
-TINY_RECIPE = Recipe(bits=4, group_size=64, calibration_samples=8, seq_len=64)
 
 
 @pytest.fixture(scope="session")
@@ -78,26 +76,3 @@ def instance(tmp_path):
     (tmp_path / "dagster_home").mkdir()
     with dg.instance_for_test(temp_dir=str(tmp_path / "dagster_home")) as inst:
         yield inst
-
-
-def run_audit(settings: AuditSettings, tracker: MlflowTracker, instance, approver: str = "", note: str = "", selection=None, tags: dict | None = None):
-    """Materialize the audit graph (or a selection of it) with real resources; never raises."""
-    return dg.materialize(
-        [*AUDIT_ASSETS, *AUDIT_CHECKS],
-        resources={"settings": settings, "mlflow": tracker},
-        instance=instance,
-        run_config={"ops": {"approval": {"config": {"approver": approver, "note": note}}}} if selection is None or "approval" in str(selection) else None,
-        raise_on_error=False,
-        selection=selection,
-        tags=tags,
-    )
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def replace(settings: AuditSettings, **changes) -> AuditSettings:
-    """A new settings resource with some fields changed (a resource's `model_copy` keeps its old config)."""
-    return AuditSettings(**{**{name: getattr(settings, name) for name in AuditSettings.model_fields}, **changes})

@@ -1,0 +1,63 @@
+"""`quant-pipeline`: the headless entry point (what `make demo` runs).
+
+Exit codes: 0 done, 1 the run failed (a crash: see the Dagster run), 2 bad input (the one-line
+message on stderr names the file, field or stage and the fix).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from quant_pipeline.cli.audit import run_audit, summarize
+from quant_pipeline.cli.registry import add_registry_commands
+from quant_pipeline.cli.serve import add_serving_commands
+from quant_pipeline.core.errors import AuditInputError
+from quant_pipeline.core.recipe import Recipe
+from quant_pipeline.defs.resources import AuditSettings
+
+__all__ = ["main", "run_audit", "summarize"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="quant-pipeline", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    audit = sub.add_parser("audit", help="run the full audit (base checkpoint -> approval)")
+    audit.add_argument("--model", help="'default', a local HF checkpoint dir, a .gguf file or a hub id")
+    audit.add_argument("--calibration-file")
+    audit.add_argument("--policy-file")
+    audit.add_argument("--calibration-samples", type=int)
+    audit.add_argument("--group-size", type=int)
+    audit.add_argument("--bits", type=int)
+    audit.add_argument("--eval-limit", type=int, help="items per eval task (for quick runs)")
+    audit.add_argument("--approver", default="", help="name of the human signing off (omit: pending sign-off)")
+    audit.add_argument("--note", default="")
+    add_registry_commands(sub)
+    add_serving_commands(sub)
+    args = parser.parse_args(argv)
+    if hasattr(args, "func"):
+        try:
+            return args.func(args)
+        except AuditInputError as e:
+            print(f"quant-pipeline: error: {e}", file=sys.stderr)
+            return 2
+
+    if args.command == "audit":
+        overrides: dict = {k: v for k, v in {"model": args.model, "calibration_file": args.calibration_file, "policy_file": args.policy_file, "eval_limit": args.eval_limit}.items() if v is not None}
+        recipe = {k: v for k, v in {"calibration_samples": args.calibration_samples, "group_size": args.group_size, "bits": args.bits}.items() if v is not None}
+        if recipe:
+            overrides["recipe"] = Recipe(**{**AuditSettings.from_env().recipe.model_dump(), **recipe})
+        try:
+            result = run_audit(overrides, args.approver, args.note)
+        except AuditInputError as e:
+            print(f"quant-pipeline: error: {e}", file=sys.stderr)
+            return 2
+        print(summarize(result))
+        print(f"\nDagster run {result.run_id}: `make ui` then http://127.0.0.1:3000/runs/{result.run_id}")
+        print("MLflow runs and registry: `make mlflow` then http://127.0.0.1:5000")
+        return 0 if result.success else 1
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Registry, sign-off and audit-trail verbs: they read the store and MLflow the pipeline writes."""
+
+from __future__ import annotations
+
+import json
+
+from quant_pipeline.defs.resources import build_resources
+from quant_pipeline.release import registry, report, signoff
+from quant_pipeline.release.trail import verify_trail
+
+
+def _store_and_tracker():
+    resources = build_resources()
+    return resources["settings"].store, resources["mlflow"]
+
+
+def add_registry_commands(sub) -> None:
+    """Registry, sign-off and audit-trail commands (read the store and MLflow the pipeline writes)."""
+    def show(a):
+        store, tracker = _store_and_tracker()
+        print(json.dumps(registry.show(store, tracker, a.artifact_id), indent=2, default=str))
+        return 0
+
+    def verify(a):
+        store, _ = _store_and_tracker()
+        problems = registry.verify(store, a.artifact_id)
+        print(f"{a.artifact_id}: " + ("files match the record" if not problems else "MISMATCH: " + "; ".join(problems)))
+        return 0 if not problems else 1
+
+    def approve(a):
+        store, tracker = _store_and_tracker()
+        entry = signoff.approve(store, tracker, a.artifact_id, a.by, a.note, a.second_approver, a.override)
+        print(f"{a.artifact_id}: approved by {entry['by']}{' (override, with ' + entry['second_approver'] + ')' if entry['override'] else ''}; alias `approved` -> v{entry['registry_version']}")
+        return 0
+
+    def reject(a):
+        store, tracker = _store_and_tracker()
+        signoff.reject(store, tracker, a.artifact_id, a.by, a.note)
+        print(f"{a.artifact_id}: rejected by {a.by}")
+        return 0
+
+    def promote(a):
+        store, tracker = _store_and_tracker()
+        entry = signoff.promote(store, tracker, a.artifact_id, a.by, a.note)
+        print(f"production -> v{entry['registry_version']} ({a.artifact_id})")
+        return 0
+
+    def rollback(a):
+        store, tracker = _store_and_tracker()
+        entry = signoff.rollback(store, tracker, a.model, a.by, a.note, to_base=a.to_base)
+        print(f"production: v{entry['from_version']} -> v{entry['registry_version']} ({entry['artifact_id']}){' [base model]' if entry['to_base'] else ''}")
+        return 0
+
+    def check_trail(a):
+        store, _ = _store_and_tracker()
+        problems = verify_trail(signoff.trail_path(store, a.model), a.expected_head)
+        print(f"{a.model}: trail " + ("intact" if not problems else "BROKEN:\n  " + "\n  ".join(problems)))
+        return 0 if not problems else 1
+
+    def audit_report(a):
+        store, tracker = _store_and_tracker()
+        md, page = report.write_report(store, tracker, a.model)
+        print(f"wrote {md}\nwrote {page}")
+        return 0
+
+    def bom(a):
+        store, _ = _store_and_tracker()
+        print(f"wrote {registry.write_bom(store, a.artifact_id)} (validated against CycloneDX 1.6)")
+        return 0
+
+    def delete_base(a):
+        store, _ = _store_and_tracker()
+        registry.delete_base(store, a.model)
+        print(f"deleted base checkpoint {a.model}")
+        return 0
+
+    for name, func, help_text, args in (
+        ("show", show, "print an artifact's full record", ["artifact_id"]),
+        ("verify", verify, "re-hash an artifact's files against its record", ["artifact_id"]),
+        ("approve", approve, "sign off an artifact whose checks passed", ["artifact_id", "--by", "--note", "--second-approver", "--override"]),
+        ("reject", reject, "record a rejection with its reason", ["artifact_id", "--by", "--note"]),
+        ("promote", promote, "move `production` to an approved artifact", ["artifact_id", "--by", "--note"]),
+        ("rollback", rollback, "move `production` back (previous approved version, or --to-base)", ["model", "--by", "--note", "--to-base"]),
+        ("verify-trail", check_trail, "check the model's hash-chained audit trail", ["model", "--expected-head"]),
+        ("audit-report", audit_report, "write the model's audit report (HTML + Markdown)", ["model"]),
+        ("bom", bom, "write an artifact's CycloneDX 1.6 ML-BOM", ["artifact_id"]),
+        ("delete-base", delete_base, "delete a kept base checkpoint (refused while artifacts depend on it)", ["model"]),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        for arg in args:
+            if arg in ("--override", "--to-base"):
+                p.add_argument(arg, action="store_true")
+            elif arg.startswith("--"):
+                p.add_argument(arg, default="" if arg != "--expected-head" else None, required=arg in ("--by",))
+            else:
+                p.add_argument(arg)
+        p.set_defaults(func=func)

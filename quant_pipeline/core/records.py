@@ -1,0 +1,229 @@
+"""Typed records: what the pipeline writes about an artifact, an evaluation, a verdict, a request.
+
+Records are validated when they are read, so a hand-edited or truncated file is refused with its
+path and the field at fault instead of surfacing later as a KeyError. Each carries a
+`schema_version`; a reader refuses versions it does not know rather than guessing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+from quant_pipeline.core.errors import AuditInputError
+from quant_pipeline.core.hashing import tree_hash
+from quant_pipeline.core.store import write_json_atomic
+
+SCHEMA_VERSION = 1
+
+
+class RecordError(AuditInputError):
+    """A record on disk that cannot be read as what it claims to be."""
+
+
+class Record(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    schema_version: int = SCHEMA_VERSION
+
+    @model_validator(mode="after")
+    def _known_schema(self) -> Self:
+        if self.schema_version != SCHEMA_VERSION:
+            raise ValueError(f"schema_version {self.schema_version} is not {SCHEMA_VERSION}: written by another version")
+        return self
+
+    @classmethod
+    def parse(cls, data: object, source: str = "record") -> Self:
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+            raise RecordError(f"{source}: field `{where}`: {first['msg']}; restore the file from the run that wrote it") from None
+
+    @classmethod
+    def read(cls, path: Path) -> Self:
+        path = Path(path)
+        if not path.is_file():
+            raise RecordError(f"{path}: no {cls.__name__} here")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise RecordError(f"{path}: not valid JSON ({e}); restore the file from the run that wrote it") from None
+        return cls.parse(data, str(path))
+
+    def write(self, path: Path) -> Path:
+        return write_json_atomic(path, self.dump())
+
+    def dump(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+class ScaleSummary(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hash: str
+    layers: int
+    per_layer: dict[str, dict[str, dict[str, float]]] = {}
+
+
+class CheckpointRecord(Record):
+    """Written beside a checkpoint the pipeline converted (GGUF, hub): where it came from, its files."""
+
+    source: dict[str, Any]
+    files: dict[str, str]
+    hash: str
+
+    @model_validator(mode="after")
+    def _files_add_up(self) -> Self:
+        if tree_hash(self.files) != self.hash:
+            raise ValueError("per-file hashes do not add up to the recorded hash")
+        return self
+
+
+class ArtifactRecord(Record):
+    """A quantized artifact: every input that determined its bytes, and the bytes' hashes."""
+
+    artifact_id: str
+    model_name: str
+    base_hash: str
+    base_path: str
+    recipe: dict[str, Any]
+    calibration_hash: str
+    calibration_count: int
+    runtime_hash: str
+    runtime: dict[str, Any]
+    precision: str
+    scales: ScaleSummary
+    files: dict[str, str]
+    content_hash: str
+    size_bytes: int
+    dagster_run_id: str | None = None
+
+    @model_validator(mode="after")
+    def _files_add_up(self) -> Self:
+        if tree_hash(self.files) != self.content_hash:
+            raise ValueError("per-file hashes do not add up to content_hash")
+        return self
+
+
+class EvalRecord(Record):
+    """One evaluation of one checkpoint under one suite and runtime (reused while the key matches)."""
+
+    key: str
+    model_hash: str
+    suite_hash: str
+    runtime_hash: str
+    limit: int | None
+    label: Literal["base", "quantized"]
+    dagster_run_id: str
+    eval_seconds: float
+    eval_tokens: int
+    eval_tokens_per_second: float
+    latency_p50_s: float
+    latency_p95_s: float
+    latency_p99_s: float
+    tokens_per_second: float
+    generation_peak_rss_mb: float
+    latency_requests: int
+    part_seconds: dict[str, float]
+    reference_sha256: str | None = None
+    agreement_reference_sha256: str | None = None
+
+
+class SliceRef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    category: str
+    metric: str
+
+
+class DeltaReportRecord(Record):
+    """The verdict of one artifact under one policy."""
+
+    artifact_id: str
+    model_name: str
+    registry_version: str | None
+    policy_path: str
+    policy_hash: str
+    policy_name: str
+    allow_override: bool
+    passed: bool
+    failing: list[SliceRef]
+    not_measurable: list[SliceRef]
+    measured_metrics: list[str]
+    policy_metrics: list[str]
+    categories: list[str]
+    path: str
+    markdown_path: str
+    html_path: str
+
+
+TrailEvent = Literal["audit", "evaluated", "approved", "rejected", "pending sign-off", "promoted", "rollback"]
+
+
+class TrailEntry(BaseModel):
+    """One hash-chained entry of a model's trail; event-specific fields ride along (the hash covers them)."""
+
+    model_config = ConfigDict(extra="allow")
+    event: str
+    seq: int
+    prev_hash: str
+    hash: str
+    at: str
+    artifact_id: str | None = None
+    registry_version: str | None = None
+
+    def get(self, key: str, default: object = None) -> object:
+        return getattr(self, key, default) if key in type(self).model_fields or key in (self.model_extra or {}) else default
+
+
+class Decision(BaseModel):
+    """A sign-off decision as it is appended to the trail."""
+
+    model_config = ConfigDict(extra="forbid")
+    event: Literal["approved", "rejected", "pending sign-off"]
+    artifact_id: str
+    registry_version: str | None
+    by: str | None
+    note: str = ""
+    content_hash: str | None = None
+    second_approver: str | None = None
+    override: bool = False
+    policy_hash: str | None = None
+    dagster_run_id: str | None = None
+
+
+class RequestLogEntry(BaseModel):
+    """One served request: what was asked, which exact bytes answered, how, and how long it took."""
+
+    model_config = ConfigDict(extra="allow")
+    request_id: str
+    time: str
+    model_name: str
+    ref: str
+    status: Literal["ok", "error"]
+    prompt: str | None = None
+    prompt_logged: bool = True
+    prompt_sha256: str
+    decoding: dict[str, Any]
+    artifact_id: str | None = None
+    content_hash: str | None = None
+    output: str | None = None
+    output_ids: list[int] | None = None
+    latency_s: float | None = None
+
+    @classmethod
+    def parse_line(cls, data: object, source: str) -> RequestLogEntry:
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+            raise RecordError(f"{source}: field `{where}`: {first['msg']}: the request log was altered") from None
+
+
+def finite_or_none(value: object) -> float | None:
+    """JSON has no NaN: a missing measurement is written as null."""
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None

@@ -1,0 +1,141 @@
+"""Evaluation: the same suite, run the same way, on the base and the quantized model.
+
+Results are keyed by (model hash, suite hash, runtime hash, limits): identical inputs reuse the
+stored tables instead of re-running the model. The base run also stores the reference states the
+quantized run measures its agreement against (see `evaluation.suite`).
+"""
+
+
+import time
+from pathlib import Path
+
+import dagster as dg
+import pandas as pd
+from safetensors.torch import save_file
+
+from quant_pipeline.core.artifacts import verify_artifact
+from quant_pipeline.core.hashing import canonical_hash, sha256_file
+from quant_pipeline.core.perf import StageMeter
+from quant_pipeline.core.records import EvalRecord
+from quant_pipeline.core.store import atomic_file
+from quant_pipeline.core.tracking import MlflowTracker
+from quant_pipeline.defs.resources import AuditSettings
+from quant_pipeline.evaluation.suite import (
+    AGREEMENT_METRICS,
+    add_agreement,
+    aggregate_items,
+    load_reference,
+    run_suite,
+    suite_hash,
+    with_reference,
+)
+from quant_pipeline.models.checkpoint import load_model
+
+
+def evaluate_checkpoint(
+    context: dg.AssetExecutionContext,
+    settings: AuditSettings,
+    mlflow: MlflowTracker,
+    *,
+    label: str,
+    model_name: str,
+    model_path: str,
+    model_hash: str,
+    runtime_hash: str,
+    tags: dict,
+    base_eval: dict | None = None,
+    base_path: str | None = None,
+    artifact_id: str | None = None,
+) -> dg.MaterializeResult:
+    """Evaluate one checkpoint (or reuse an identical earlier evaluation) and log it."""
+    suite = suite_hash()
+    key_inputs = {
+        "model": model_hash, "suite": suite, "runtime": runtime_hash, "limit": settings.eval_limit,
+        "max_new_tokens": settings.eval_max_new_tokens, "base": base_eval and base_eval["key"], "reference": "hidden_states",
+    }  # fmt: skip
+    key = canonical_hash(key_inputs)[:16]
+    store = settings.store
+    out_dir = store.eval_dir(key)
+    reused_from = None
+    force = context.run.tags.get("quant_pipeline/force_reeval") == "true"  # the periodic re-audit
+    with StageMeter() as meter:
+        if (out_dir / "record.json").exists() and not force:
+            record = EvalRecord.read(out_dir / "record.json").dump()
+            reused_from = record["dagster_run_id"]
+        else:
+            if artifact_id is not None:
+                verify_artifact(store, artifact_id)  # never evaluate bytes other than the recorded ones
+            with StageMeter() as load_meter:
+                model, tokenizer = load_model(Path(model_path), settings.trust_remote_code)
+            results, items, stats = run_suite(model, tokenizer, label, settings.eval_limit, settings.eval_batch_size, settings.eval_max_new_tokens)
+            stats.pop("request_texts")
+            load_row = {
+                "model": label, "task": "qp_cost", "category": "cost", "metric": "load_peak_rss_mb",
+                "value": round(load_meter.peak_rss_mb, 1), "stderr": float("nan"),
+            }  # fmt: skip
+            results = pd.concat([results, pd.DataFrame([load_row])], ignore_index=True)
+            if base_eval is None:  # the reference every quantized variant's agreement is measured against
+                t0 = time.perf_counter()
+                items, reference = with_reference(items, model, tokenizer, settings.eval_batch_size)
+                stats["part_seconds"]["reference_seconds"] = round(time.perf_counter() - t0, 2)
+                with atomic_file(out_dir / "reference.safetensors") as tmp:
+                    save_file(reference, tmp)
+                stats["reference_sha256"] = sha256_file(out_dir / "reference.safetensors")
+            else:
+                t0 = time.perf_counter()
+                base_model, _ = load_model(Path(base_path), settings.trust_remote_code)  # its output embeddings only: no forward pass
+                items = add_agreement(items, pd.read_parquet(base_eval["items_path"]), load_reference(base_eval), base_model.get_output_embeddings(), model, settings.eval_batch_size)
+                del base_model
+                stats["agreement_reference_sha256"] = base_eval["reference_sha256"]
+                stats["part_seconds"]["agreement_seconds"] = round(time.perf_counter() - t0, 2)
+                results = pd.concat([results, pd.DataFrame(aggregate_items(items[["task", "category", *AGREEMENT_METRICS]].assign(model=label), label))], ignore_index=True)
+            for name, table in (("results.parquet", results), ("items.parquet", items)):
+                with atomic_file(out_dir / name) as tmp:
+                    table.to_parquet(tmp)
+            record = EvalRecord(
+                key=key, model_hash=model_hash, suite_hash=suite, runtime_hash=runtime_hash, limit=settings.eval_limit,
+                label=label, dagster_run_id=context.run.run_id, **stats,
+            )  # fmt: skip
+            record.write(out_dir / "record.json")
+            record = record.dump()
+    results = pd.read_parquet(out_dir / "results.parquet")
+    record = {**record, "results_path": str(out_dir / "results.parquet"), "items_path": str(out_dir / "items.parquet"), **({"reference_path": str(out_dir / "reference.safetensors")} if base_eval is None else {}), "reused_from_run": reused_from, "perf": meter.metadata()}
+    with mlflow.stage_run(model_name, f"{label}_eval_results", {"dagster_run_id": context.run.run_id, "suite_hash": suite, **tags}) as run:
+        run.log_params({"suite_hash": suite, "limit": settings.eval_limit, "reused_from_run": reused_from})
+        run.log_metrics({f"{r.metric}/{r.category}": r.value for r in results.itertuples()} | {k: record[k] for k in ("eval_seconds", "eval_tokens", "eval_tokens_per_second")} | meter.metadata())
+        run.log_file(out_dir / "results.parquet")
+        run.log_file(out_dir / "items.parquet")
+    return dg.MaterializeResult(
+        value=record,
+        metadata={
+            "results": dg.MetadataValue.md(results.to_markdown(index=False, floatfmt=".4f")),
+            "rows": len(results),
+            "suite_hash": suite,
+            "reused_from_run": reused_from or "no (evaluated in this run)",
+            "eval_tokens_per_second": record["eval_tokens_per_second"],
+            "latency_p50_s": record.get("latency_p50_s"),
+            "part_seconds": dg.MetadataValue.json({} if reused_from else record.get("part_seconds", {})),
+            "path": dg.MetadataValue.path(str(out_dir)),
+            **meter.metadata(),
+            **run.metadata(),
+        },
+    )
+
+
+@dg.asset(group_name="audit", kinds={"pandas", "parquet"})
+def base_eval_results(context: dg.AssetExecutionContext, settings: AuditSettings, mlflow: MlflowTracker, base_checkpoint: dict, runtime_environment: dict) -> dg.MaterializeResult:
+    """The suite on the full-precision base model: the reference every quantized variant is judged against."""
+    return evaluate_checkpoint(
+        context, settings, mlflow, label="base", model_name=base_checkpoint["model_name"], model_path=base_checkpoint["path"],
+        model_hash=base_checkpoint["hash"], runtime_hash=runtime_environment["hash"], tags={"base_hash": base_checkpoint["hash"]},
+    )
+
+
+@dg.asset(group_name="audit", kinds={"pandas", "parquet"})
+def quantized_eval_results(context: dg.AssetExecutionContext, settings: AuditSettings, mlflow: MlflowTracker, quantized_artifact: dict, base_eval_results: dict, runtime_environment: dict) -> dg.MaterializeResult:
+    """The same suite on the quantized artifact (bytes verified first), plus its agreement with the base."""
+    return evaluate_checkpoint(
+        context, settings, mlflow, label="quantized", model_name=quantized_artifact["model_name"], model_path=quantized_artifact["path"],
+        model_hash=quantized_artifact["content_hash"], runtime_hash=runtime_environment["hash"], tags={"artifact_id": quantized_artifact["artifact_id"]},
+        base_eval=base_eval_results, base_path=quantized_artifact["base_path"], artifact_id=quantized_artifact["artifact_id"],
+    )

@@ -1,0 +1,121 @@
+"""The audit's inputs: the base checkpoint, the calibration set and the runtime it all runs on.
+
+- base_checkpoint: whatever the model source (the shipped GGUF, a local Hugging Face directory, a
+  hub id), one local safetensors checkpoint with a content hash: the base model's identity in every
+  record, and the kept baseline (comparison and rollback path), registered as a version of its own.
+- calibration_set: calibration data shapes the rounding error as much as the recipe does, so it is
+  an audited input: validated line by line, hashed, summarised in tokens of the model.
+- runtime_environment: the same artifact can behave differently after a torch, kernel or hardware
+  change; so the runtime is an input of every artifact ID, and its fingerprint is recorded.
+"""
+
+
+from pathlib import Path
+
+import dagster as dg
+
+from quant_pipeline.core.hashing import sha256_file
+from quant_pipeline.core.perf import StageMeter
+from quant_pipeline.core.runtime import fingerprint_hash, runtime_fingerprint
+from quant_pipeline.core.tracking import MlflowTracker
+from quant_pipeline.defs.resources import AuditSettings
+from quant_pipeline.models.calibration import check_enough_samples, load_calibration_texts, token_stats
+from quant_pipeline.models.checkpoint import describe_checkpoint, materialize_checkpoint, resolve_model_source, source_version
+from quant_pipeline.release.reference import base_artifact_id, log_registered_pyfunc
+
+
+@dg.asset(group_name="audit", kinds={"pytorch", "huggingface"})
+def base_checkpoint(context: dg.AssetExecutionContext, settings: AuditSettings, mlflow: MlflowTracker) -> dg.MaterializeResult:
+    """The full-precision model under audit, as a hashed local safetensors checkpoint (kept baseline)."""
+    with StageMeter() as meter:
+        source = resolve_model_source(settings.model)
+        path = materialize_checkpoint(source, settings.store)
+        record = {"model_name": source.name, "source": source.__dict__, "source_version": source_version(source), **describe_checkpoint(path)}
+    record["perf"] = meter.metadata()
+    with mlflow.stage_run(source.name, "base_checkpoint", {"dagster_run_id": context.run.run_id, "base_hash": record["hash"]}) as run:
+        run.log_params({k: record[k] for k in ("path", "hash", "architecture", "num_parameters", "dtype")})
+        run.log_metrics({"size_bytes": record["size_bytes"], **meter.metadata()})
+        run.log_json(record, "base_checkpoint.json")
+        # The kept baseline is a registry version too: the rollback target and the critical-request route.
+        source_uri = log_registered_pyfunc(run.client, run.run_id, path, record, settings.store.root)
+        version = mlflow.register_artifact(source.name, base_artifact_id(record["hash"]), source_uri, run.run_id, {
+            "kind": "base", "artifact_id": base_artifact_id(record["hash"]), "content_hash": record["hash"], "base_hash": record["hash"],
+            "source_version": record["source_version"], "dtype": record["dtype"],
+        })  # fmt: skip
+    record["registry_version"] = version
+    return dg.MaterializeResult(
+        value=record,
+        data_version=dg.DataVersion(record["hash"][:16]),
+        metadata={
+            "model": source.name,
+            "source_version": record["source_version"],
+            "path": dg.MetadataValue.path(str(path)),
+            "content_hash": record["hash"],
+            "architecture": record["architecture"],
+            "num_parameters": record["num_parameters"],
+            "dtype": record["dtype"],
+            "size_mb": round(record["size_bytes"] / 2**20, 1),
+            "registry": f"{source.name} v{version} (base)",
+            **meter.metadata(),
+            **run.metadata(),
+        },
+    )
+
+
+@dg.asset(group_name="audit", kinds={"json"})
+def calibration_set(context: dg.AssetExecutionContext, settings: AuditSettings, mlflow: MlflowTracker, base_checkpoint: dict) -> dg.MaterializeResult:
+    """The validated, hashed calibration texts and their token statistics under the base tokenizer."""
+    from transformers import AutoTokenizer  # heavy: only when the stage runs
+
+    path = Path(settings.calibration_file)
+    with StageMeter() as meter:
+        texts = load_calibration_texts(path)
+        check_enough_samples(texts, path, settings.recipe)
+        used = texts[: settings.recipe.calibration_samples]
+        tokenizer = AutoTokenizer.from_pretrained(base_checkpoint["path"])
+        stats = token_stats(used, tokenizer, settings.recipe.seq_len)
+    record = {
+        "path": str(path.resolve()),
+        "hash": sha256_file(path),
+        "count": len(texts),
+        "used": len(used),
+        **stats,
+        "perf": meter.metadata(),
+    }
+    with mlflow.stage_run(base_checkpoint["model_name"], "calibration_set", {"dagster_run_id": context.run.run_id, "calibration_hash": record["hash"]}) as run:
+        run.log_params({"path": record["path"], "hash": record["hash"], "count": record["count"]})
+        run.log_metrics({**stats, **meter.metadata()})
+    return dg.MaterializeResult(
+        value=record,
+        data_version=dg.DataVersion(record["hash"][:16]),
+        metadata={
+            "path": dg.MetadataValue.path(record["path"]),
+            "content_hash": record["hash"],
+            "version": f"{path.name}@{record['hash'][:16]}",
+            "samples": record["count"],
+            "samples_used": record["used"],
+            **stats,
+            **meter.metadata(),
+            **run.metadata(),
+        },
+    )
+
+
+@dg.asset(group_name="audit", kinds={"python"})
+def runtime_environment(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+    """The fingerprint of the software and hardware this audit runs on."""
+    fp = runtime_fingerprint()
+    digest = fingerprint_hash(fp)
+    return dg.MaterializeResult(
+        value={"fingerprint": fp, "hash": digest},
+        data_version=dg.DataVersion(digest[:16]),
+        metadata={
+            "fingerprint_hash": digest,
+            "python": fp["python"],
+            **{f"lib/{k}": v for k, v in fp["libraries"].items()},
+            "cpu": fp["cpu"]["model"],
+            "cpu_isa": ", ".join(fp["cpu"]["isa"]),
+            "gpu": (fp["gpu"] or {}).get("name", "none"),
+            "fingerprint": dg.MetadataValue.json(fp),
+        },
+    )

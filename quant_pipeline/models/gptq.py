@@ -1,0 +1,160 @@
+"""GPTQ through transformers/optimum, backed by gptqmodel: the quantization method of record.
+
+The artifact ID is derived from everything that determines the bytes (base hash, recipe,
+calibration hash, runtime fingerprint), so the same inputs give the same ID and the work is
+reused, and any changed input gives a new ID that starts its approval from scratch.
+The artifact is written atomically and carries a record of its inputs and its own file hashes.
+"""
+
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+
+import hashlib
+
+from quant_pipeline.core.errors import AuditInputError
+from quant_pipeline.core.hashing import canonical_hash
+from quant_pipeline.core.recipe import Recipe
+
+
+def check_recipe_fits(recipe: Recipe, config: dict, model_label: str) -> None:
+    """GPTQ groups split each linear layer's input features; every input width must divide evenly."""
+    recipe.validate_values()
+    if recipe.group_size == -1:
+        return
+    widths = {"hidden_size": config.get("hidden_size"), "intermediate_size": config.get("intermediate_size")}
+    for field, width in widths.items():
+        if width and width % recipe.group_size:
+            fits = [g for g in (32, 64, 128) if all(w % g == 0 for w in widths.values() if w)]
+            hint = f"use group_size {max(fits)}" if fits else "use group_size -1 (per-channel)"
+            raise AuditInputError(
+                f"recipe.group_size={recipe.group_size} does not divide {model_label}'s {field} {width}: {hint}"
+            )
+
+
+def artifact_id(base_hash: str, recipe: Recipe, calibration_hash: str, runtime_hash: str) -> str:
+    inputs = {"base": base_hash, "recipe": recipe.as_dict(), "calibration": calibration_hash, "runtime": runtime_hash}
+    return f"gptq-w{recipe.bits}g{recipe.group_size}-{canonical_hash(inputs)[:12]}"
+
+
+# Linear layers that read the same input share one calibration pass: their Hessians are identical,
+# so grouping them gives the same bytes as one pass per layer, with 4 block forwards instead of 7.
+# Listed in the order a Llama block runs them, which is what lets a pass stop early (below).
+LLAMA_BLOCK_GROUPS = [
+    ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+    ["self_attn.o_proj"],
+    ["mlp.gate_proj", "mlp.up_proj"],
+    ["mlp.down_proj"],
+]
+
+
+def block_groups(base_path: Path) -> list[list[str]] | None:
+    """The shared-input grouping for Llama-style blocks; None (one pass per layer) for anything else."""
+    config = json.loads((Path(base_path) / "config.json").read_text())
+    return LLAMA_BLOCK_GROUPS if config.get("model_type") in ("llama", "mistral", "qwen2", "qwen3") else None
+
+
+class _GroupInputsCollected(Exception):
+    """Raised inside a calibration pass once every layer being calibrated has seen its input."""
+
+
+@contextmanager
+def calibration_passes_stop_early(blocks, order: list[str]):
+    """Stop each GPTQ calibration pass through a block once the group being calibrated has its inputs.
+
+    optimum runs the whole block for every group (q/k/v, o, gate/up, down) only to feed the Hessian
+    hooks of that group, and throws the block's output away; the rest of the forward is wasted
+    (the q/k/v pass needs nothing past the first layer norm). Here a layer that runs after every
+    layer under calibration (those are the ones optimum has hooked) ends the pass, and the block
+    returns None for it. The pass that computes the block's output for the next block has no hooks
+    and runs in full, so the Hessians, and the packed bytes, are unchanged. Yields a counter of the
+    passes cut short."""
+    stopped = {"passes": 0}
+    handles, patched = [], []
+
+    def stop_before(layers: dict, position: int):
+        def hook(module, args):
+            collecting = [i for i, name in enumerate(order) if layers[name]._forward_hooks]
+            if collecting and max(collecting) < position:
+                raise _GroupInputsCollected
+        return hook
+
+    def catching(forward):
+        def run(*args, **kwargs):
+            try:
+                return forward(*args, **kwargs)
+            except _GroupInputsCollected:
+                stopped["passes"] += 1
+                return None
+        return run
+
+    try:
+        for block in blocks:
+            layers = {name: block.get_submodule(name) for name in order}
+            for position, name in enumerate(order):
+                handles.append(layers[name].register_forward_pre_hook(stop_before(layers, position)))
+            block.forward = catching(block.forward)
+            patched.append(block)
+        yield stopped
+    finally:
+        for handle in handles:
+            handle.remove()
+        for block in patched:
+            del block.forward  # back to the class's forward
+
+
+def quantize(base_path: Path, texts: list[str], recipe: Recipe, out_dir: Path) -> dict:
+    """Run GPTQ on CPU (or GPU where present) and save the packed model with its tokenizer.
+
+    Calls optimum's GPTQQuantizer (gptqmodel underneath) the way transformers' GPTQ integration
+    does, so that the calibration passes can stop early; returns how many passes were cut short."""
+    import torch
+    from optimum.gptq import GPTQQuantizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GPTQConfig
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    groups = block_groups(base_path)
+    config = GPTQConfig(
+        bits=recipe.bits,
+        group_size=recipe.group_size,
+        desc_act=recipe.desc_act,
+        sym=recipe.sym,
+        damp_percent=recipe.damp_percent,
+        dataset=texts[: recipe.calibration_samples],
+        tokenizer=tokenizer,
+        model_seqlen=recipe.seq_len,
+        modules_in_block_to_quantize=groups,
+    )
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(
+        base_path, device_map=device, dtype=torch.float32 if device == "cpu" else torch.float16, use_safetensors=True
+    )
+    quantizer = GPTQQuantizer.from_dict(config.to_dict_optimum())
+    order = [name for group in groups for name in group] if groups else []
+    blocks = model.get_decoder().layers if groups else []
+    with calibration_passes_stop_early(blocks, order) as stopped:
+        quantizer.quantize_model(model, tokenizer)
+    model.config.quantization_config = GPTQConfig.from_dict(quantizer.to_dict())
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return {"calibration_passes_cut_short": stopped["passes"]}
+
+
+def scale_summary(artifact_dir: Path) -> dict:
+    """Per-layer scale/zero-point statistics and one hash over all of them (the 'scaling parameters')."""
+    from safetensors import safe_open
+
+    layers, h = {}, hashlib.sha256()
+    for st in sorted(artifact_dir.glob("*.safetensors")):
+        with safe_open(st, framework="pt") as f:
+            for key in sorted(f.keys()):
+                if key.endswith((".scales", ".qzeros")):
+                    t = f.get_tensor(key)
+                    h.update(key.encode())
+                    h.update(t.contiguous().view(-1).numpy().tobytes())
+                    layer, kind = key.rsplit(".", 1)
+                    tf = t.float()
+                    layers.setdefault(layer, {})[kind] = {"mean": round(tf.mean().item(), 6), "min": round(tf.min().item(), 6), "max": round(tf.max().item(), 6)}
+    return {"hash": h.hexdigest(), "layers": len(layers), "per_layer": layers}

@@ -1,0 +1,1 @@
+"""What turns an audited artifact into a released one: registry, sign-off, the trail, reports, ML-BOM."""

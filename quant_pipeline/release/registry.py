@@ -1,0 +1,100 @@
+"""The artifact registry as an auditor reads it: one record per artifact, re-verifiable at any time.
+
+The record lives twice — next to the artifact on disk and in the MLflow model registry (tags, and
+the record as a run artifact) — and `show`/`verify` read it back. The base checkpoint is never
+deleted while an artifact derived from it exists.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pandas as pd
+
+from quant_pipeline.core.artifacts import read_artifact_record
+from quant_pipeline.core.errors import AuditInputError
+from quant_pipeline.core.hashing import RECORD_FILE, file_hashes, hash_directory
+from quant_pipeline.core.paths import EVALS_DIR
+from quant_pipeline.core.records import CheckpointRecord, DeltaReportRecord
+from quant_pipeline.core.store import ArtifactStore, verify_tree
+from quant_pipeline.core.tracking import MlflowTracker
+from quant_pipeline.evaluation.suite import suite_hash
+from quant_pipeline.models.checkpoint import describe_checkpoint
+from quant_pipeline.release.mlbom import build_mlbom, validate_mlbom, write_mlbom
+from quant_pipeline.release.signoff import decisions
+
+
+def all_records(store: ArtifactStore | Path) -> list[dict]:
+    store = ArtifactStore.of(store)
+    return [read_artifact_record(store, aid).dump() for aid in store.artifact_ids()]
+
+
+def show(store: ArtifactStore | Path, tracker: MlflowTracker, artifact_id: str) -> dict:
+    """Everything recorded about one artifact: its inputs, scales, eval verdict, registry entry, decisions."""
+    store = ArtifactStore.of(store)
+    record = read_artifact_record(store, artifact_id)
+    version = tracker.find_version(record.model_name, artifact_id)
+    mv = tracker.client().get_model_version(record.model_name, version) if version else None
+    report_path = store.report_dir(artifact_id) / "delta_report.json"
+    return {
+        "artifact_id": artifact_id,
+        "record": record.model_dump(mode="json", exclude={"scales", "files"}),
+        "files": record.files,
+        "scales": {"hash": record.scales.hash, "layers": record.scales.layers},
+        "registry": {
+            "model": record.model_name,
+            "version": version,
+            "tags": dict(mv.tags) if mv else {},
+            "aliases": list(mv.aliases) if mv else [],
+        },
+        "delta_report": DeltaReportRecord.read(report_path).dump() if report_path.exists() else None,
+        "decisions": decisions(store, record.model_name, artifact_id),
+    }
+
+
+def verify(store: ArtifactStore | Path, artifact_id: str) -> list[str]:
+    """Re-hash the artifact's files; the list of problems is empty when they still match the record."""
+    store = ArtifactStore.of(store)
+    record = read_artifact_record(store, artifact_id)
+    return verify_tree(store.artifact_dir(artifact_id), record.files)
+
+
+def dependants(store: ArtifactStore | Path, base_hash: str) -> list[str]:
+    return [r["artifact_id"] for r in all_records(store) if r["base_hash"] == base_hash]
+
+
+def delete_base(store: ArtifactStore | Path, model: str | Path) -> None:
+    """Delete a converted base checkpoint, named by model — refused while any artifact derived from it exists.
+
+    A `Path` names a checkpoint directory of the user's own: its dependants are reported, but the
+    pipeline never deletes what it did not write."""
+    store = ArtifactStore.of(store)
+    checkpoint = Path(model) if isinstance(model, Path) else store.checkpoint_dir(model)
+    if not checkpoint.is_dir():
+        raise AuditInputError(f"no base checkpoint {model} in {store.root / 'checkpoints'}: check the model name")
+    record_path = checkpoint / RECORD_FILE
+    base_hash = CheckpointRecord.read(record_path).hash if record_path.exists() else hash_directory(checkpoint)
+    found = dependants(store, base_hash)
+    if found:
+        raise AuditInputError(
+            f"refusing to delete base checkpoint {checkpoint}: artifacts derived from it still exist: {', '.join(found)}"
+        )
+    if not store.contains(checkpoint):
+        raise AuditInputError(f"{checkpoint} is not kept by quant_pipeline (outside {store.root}): it is yours to delete")
+    shutil.rmtree(checkpoint)
+
+
+def write_bom(store: ArtifactStore | Path, artifact_id: str) -> Path:
+    """The artifact's CycloneDX 1.6 ML-BOM, validated against the official schema, beside its reports."""
+    store = ArtifactStore.of(store)
+    record = read_artifact_record(store, artifact_id).dump()
+    source = {"kind": "local", "location": record["base_path"], "name": record["model_name"]}
+    base = {"model_name": record["model_name"], "source": source, **describe_checkpoint(Path(record["base_path"]))}
+    calibration = {"path": "", "hash": record["calibration_hash"], "count": record["calibration_count"]}
+    suite = {"name": "quant_pipeline golden + behaviour suite", "suite_hash": suite_hash(), "files": file_hashes(EVALS_DIR)}
+    report = store.report_dir(artifact_id) / "delta_report.parquet"
+    deltas = pd.read_parquet(report).to_dict("records") if report.exists() else []
+    doc = build_mlbom(record, base, calibration, suite, deltas, decisions(store, record["model_name"], artifact_id))
+    validate_mlbom(doc)
+    return write_mlbom(doc, store.report_dir(artifact_id) / "mlbom.cdx.json")

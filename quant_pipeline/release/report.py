@@ -1,0 +1,74 @@
+"""The living audit trail, rendered: every release event of a model, in one self-contained report.
+
+An auditor asks "what changed, who decided, on what evidence"; the answer is the model's
+hash-chained trail (audits with their triggers, evaluations with their deltas, approvals,
+rejections, promotions, rollbacks) plus the artifact records, rendered as Markdown and HTML,
+refreshed by the `audit_report` asset on every audit and on demand by `quant-pipeline audit-report`.
+"""
+
+import datetime as dt
+import html
+import json
+from pathlib import Path
+
+from quant_pipeline.core.store import ArtifactStore, write_text_atomic
+from quant_pipeline.core.tracking import APPROVED_ALIAS, MlflowTracker
+from quant_pipeline.release.signoff import PRODUCTION_ALIAS
+from quant_pipeline.release.trail import head_hash, read_entries, verify_trail
+
+
+def describe(entry: dict) -> str:
+    e = entry["event"]
+    if e == "audit":
+        change = f"{entry.get('trigger')}" + (f": {entry.get('from_version')} → {entry.get('to_version')}" if entry.get("from_version") else "")
+        return f"quantized ({'reused' if entry.get('reused') else 'built'}); trigger {change}; recipe {json.dumps(entry.get('recipe'), sort_keys=True)}"
+    if e == "evaluated":
+        failing = ", ".join(f"{f['metric']}/{f['category']}" for f in entry.get("failing", [])) or "none"
+        return f"{'PASS' if entry.get('passed') else 'FAIL'} under policy {entry.get('policy_name')} ({str(entry.get('policy_hash'))[:12]}); failing: {failing}"
+    if e == "approved":
+        extra = f" with {entry['second_approver']} (OVERRIDE of failed checks)" if entry.get("override") else ""
+        return f"approved by {entry['by']}{extra}: {entry.get('note', '')} (content hash {str(entry.get('content_hash'))[:12]} verified)"
+    if e == "rejected":
+        return f"rejected by {entry['by']}: {entry.get('note', '')}"
+    if e == "pending sign-off":
+        return "audit finished without a named approver: pending sign-off"
+    if e == "promoted":
+        return f"{PRODUCTION_ALIAS} → v{entry['registry_version']} by {entry['by']} (from v{entry.get('from_version')}) {entry.get('note', '')}"
+    if e == "rollback":
+        target = "the base model" if entry.get("to_base") else f"v{entry['registry_version']}"
+        return f"ROLLBACK of {PRODUCTION_ALIAS} v{entry.get('from_version')} → {target} by {entry['by']}: {entry.get('note', '')}"
+    return json.dumps({k: v for k, v in entry.items() if k not in ("hash", "prev_hash")}, default=str)[:300]
+
+
+def render(store: ArtifactStore | Path, tracker: MlflowTracker, model_name: str) -> tuple[str, str]:
+    path = ArtifactStore.of(store).trail_path(model_name)
+    entries = read_entries(path)
+    problems = verify_trail(path)
+    aliases = {alias: tracker.alias_version(model_name, alias) for alias in (APPROVED_ALIAS, PRODUCTION_ALIAS)}
+    lines = [
+        f"# Audit report — {model_name}",
+        f"Generated {dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')} from `{path}` ({len(entries)} events, head `{(head_hash(path) or '')[:16]}`).",
+        f"Trail integrity: {'intact' if not problems else 'BROKEN — ' + '; '.join(problems)}.",
+        f"Aliases now: {', '.join(f'`{a}` → v{v}' for a, v in aliases.items() if v) or 'none'}.",
+        "",
+        "| # | time (UTC) | event | artifact | version | details |",
+        "|---:|---|---|---|---:|---|",
+    ]
+    for e in entries:
+        lines.append(f"| {e['seq']} | {e['at'][:19]} | {e['event']} | {e.get('artifact_id') or ''} | {e.get('registry_version') or ''} | {describe(e).replace('|', '/')} |")
+    for e in [x for x in entries if x["event"] == "evaluated" and x.get("deltas")]:
+        lines += ["", f"## Deltas for {e['artifact_id']} (event {e['seq']})", "", "| slice | metric | base | quantized | delta [95% CI] | tolerance | status |", "|---|---|---:|---:|---|---:|---|"]
+        for d in e["deltas"]:
+            ci = f" [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]" if d.get("ci_low") == d.get("ci_low") and d.get("ci_low") is not None else ""
+            lines.append(f"| {d['category']} | {d['metric']} | {d['base']:.4f} | {d['quantized']:.4f} | {d['delta']:+.4f}{ci} | {d['tolerance']:.4f} | {d['status']} |")
+    markdown = "\n".join(lines)
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Audit report {html.escape(model_name)}</title>
+<style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}}pre{{white-space:pre-wrap;background:#f6f6f6;padding:1em;font-size:12px}}</style></head>
+<body><pre>{html.escape(markdown)}</pre></body></html>"""
+    return markdown, page
+
+
+def write_report(store: ArtifactStore | Path, tracker: MlflowTracker, model_name: str) -> tuple[Path, Path]:
+    markdown, page = render(store, tracker, model_name)
+    out = ArtifactStore.of(store).report_dir(model_name)
+    return write_text_atomic(out / "audit_report.md", markdown), write_text_atomic(out / "audit_report.html", page)

@@ -1,0 +1,148 @@
+"""The sign-off workflow: approve, reject, promote, roll back — each one a trail entry and an alias move.
+
+The organisational rule it enforces: no quantized model reaches production without a recorded,
+named human sign-off on an artifact whose checks passed, and the full-precision baseline stays
+one command away as the rollback target. Every decision is appended to the model's hash-chained
+trail (`quant_pipeline.trail`), so an edited or removed decision is detectable.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from quant_pipeline.core.artifacts import read_artifact_record, verify_artifact
+from quant_pipeline.core.errors import AuditInputError
+from quant_pipeline.core.records import ArtifactRecord, DeltaReportRecord
+from quant_pipeline.core.store import ArtifactStore
+from quant_pipeline.core.tracking import APPROVED_ALIAS, MlflowTracker
+from quant_pipeline.release.trail import append_entry, read_entries
+
+PRODUCTION_ALIAS = "production"
+
+
+class SignOffError(AuditInputError):
+    """A sign-off action that the rules forbid (the message says which rule)."""
+
+
+def trail_path(store: ArtifactStore | Path, model_name: str) -> Path:
+    return ArtifactStore.of(store).trail_path(model_name)
+
+
+def artifact_record(store: ArtifactStore | Path, artifact_id: str) -> ArtifactRecord:
+    return read_artifact_record(ArtifactStore.of(store), artifact_id)
+
+
+def delta_record(store: ArtifactStore | Path, artifact_id: str) -> DeltaReportRecord:
+    path = ArtifactStore.of(store).report_dir(artifact_id) / "delta_report.json"
+    if not path.exists():
+        raise SignOffError(f"artifact {artifact_id} has no delta report: run the audit (delta_report) before signing off")
+    return DeltaReportRecord.read(path)
+
+
+def record_event(store: ArtifactStore | Path, model_name: str, event: dict) -> dict:
+    return append_entry(trail_path(store, model_name), event)
+
+
+def decisions(store: ArtifactStore | Path, model_name: str, artifact_id: str) -> list[dict]:
+    return [e for e in read_entries(trail_path(store, model_name)) if e.get("artifact_id") == artifact_id and e["event"] in ("approved", "rejected", "pending sign-off")]
+
+
+def approve(store: ArtifactStore | Path, tracker: MlflowTracker, artifact_id: str, by: str, note: str, second_approver: str = "", override: bool = False, dagster_run_id: str | None = None) -> dict:
+    """Approve an artifact: named approver + rationale, passed checks (or a policy-allowed override
+    by two different people), and the artifact's bytes verified at this moment."""
+    if not by.strip():
+        raise SignOffError("approval needs a named approver (--by NAME): a machine never approves on a human's behalf")
+    if not note.strip():
+        raise SignOffError("approval needs a rationale (--note TEXT)")
+    report = delta_record(store, artifact_id)
+    if not report.passed:
+        if not override:
+            failing = ", ".join(f"{f.metric}/{f.category}" for f in report.failing) or "checks"
+            raise SignOffError(f"artifact {artifact_id} failed its checks ({failing}): it cannot be approved")
+        if not report.allow_override:
+            raise SignOffError(f"policy {report.policy_name} does not allow overrides: artifact {artifact_id} cannot be approved")
+        if not second_approver.strip() or second_approver.strip() == by.strip():
+            raise SignOffError("an override needs a second named approver, different from the first (--second-approver NAME)")
+    elif override:
+        override = False  # nothing to override
+    record = verify_artifact(ArtifactStore.of(store), artifact_id)
+    model_name = record.model_name
+    version = tracker.find_version(model_name, artifact_id)
+    entry = record_event(store, model_name, {
+        "event": "approved", "artifact_id": artifact_id, "registry_version": version, "content_hash": record.content_hash,
+        "by": by.strip(), "second_approver": second_approver.strip() or None, "override": override, "note": note,
+        "policy_hash": report.policy_hash, "dagster_run_id": dagster_run_id,
+    })  # fmt: skip
+    label = "approved (override)" if override else "approved"
+    tracker.set_version_tags(model_name, version, {"approval": label, "approver": by, "second_approver": second_approver, "approval_note": note, "approved_content_hash": record.content_hash})
+    tracker.set_alias(model_name, APPROVED_ALIAS, version)
+    return entry
+
+
+def record_pending(store: ArtifactStore | Path, tracker: MlflowTracker, artifact_id: str, dagster_run_id: str | None = None) -> dict:
+    record = artifact_record(store, artifact_id)
+    version = tracker.find_version(record.model_name, artifact_id)
+    tracker.set_version_tags(record.model_name, version, {"approval": "pending sign-off"})
+    return record_event(store, record.model_name, {"event": "pending sign-off", "artifact_id": artifact_id, "registry_version": version, "by": None, "dagster_run_id": dagster_run_id})
+
+
+def reject(store: ArtifactStore | Path, tracker: MlflowTracker, artifact_id: str, by: str, reason: str) -> dict:
+    if not by.strip() or not reason.strip():
+        raise SignOffError("a rejection needs a name (--by) and a reason (--note)")
+    record = artifact_record(store, artifact_id)
+    version = tracker.find_version(record.model_name, artifact_id)
+    tracker.set_version_tags(record.model_name, version, {"approval": "rejected", "rejected_by": by, "rejection_reason": reason})
+    if tracker.alias_version(record.model_name, APPROVED_ALIAS) == version:
+        tracker.client().delete_registered_model_alias(record.model_name, APPROVED_ALIAS)
+    return record_event(store, record.model_name, {"event": "rejected", "artifact_id": artifact_id, "registry_version": version, "by": by, "note": reason})
+
+
+def is_approved(store: ArtifactStore | Path, model_name: str, artifact_id: str) -> bool:
+    history = decisions(store, model_name, artifact_id)
+    latest = [e for e in history if e["event"] != "pending sign-off"]
+    return bool(latest) and latest[-1]["event"] == "approved"
+
+
+def promote(store: ArtifactStore | Path, tracker: MlflowTracker, artifact_id: str, by: str, note: str = "") -> dict:
+    """Move `production` to an approved artifact (only approved ones)."""
+    record = artifact_record(store, artifact_id)
+    model_name = record.model_name
+    if not by.strip():
+        raise SignOffError("promotion needs a name (--by)")
+    if not is_approved(store, model_name, artifact_id):
+        raise SignOffError(f"artifact {artifact_id} is not approved: only approved versions can be promoted to {PRODUCTION_ALIAS}")
+    version = tracker.find_version(model_name, artifact_id)
+    previous = tracker.alias_version(model_name, PRODUCTION_ALIAS)
+    tracker.set_alias(model_name, PRODUCTION_ALIAS, version)
+    return record_event(store, model_name, {"event": "promoted", "artifact_id": artifact_id, "registry_version": version, "from_version": previous, "by": by, "note": note})
+
+
+def rollback(store: ArtifactStore | Path, tracker: MlflowTracker, model_name: str, by: str, note: str, to_base: bool = False) -> dict:
+    """Move `production` back to the previous approved version, or to the kept base model."""
+    if not by.strip() or not note.strip():
+        raise SignOffError("a rollback needs a name (--by) and a reason (--note)")
+    current = tracker.alias_version(model_name, PRODUCTION_ALIAS)
+    target = None
+    if not to_base:
+        promoted = [e for e in read_entries(trail_path(store, model_name)) if e["event"] in ("promoted", "rollback")]
+        history = [e["registry_version"] for e in promoted if e.get("registry_version")]
+        earlier = [v for v in reversed(history) if v != current]
+        target = next((v for v in earlier if is_approved(store, model_name, version_artifact(tracker, model_name, v))), None)
+    if target is None:
+        target = base_version(tracker, model_name)
+        if target is None:
+            raise SignOffError(f"{model_name} has no earlier approved version and no registered base model to roll back to")
+    tracker.set_alias(model_name, PRODUCTION_ALIAS, target)
+    return record_event(store, model_name, {
+        "event": "rollback", "from_version": current, "registry_version": target, "artifact_id": version_artifact(tracker, model_name, target),
+        "to_base": target == base_version(tracker, model_name), "by": by, "note": note,
+    })  # fmt: skip
+
+
+def version_artifact(tracker: MlflowTracker, model_name: str, version: str) -> str:
+    return tracker.client().get_model_version(model_name, version).tags.get("artifact_id", "")
+
+
+def base_version(tracker: MlflowTracker, model_name: str) -> str | None:
+    mv = tracker.base_model_version(model_name)
+    return mv.version if mv else None

@@ -1,0 +1,158 @@
+"""Append-only, tamper-evident audit trail (JSON Lines, one hash-chained entry per line).
+
+Approval history is evidence: an auditor must be able to tell whether anyone edited, removed or
+reordered a decision after it was recorded. A plain JSONL file cannot show that, so each entry
+carries its position (`seq`), the hash of the entry before it (`prev_hash`) and its own `hash`
+(sha256 of its canonical JSON without `hash`). Editing an entry changes its hash; removing or
+reordering one breaks the link from the next entry. What a file alone cannot show is that its
+*last* entries were cut off (the shorter chain is still consistent), so the head hash should also
+be kept somewhere else (an MLflow tag, a ticket, a signed message) and passed to
+`verify_trail(path, expected_head=...)` as an anchor.
+
+Appends go through the store's locked append (`core.store.append_line_locked`): the lock spans
+reading the last entry and writing the new one, so concurrent appenders never fork the chain, and
+each line is fsynced before the lock is released, so an acknowledged entry survives a crash.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fcntl
+import hashlib
+import json
+from pathlib import Path
+
+from quant_pipeline.core.store import StoreError, append_line_locked, last_line, read_lines_locked
+
+GENESIS_HASH = "0" * 64
+RESERVED = ("seq", "prev_hash", "hash")
+
+
+def _canonical(obj: object) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def entry_hash(entry: dict) -> str:
+    """sha256 of the entry's canonical JSON, `hash` itself left out (it cannot cover itself)."""
+    body = {k: v for k, v in entry.items() if k != "hash"}
+    return hashlib.sha256(_canonical(body).encode("utf-8")).hexdigest()
+
+
+def append_entry(path: Path, event: dict) -> dict:
+    """Append ``event`` as the next chained entry and return the entry exactly as stored.
+
+    Adds `seq` (0-based), `at` (UTC ISO-8601 unless the event has one), `prev_hash` and `hash`.
+    The event must not carry `seq`, `prev_hash` or `hash`: those are the chain's, not the caller's.
+    Refuses to append to a trail whose last line is torn or not JSON (a crash mid-write or an
+    edit): chaining onto a damaged head would hide the damage, so a person must look first.
+    """
+    clash = [k for k in RESERVED if k in event]
+    if clash:
+        raise ValueError(f"event must not set {', '.join(clash)}: the trail assigns them")
+
+    def chained(last: bytes | None) -> str:
+        if last is None:
+            seq, prev = 0, GENESIS_HASH
+        else:
+            try:
+                previous = json.loads(last)
+                seq, prev = int(previous["seq"]) + 1, str(previous["hash"])
+            except (ValueError, KeyError, TypeError) as e:
+                raise StoreError(f"{path}: last entry is not a valid trail entry ({e}); run verify-trail first") from None
+        entry = {**event, "seq": seq, "prev_hash": prev}
+        entry.setdefault("at", dt.datetime.now(dt.timezone.utc).isoformat())
+        # Store what JSON can represent (Path -> str, tuples -> lists) so that the hash computed
+        # now is the hash an auditor recomputes from the line later.
+        entry = json.loads(json.dumps(entry, default=str))
+        entry["hash"] = entry_hash(entry)
+        stored.append(entry)
+        return _canonical(entry)
+
+    stored: list[dict] = []
+    append_line_locked(Path(path), chained)
+    return stored[0]
+
+
+def read_entries(path: Path) -> list[dict]:
+    """All entries in file order ([] when the trail does not exist yet).
+
+    Raises ValueError naming the line when one is not JSON; use `verify_trail` to audit a trail.
+    """
+    path = Path(path)
+    if not path.exists():
+        return []
+    entries = []
+    for number, line in enumerate(read_lines_locked(path), start=1):
+        if not line.strip():
+            continue
+        try:
+            entries.append(json.loads(line))
+        except ValueError as e:
+            raise ValueError(f"{path} line {number}: not valid JSON ({e})") from e
+    return entries
+
+
+def head_hash(path: Path) -> str | None:
+    """Hash of the last entry: the value to keep elsewhere as the anchor for `verify_trail`."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    with open(path, "rb") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_SH)
+        try:
+            last = last_line(f)
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    if last is None:
+        return None
+    try:
+        return json.loads(last).get("hash")
+    except (ValueError, AttributeError):
+        return None
+
+
+def verify_trail(path: Path, expected_head: str | None = None) -> list[str]:
+    """Everything wrong with the trail, in file order; an empty list means it is intact.
+
+    Reports lines that are not JSON entries, entries whose content no longer matches their hash
+    (edited), entries whose `prev_hash` does not match the entry before them (one was removed or
+    reordered), and gaps in `seq`. The file cannot show that entries were cut off its end; pass
+    the head hash recorded elsewhere as ``expected_head`` to catch that too.
+    """
+    path = Path(path)
+    problems: list[str] = []
+    lines = read_lines_locked(path) if path.exists() else []
+    prev_hash: str | None = GENESIS_HASH  # None: the line before was unreadable, skip the link check
+    expected_seq: int | None = 0
+    head: str | None = None
+    for number, line in enumerate(lines, start=1):
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            entry = None
+        if not isinstance(entry, dict):
+            problems.append(f"line {number}: not a JSON trail entry")
+            prev_hash, expected_seq, head = None, None, None
+            continue
+        seq = entry.get("seq")
+        label = f"entry {seq}" if isinstance(seq, int) else f"entry at line {number}"
+        stored = entry.get("hash")
+        if not isinstance(stored, str):
+            problems.append(f"{label} (line {number}): has no hash")
+        elif entry_hash(entry) != stored:
+            problems.append(f"{label} (line {number}): content was edited")
+        if prev_hash is not None and entry.get("prev_hash") != prev_hash:
+            problems.append(f"{label}: chain broken — an entry before it was removed or reordered")
+        if not isinstance(seq, int):
+            problems.append(f"{label}: has no integer seq")
+        elif expected_seq is not None and seq != expected_seq:
+            problems.append(f"{label}: seq gap — expected {expected_seq}")
+        prev_hash = stored if isinstance(stored, str) else None
+        expected_seq = seq + 1 if isinstance(seq, int) else None
+        head = stored if isinstance(stored, str) else None
+    if expected_head is not None and head != expected_head:
+        problems.append(
+            f"head hash differs from the anchor (anchor {expected_head[:16]}…, trail {head[:16] + '…' if head else 'empty'}): "
+            "entries were removed from the end, or the trail was replaced"
+        )
+    return problems

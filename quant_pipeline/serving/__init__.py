@@ -1,0 +1,12 @@
+"""Serving registered models: resolver, server, MLflow pyfunc, request log, reproduction.
+
+`QuantizedLLM` is exported here as well because versions registered before the models-from-code
+pyfunc pickled it by this name."""
+
+from quant_pipeline.release.reference import ServingError
+from quant_pipeline.serving.pyfunc import QuantizedLLM
+from quant_pipeline.serving.reproduce import reproduce
+from quant_pipeline.serving.request_log import find_request, find_trace, read_requests, requests_path
+from quant_pipeline.serving.server import Server
+
+__all__ = ["QuantizedLLM", "Server", "ServingError", "find_request", "find_trace", "read_requests", "reproduce", "requests_path"]

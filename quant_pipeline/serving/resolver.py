@@ -1,0 +1,152 @@
+"""From a name to verified bytes: registry version, artifact ID, alias or `base` -> a checked reference.
+
+What gets served is resolved through the MLflow registry. The reference a version carries is
+cross-checked against the version's tags, and every file is re-hashed before a model is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import mlflow
+from mlflow.exceptions import MlflowException
+
+from quant_pipeline.core.artifacts import read_artifact_record
+from quant_pipeline.core.hashing import RECORD_FILE, file_hashes, tree_hash
+from quant_pipeline.core.store import ArtifactStore, StoreError, check_name
+from quant_pipeline.core.tracking import MlflowTracker
+from quant_pipeline.models.checkpoint import load_model
+from quant_pipeline.release.reference import REF_FILE, ServingError, build_ref, verify_ref
+
+BASE_REF = "base"
+
+
+def is_safe_name(name: str) -> bool:
+    try:
+        check_name(name)
+    except StoreError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class Resolved:
+    version: str | None
+    ref: dict
+
+    @property
+    def artifact_id(self) -> str:
+        return self.ref["artifact_id"]
+
+    @property
+    def kind(self) -> str:
+        return self.ref["kind"]
+
+
+class ModelResolver:
+    """Registry version (or artifact ID, or alias) -> the version's reference, cross-checked."""
+
+    def __init__(self, tracker: MlflowTracker, model_name: str, store_dir: ArtifactStore | Path, known_refs=()):
+        self.tracker, self.model_name, self.store = tracker, check_name(model_name, "model name"), ArtifactStore.of(store_dir)
+        self.client = tracker.client()
+        self.known = {r["artifact_id"]: r for r in known_refs}
+
+    def alias_version(self, alias: str):
+        return self.tracker.alias_model_version(self.model_name, alias)
+
+    def version_of(self, artifact_id: str):
+        return self.tracker.model_version(self.model_name, artifact_id)
+
+    def base_version(self, base_hash: str | None):
+        return self.tracker.base_model_version(self.model_name, base_hash)
+
+    def resolve(self, ref: str) -> tuple[Resolved, str | None]:
+        """(what `ref` names now, the alias followed or None)."""
+        if ref == BASE_REF:
+            mv = self.base_version(None)
+            if mv is None:
+                known = [r for r in self.known.values() if r["kind"] == "base"]
+                if known:
+                    return Resolved(None, known[0]), None
+                raise ServingError(f"{self.model_name} has no registered base version (tag kind=base) to serve")
+            return self.for_version(mv), None
+        mv = self.version_of(ref)
+        if mv is not None:
+            return self.for_version(mv), None
+        if ref in self.known or (is_safe_name(ref) and self.store.artifact_record_path(ref).exists()):
+            return Resolved(None, self.ref_for_artifact(ref)), None
+        mv = self.alias_version(ref)
+        if mv is not None:
+            return self.for_version(mv), ref
+        if re.fullmatch(r"v?\d+", ref):  # a registry version number, pinned
+            try:
+                return self.for_version(self.client.get_model_version(self.model_name, ref.lstrip("v"))), None
+            except MlflowException:
+                pass
+        raise ServingError(f"{self.model_name}: `{ref}` is neither a registered artifact ID, an alias (approved, production), a version number nor `base`")
+
+    def ref_for_artifact(self, artifact_id: str) -> dict:
+        """An artifact's reference: via its registry version, else from its record in the store."""
+        mv = self.version_of(artifact_id)
+        if mv is not None:
+            return self.for_version(mv).ref
+        if artifact_id in self.known:
+            return self.known[artifact_id]
+        if self.store.artifact_record_path(artifact_id).exists():
+            record = read_artifact_record(self.store, artifact_id)
+            return build_ref(self.store.artifact_dir(artifact_id), record.dump(), self.store.root)
+        raise ServingError(
+            f"artifact {artifact_id} is neither registered for {self.model_name} nor in {self.store.root / 'artifacts'}"
+        )
+
+    def for_version(self, mv) -> Resolved:
+        """The reference a version carries (its pyfunc's artifact_ref.json; for a version registered
+        with a plain directory source, the directory's record), checked against the version's tags."""
+        tags = dict(mv.tags)
+        aid = tags.get("artifact_id")
+        ref = self.known.get(aid) or self._download_ref(mv.source) or self._ref_from_directory(mv, tags)
+        for key in ("artifact_id", "content_hash"):
+            if tags.get(key) and tags[key] != ref[key]:
+                raise ServingError(f"{self.model_name} v{mv.version}: registry tag {key}={tags[key][:16]} but its reference says {ref[key][:16]}: refusing to serve")
+        return Resolved(str(mv.version), ref)
+
+    def _download_ref(self, source: str) -> dict | None:
+        parsed = urlparse(source)
+        if parsed.scheme == "file":  # a local artifact store: read in place
+            path = Path(unquote(parsed.path)) / "artifacts" / REF_FILE
+            return json.loads(path.read_text()) if path.is_file() else None
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                local = mlflow.artifacts.download_artifacts(artifact_uri=f"{source.rstrip('/')}/artifacts/{REF_FILE}", dst_path=tmp, tracking_uri=self.tracker.uri)
+            except Exception:  # not a quant_pipeline pyfunc (a plain checkpoint directory was registered)
+                return None
+            return json.loads(Path(local).read_text())
+
+    def _ref_from_directory(self, mv, tags: dict) -> dict:
+        parsed = urlparse(mv.source)
+        directory = Path(unquote(parsed.path)) if parsed.scheme in ("file", "") else None
+        if directory is None or not directory.is_dir():
+            raise ServingError(f"{self.model_name} v{mv.version}: source {mv.source} is neither a quant_pipeline pyfunc nor a local checkpoint directory")
+        record_path = directory / RECORD_FILE
+        record = json.loads(record_path.read_text()) if record_path.exists() else {}
+        if not record.get("files"):  # a user's own checkpoint: only the registry's content hash to check against
+            files = file_hashes(directory)
+            if tags.get("content_hash") and tree_hash(files) != tags["content_hash"]:
+                raise ServingError(
+                    f"refusing to load {tags.get('artifact_id', directory.name)} from {directory}: its files no longer match the "
+                    f"registered content hash {tags['content_hash'][:16]} (no per-file record to name which; re-register it with log_registered_pyfunc)"
+                )
+            record = {**record, "files": files, "content_hash": tags.get("content_hash")}
+        record = {"model_name": self.model_name, "kind": tags.get("kind"), **{k: v for k, v in record.items() if v is not None}}
+        return build_ref(directory, record, self.store.root)
+
+
+def load_verified(ref: dict):
+    """Verify every file against the reference, then load (safetensors only)."""
+    verify_ref(ref)
+    return load_model(Path(ref["model_dir"]))

@@ -1,0 +1,49 @@
+"""The default model end to end (SmolLM2-135M-Instruct from the shipped GGUF), at reduced sizes for CI."""
+
+
+import pytest
+
+from quant_pipeline.models.checkpoint import resolve_model_source
+from quant_pipeline.core.artifacts import verify_artifact
+from quant_pipeline.defs.resources import AuditSettings
+from quant_pipeline.core.recipe import Recipe
+
+from quant_pipeline_tests.support import run_audit
+
+pytestmark = pytest.mark.slow
+
+
+def test_default_smollm2_audit_quantizes_evaluates_and_gates(tmp_path, mlflow_tracker, instance):
+    settings = AuditSettings(
+        model="default",
+        store_dir=str(tmp_path / "store"),
+        recipe=Recipe(bits=4, group_size=64, calibration_samples=8, seq_len=128),
+        eval_limit=8,
+        eval_max_new_tokens=32,
+    )
+    result = run_audit(settings, mlflow_tracker, instance)
+    evaluated = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+    assert set(evaluated) == {"slices_within_tolerance", "policy_metrics_measured"}
+    assert evaluated["policy_metrics_measured"] is True
+    # The gate's verdict decides whether approval ran: never approved without passing checks.
+    approval_ran = "approval" in {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
+    assert approval_ran == evaluated["slices_within_tolerance"]
+
+    base = result.output_for_node("base_checkpoint")
+    assert base["model_name"] == resolve_model_source("default").name == "SmolLM2-135M-Instruct"
+    assert base["hidden_size"] == 576 and base["num_hidden_layers"] == 30
+    assert 130e6 < base["num_parameters"] < 140e6 and base["dtype"] == "F32"
+
+    artifact = result.output_for_node("quantized_artifact")
+    record = verify_artifact(settings.store, artifact["artifact_id"]).dump()
+    assert record["scales"]["layers"] == 30 * 7
+    assert artifact["size_bytes"] < 0.5 * base["size_bytes"]  # int4 linears + fp32 tied embedding
+
+    import pandas as pd
+
+    base_evals = pd.read_parquet(result.output_for_node("base_eval_results")["results_path"]).set_index(["category", "metric"])["value"]
+    quant_evals = pd.read_parquet(result.output_for_node("quantized_eval_results")["results_path"]).set_index(["category", "metric"])["value"]
+    # A real 135M instruct model is far better than a random one on held-out text, and 4-bit GPTQ
+    # costs it some perplexity but keeps it in the same range.
+    assert base_evals[("heldout", "word_perplexity")] < 200
+    assert 1.0 <= quant_evals[("heldout", "word_perplexity")] / base_evals[("heldout", "word_perplexity")] < 2.0

@@ -1,0 +1,148 @@
+"""Re-audit on change: sensors fire once per change with the right tags, and work is reused by hash."""
+
+import json
+import shutil
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from quant_pipeline.defs.gate import PENDING
+from quant_pipeline.defs.automation import CALIBRATION_STAGES, FROM_TAG, TO_TAG, TRIGGER_TAG, base_model_sensor, calibration_data_sensor, runtime_sensor
+from quant_pipeline.core.paths import DEFAULT_CALIBRATION
+from quant_pipeline.core.runtime import fingerprint_hash, runtime_fingerprint
+from quant_pipeline.core.tracking import APPROVED_ALIAS
+
+from quant_pipeline_tests.support import replace, run_audit
+
+
+def tick(sensor, instance, cursor=None, settings=None):
+    resources = {"settings": settings} if settings is not None else {}
+    ctx = dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources)
+    result = sensor(ctx)
+    if isinstance(result, dg.SkipReason):
+        return [], result.skip_message, cursor
+    requests = result.run_requests or []
+    skip = result.skip_reason.skip_message if result.skip_reason else None
+    return requests, skip, result.cursor or cursor
+
+
+@pytest.fixture
+def calibration_copy(tmp_path) -> Path:
+    return Path(shutil.copy(DEFAULT_CALIBRATION, tmp_path / "calibration.jsonl"))
+
+
+def test_calibration_change_requests_one_reaudit_of_the_affected_stages(tiny_settings, instance, calibration_copy):
+    settings = replace(tiny_settings, calibration_file=str(calibration_copy))
+    requests, skip, cursor = tick(calibration_data_sensor, instance, None, settings)
+    assert requests == [] and "no audit recorded yet" in skip
+    requests, skip, cursor = tick(calibration_data_sensor, instance, cursor, settings)
+    assert requests == [] and "unchanged" in skip
+    before = json.loads(cursor)["version"]
+
+    with open(calibration_copy, "a") as f:
+        f.write(json.dumps({"text": "A new calibration sample about tide tables and harbour pilots."}) + "\n")
+    requests, skip, cursor = tick(calibration_data_sensor, instance, cursor, settings)
+    assert len(requests) == 1
+    request = requests[0]
+    assert request.tags[TRIGGER_TAG] == "calibration"
+    assert request.tags[FROM_TAG] == before and request.tags[TO_TAG] == json.loads(cursor)["version"] != before
+    assert sorted(k.to_user_string() for k in request.asset_selection) == sorted(CALIBRATION_STAGES)
+    assert "base_eval_results" not in CALIBRATION_STAGES
+
+    # The same change seen again launches nothing more.
+    requests, skip, _ = tick(calibration_data_sensor, instance, cursor, settings)
+    assert requests == [] and "unchanged" in skip
+
+
+def test_base_model_sensor_sees_a_rewritten_checkpoint_file_and_a_new_model(tiny_settings, instance, tiny_llama, tmp_path):
+    model = Path(shutil.copytree(tiny_llama, tmp_path / "model"))
+    settings = replace(tiny_settings, model=str(model))
+    _, skip, cursor = tick(base_model_sensor, instance, None, settings)
+    _, skip, cursor = tick(base_model_sensor, instance, cursor, settings)
+    assert "unchanged" in skip
+    before = json.loads(cursor)["version"]
+
+    config = json.loads((model / "config.json").read_text())
+    config["rms_norm_eps"] = 1e-5 if config.get("rms_norm_eps") != 1e-5 else 1e-6
+    (model / "config.json").write_text(json.dumps(config))
+    requests, _, cursor = tick(base_model_sensor, instance, cursor, settings)
+    assert len(requests) == 1 and requests[0].tags[TRIGGER_TAG] == "base_model"
+    assert requests[0].tags[FROM_TAG] == before and requests[0].tags[TO_TAG].startswith("model@")
+    assert tick(base_model_sensor, instance, cursor, settings)[0] == []
+
+    other = replace(settings, model=str(tiny_llama))  # the config now names another model
+    requests, _, _ = tick(base_model_sensor, instance, cursor, other)
+    assert len(requests) == 1 and requests[0].tags[TO_TAG].startswith(f"{tiny_llama.name}@")
+
+
+def test_runtime_sensor_compares_with_the_fingerprint_of_the_latest_audit(instance):
+    assert tick(runtime_sensor, instance)[0] == []  # no audit yet
+    older = json.loads(json.dumps(runtime_fingerprint()))
+    older["libraries"]["torch"] = "2.12.0"
+    instance.report_runless_asset_event(dg.AssetMaterialization("runtime_environment", metadata={"fingerprint": dg.MetadataValue.json(older)}))
+    requests, _, cursor = tick(runtime_sensor, instance)
+    assert len(requests) == 1
+    assert requests[0].tags[TRIGGER_TAG] == "runtime"
+    assert requests[0].tags[FROM_TAG] == fingerprint_hash(older)[:16]
+    assert "libraries.torch: 2.12.0 -> " in requests[0].tags["quant_pipeline/changes"]
+    assert tick(runtime_sensor, instance, cursor)[0] == []  # same change: one run only
+
+    instance.report_runless_asset_event(dg.AssetMaterialization("runtime_environment", metadata={"fingerprint": dg.MetadataValue.json(runtime_fingerprint())}))
+    requests, skip, _ = tick(runtime_sensor, instance, cursor)
+    assert requests == [] and "unchanged" in skip
+
+
+def test_sensor_cursor_survives_a_new_instance_on_the_same_storage(tiny_settings, calibration_copy, tmp_path):
+    """After an audit, a fresh instance on the same storage (a daemon restart) sees no change to act on."""
+    home = tmp_path / "home"
+    home.mkdir()
+    settings = replace(tiny_settings, calibration_file=str(calibration_copy))
+    with dg.instance_for_test(temp_dir=str(home)) as first:
+        first.report_runless_asset_event(dg.AssetMaterialization("calibration_set", metadata={"version": "calibration.jsonl@0000000000000000"}))
+        requests, _, cursor = tick(calibration_data_sensor, first, None, settings)
+        assert len(requests) == 1
+    with dg.instance_for_test(temp_dir=str(home)) as second:
+        assert second.get_latest_materialization_event(dg.AssetKey("calibration_set")) is not None
+        requests, skip, _ = tick(calibration_data_sensor, second, cursor, settings)
+        assert requests == [] and "unchanged" in skip
+
+
+def test_calibration_reaudit_reuses_base_eval_and_starts_a_new_pending_approval(tiny_settings, mlflow_tracker, instance, calibration_copy, tmp_path):
+    lenient = tmp_path / "lenient.yaml"
+    lenient.write_text("name: lenient\ntolerances:\n  acc: {direction: higher_is_better, tolerance: 1.0}\n")
+    settings = replace(tiny_settings, calibration_file=str(calibration_copy), policy_file=str(lenient))
+    first = run_audit(settings, mlflow_tracker, instance, approver="Grace Hopper", note="first release")
+    assert first.success
+    old = first.output_for_node("quantized_artifact")
+    assert mlflow_tracker.alias_version(old["model_name"], APPROVED_ALIAS) == old["registry_version"]
+
+    lines = calibration_copy.read_text().splitlines()
+    calibration_copy.write_text("\n".join(reversed(lines)) + "\n")  # same texts, other order: other samples used
+    second = run_audit(settings, mlflow_tracker, instance, selection=CALIBRATION_STAGES)
+    assert second.success
+    ran = {e.asset_key.to_user_string() for e in second.get_asset_materialization_events()}
+    assert ran == set(CALIBRATION_STAGES)  # base model's eval not re-run
+    new = second.output_for_node("quantized_artifact")
+    assert new["artifact_id"] != old["artifact_id"] and not new["reused"]
+    assert second.output_for_node("quantized_eval_results")["reused_from_run"] is None
+    assert second.output_for_node("approval")["decision"] == PENDING
+    assert mlflow_tracker.alias_version(old["model_name"], APPROVED_ALIAS) == old["registry_version"]
+
+
+def test_policy_change_rejudges_without_rerunning_any_model(tiny_settings, mlflow_tracker, instance, tmp_path):
+    lenient = tmp_path / "lenient.yaml"
+    lenient.write_text("name: lenient\ntolerances:\n  acc: {direction: higher_is_better, tolerance: 1.0}\n")
+    settings = replace(tiny_settings, policy_file=str(lenient))
+    first = run_audit(settings, mlflow_tracker, instance)
+    assert first.success
+    lenient.write_text("name: lenient-v2\ntolerances:\n  acc: {direction: higher_is_better, tolerance: 0.9}\n")
+    rejudge = run_audit(settings, mlflow_tracker, instance, selection=["delta_report", "approval"])
+    assert rejudge.success
+    assert {e.asset_key.to_user_string() for e in rejudge.get_asset_materialization_events()} == {"delta_report", "approval"}
+    assert rejudge.output_for_node("delta_report")["policy_name"] == "lenient-v2"
+    # A full run after the policy change reuses the artifact and both evaluations by hash.
+    full = run_audit(settings, mlflow_tracker, instance)
+    assert full.output_for_node("quantized_artifact")["reused"]
+    assert full.output_for_node("base_eval_results")["reused_from_run"] == first.run_id
+    assert full.output_for_node("quantized_eval_results")["reused_from_run"] == first.run_id

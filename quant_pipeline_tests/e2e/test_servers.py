@@ -1,0 +1,242 @@
+"""The user-facing servers, for real, on loopback: `dagster dev` (what `make ui` runs) and
+`mlflow server` (what `make mlflow` runs), each started as a subprocess on a free port.
+
+Everything they write goes under tmp_path: nothing lands in the checkout.
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from quant_pipeline_tests.support import replace, run_audit
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BIN_DIR = Path(sys.executable).parent
+STAGES = ["base_checkpoint", "calibration_set", "runtime_environment", "quantized_artifact", "base_eval_results", "quantized_eval_results", "delta_report", "approval"]
+
+
+# -- helpers ---------------------------------------------------------------------------------
+def free_port() -> int:
+    """A port nobody listens on right now: bind port 0 on loopback and let the OS pick."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(probe: Callable[[], object], timeout: float, interval: float = 2.0, proc: subprocess.Popen | None = None, log: Path | None = None):
+    """Call `probe` until it returns something truthy (returned) or `timeout` seconds pass (fails).
+    Exceptions from the probe count as "not yet"; a server process that exits ends the wait early."""
+    deadline = time.monotonic() + timeout
+    last_error: BaseException | None = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"server exited with code {proc.returncode} before it was ready\n{tail(log)}")
+        try:
+            value = probe()
+            if value:
+                return value
+        except Exception as e:  # not up yet, or still loading
+            last_error = e
+        time.sleep(interval)
+    pytest.fail(f"not ready after {timeout:.0f}s (last error: {last_error!r})\n{tail(log)}")
+
+
+def start_server(cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+    """Start a server in its own process group (so it and its children can be stopped together),
+    with stdout and stderr going to `log`."""
+    with open(log, "wb") as out:
+        return subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def stop_process_group(proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    """SIGTERM the whole process group, then SIGKILL whatever is still there after `timeout`."""
+    try:
+        pgid = os.getpgid(proc.pid)
+    except ProcessLookupError:
+        return
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pass
+    except ProcessLookupError:
+        return
+    try:  # the leader may be gone while children (code server, daemon, workers) linger
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=timeout)
+
+
+def tail(log: Path | None, lines: int = 40) -> str:
+    if log is None or not log.exists():
+        return ""
+    text = log.read_text(errors="replace").splitlines()[-lines:]
+    return "--- last server output ---\n" + "\n".join(text)
+
+
+def http_get(url: str, timeout: float = 10.0) -> str:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return resp.read().decode()
+
+
+def graphql(port: int, query: str, timeout: float = 30.0) -> dict:
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/graphql", data=json.dumps({"query": query}).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        body = json.loads(resp.read())
+    assert not body.get("errors"), body["errors"]
+    return body["data"]
+
+
+WORKSPACE_QUERY = """
+{
+  workspaceOrError {
+    __typename
+    ... on Workspace {
+      locationEntries {
+        name
+        loadStatus
+        locationOrLoadError {
+          __typename
+          ... on RepositoryLocation { repositories { name assetNodes { assetKey { path } } } }
+          ... on PythonError { message stack }
+        }
+      }
+    }
+    ... on PythonError { message }
+  }
+}
+"""
+
+
+# -- dagster dev -----------------------------------------------------------------------------
+def test_dagster_dev_loads_the_code_location_with_every_stage(tmp_path):
+    dagster_home = tmp_path / "dagster_home"
+    dagster_home.mkdir()
+    shutil.copy(REPO_ROOT / "dagster.yaml", dagster_home / "dagster.yaml")
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(dagster_home),
+        "QP_STORE_DIR": str(tmp_path / "store"),
+        "QP_MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    port, log = free_port(), tmp_path / "dagster_dev.log"
+    proc = start_server([str(BIN_DIR / "dagster"), "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)], log, env)
+    try:
+
+        def location_done():
+            data = graphql(port, WORKSPACE_QUERY)["workspaceOrError"]
+            assert data["__typename"] == "Workspace", data
+            entries = {e["name"]: e for e in data["locationEntries"]}
+            entry = entries.get("quant_pipeline")
+            return entry if entry and entry["loadStatus"] == "LOADED" else None
+
+        entry = wait_until(location_done, timeout=180, proc=proc, log=log)
+        location = entry["locationOrLoadError"]
+        assert location["__typename"] == "RepositoryLocation", f"code location failed to load: {location}\n{tail(log)}"
+        asset_keys = {"/".join(node["assetKey"]["path"]) for repo in location["repositories"] for node in repo["assetNodes"]}
+        missing = set(STAGES) - asset_keys
+        assert not missing, f"stages missing from the code location: {sorted(missing)} (found {sorted(asset_keys)})\n{tail(log)}"
+    finally:
+        stop_process_group(proc)
+
+
+# -- mlflow server ---------------------------------------------------------------------------
+
+
+def test_mlflow_server_shows_audit_runs_metrics_and_registered_version(tmp_path, tiny_settings, mlflow_tracker, instance, lenient_policy):
+    settings = replace(tiny_settings, policy_file=str(lenient_policy))
+    result = run_audit(settings, mlflow_tracker, instance)
+    assert result.success, [c for c in result.get_asset_check_evaluations() if not c.passed]
+    artifact = result.output_for_node("quantized_artifact")
+
+    port, log = free_port(), tmp_path / "mlflow_server.log"
+    cmd = [
+        str(BIN_DIR / "mlflow"), "server",
+        "--backend-store-uri", f"sqlite:///{tmp_path}/mlflow.db",
+        "--default-artifact-root", str(tmp_path / "mlartifacts"),
+        "--host", "127.0.0.1", "--port", str(port),
+        "--workers", "1",
+    ]  # fmt: skip
+    proc = start_server(cmd, log)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: http_get(f"{url}/health"), timeout=120, proc=proc, log=log)
+        client = MlflowClient(tracking_uri=url)
+
+        exp = client.get_experiment_by_name(f"quant_pipeline/{Path(settings.model).name}")
+        assert exp is not None, f"experiment missing on the server\n{tail(log)}"
+        runs = client.search_runs([exp.experiment_id])
+        by_stage = {r.data.tags.get("stage"): r for r in runs}
+        assert {"base_checkpoint", "quantized_artifact", "quantized_eval_results", "delta_report", "approval"} <= set(by_stage), sorted(map(str, by_stage))
+        assert "acc/facts" in by_stage["quantized_eval_results"].data.metrics, sorted(by_stage["quantized_eval_results"].data.metrics)
+
+        versions = client.search_model_versions(f"name='{artifact['model_name']}'")
+        assert artifact["artifact_id"] in {v.tags.get("artifact_id") for v in versions}, [v.tags for v in versions]
+    finally:
+        stop_process_group(proc)
+
+
+# -- the daemon re-audits on a calibration change -------------------------------------------
+def test_daemon_launches_and_completes_a_reaudit_after_a_calibration_change(tmp_path, tiny_llama, lenient_policy, monkeypatch):
+    import dagster as dg
+    from dagster._core.storage.dagster_run import DagsterRunStatus, RunsFilter
+
+    from quant_pipeline.definitions import AUDIT_ASSETS, AUDIT_CHECKS
+    from quant_pipeline.defs.resources import build_resources
+    from quant_pipeline.defs.automation import CALIBRATION_STAGES, FROM_TAG, TO_TAG, TRIGGER_TAG
+    from quant_pipeline.core.paths import DEFAULT_CALIBRATION
+
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copy(REPO_ROOT / "dagster.yaml", home / "dagster.yaml")
+    calibration = Path(shutil.copy(DEFAULT_CALIBRATION, tmp_path / "calibration.jsonl"))
+    settings_env = {
+        "DAGSTER_HOME": str(home), "QP_MODEL": str(tiny_llama), "QP_CALIBRATION_FILE": str(calibration),
+        "QP_POLICY_FILE": str(lenient_policy), "QP_STORE_DIR": str(tmp_path / "store"),
+        "QP_MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "QP_CALIBRATION_SAMPLES": "8", "QP_SEQ_LEN": "64",
+        "QP_EVAL_LIMIT": "4", "QP_SENSOR_INTERVAL_SECONDS": "5", "QP_REAUDIT_SCHEDULE": "off",
+    }  # fmt: skip
+    for key, value in settings_env.items():
+        monkeypatch.setenv(key, value)
+    with dg.DagsterInstance.get() as instance:  # the same storage the daemon will use
+        first = dg.materialize([*AUDIT_ASSETS, *AUDIT_CHECKS], resources=build_resources(), instance=instance)
+        assert first.success
+
+    port, log = free_port(), tmp_path / "dagster_dev.log"
+    proc = start_server([str(BIN_DIR / "dagster"), "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)], log, {**os.environ, **settings_env})
+    try:
+        with dg.DagsterInstance.get() as instance:
+            wait_until(lambda: graphql(port, "{ version }"), timeout=180, proc=proc, log=log)
+            with open(calibration, "a") as f:
+                f.write(json.dumps({"text": "A late calibration sample about lighthouse keepers and fog signals."}) + "\n")
+
+            def reaudit_finished():
+                runs = instance.get_runs(filters=RunsFilter(tags={TRIGGER_TAG: "calibration"}))
+                done = [r for r in runs if r.status in (DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE)]
+                return done[0] if done else None
+
+            run = wait_until(reaudit_finished, timeout=420, interval=3, proc=proc, log=log)
+            assert run.status == DagsterRunStatus.SUCCESS, tail(log)
+            assert run.tags[FROM_TAG] != run.tags[TO_TAG] and run.tags[TO_TAG].startswith("calibration.jsonl@")
+            assert {k.to_user_string() for k in run.asset_selection} == set(CALIBRATION_STAGES)
+            time.sleep(12)  # two more sensor intervals: the same change must not launch a second run
+            assert len(instance.get_runs(filters=RunsFilter(tags={TRIGGER_TAG: "calibration"}))) == 1
+    finally:
+        stop_process_group(proc)
