@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-fast ui mlflow bench check-deps clean serve
+.PHONY: install demo test test-fast lint fmt ui mlflow bench check-deps clean serve
 
 install: $(VENV)/.installed $(GGUF) $(DAGSTER_HOME)/dagster.yaml
 
@@ -44,11 +44,19 @@ check-deps:
 demo: install
 	$(VENV)/bin/quant-pipeline audit $(DEMO_ARGS)
 
-test: install
+test: install lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: install
+test-fast: install lint
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff format --check quant_pipeline quant_pipeline_tests
+	$(VENV)/bin/ruff check quant_pipeline quant_pipeline_tests
+
+fmt: install
+	$(VENV)/bin/ruff format quant_pipeline quant_pipeline_tests
+	$(VENV)/bin/ruff check --fix quant_pipeline quant_pipeline_tests
 
 ui: install
 	$(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000

@@ -16,10 +16,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("QP_REAUDIT_SCHEDULE", "off")  # the weekly schedule stays off in tests
 
 from quant_pipeline.core.paths import default_gguf_path  # noqa: E402
-from quant_pipeline.defs.resources import AuditSettings  # noqa: E402
 from quant_pipeline.core.tracking import MlflowTracker  # noqa: E402
+from quant_pipeline.defs.resources import AuditSettings  # noqa: E402
 from quant_pipeline_tests.support import TINY_RECIPE  # noqa: E402
-
 
 
 @pytest.fixture(scope="session")
@@ -39,9 +38,16 @@ def tiny_llama(tmp_path_factory, smollm2_tokenizer) -> Path:
 
     path = tmp_path_factory.mktemp("tiny_llama")
     config = LlamaConfig(
-        vocab_size=len(smollm2_tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024, tie_word_embeddings=True,
-        bos_token_id=smollm2_tokenizer.bos_token_id, eos_token_id=smollm2_tokenizer.eos_token_id,
+        vocab_size=len(smollm2_tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=smollm2_tokenizer.bos_token_id,
+        eos_token_id=smollm2_tokenizer.eos_token_id,
     )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
@@ -51,12 +57,20 @@ def tiny_llama(tmp_path_factory, smollm2_tokenizer) -> Path:
 
 @pytest.fixture
 def mlflow_tracker(tmp_path) -> MlflowTracker:
-    return MlflowTracker(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", artifact_root=(tmp_path / "mlartifacts").as_uri())
+    return MlflowTracker(
+        tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", artifact_root=(tmp_path / "mlartifacts").as_uri()
+    )
 
 
 @pytest.fixture
 def tiny_settings(tmp_path, tiny_llama) -> AuditSettings:
-    return AuditSettings(model=str(tiny_llama), store_dir=str(tmp_path / "store"), recipe=TINY_RECIPE, eval_limit=4, eval_max_new_tokens=16)
+    return AuditSettings(
+        model=str(tiny_llama),
+        store_dir=str(tmp_path / "store"),
+        recipe=TINY_RECIPE,
+        eval_limit=4,
+        eval_max_new_tokens=16,
+    )
 
 
 @pytest.fixture

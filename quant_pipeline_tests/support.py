@@ -6,20 +6,30 @@ from pathlib import Path
 import dagster as dg
 
 from quant_pipeline.core.recipe import Recipe
+from quant_pipeline.core.tracking import MlflowTracker
 from quant_pipeline.definitions import AUDIT_ASSETS, AUDIT_CHECKS
 from quant_pipeline.defs.resources import AuditSettings
-from quant_pipeline.core.tracking import MlflowTracker
 
 TINY_RECIPE = Recipe(bits=4, group_size=64, calibration_samples=8, seq_len=64)
 
 
-def run_audit(settings: AuditSettings, tracker: MlflowTracker, instance, approver: str = "", note: str = "", selection=None, tags: dict | None = None):
+def run_audit(
+    settings: AuditSettings,
+    tracker: MlflowTracker,
+    instance,
+    approver: str = "",
+    note: str = "",
+    selection=None,
+    tags: dict | None = None,
+):
     """Materialize the audit graph (or a selection of it) with real resources; never raises."""
     return dg.materialize(
         [*AUDIT_ASSETS, *AUDIT_CHECKS],
         resources={"settings": settings, "mlflow": tracker},
         instance=instance,
-        run_config={"ops": {"approval": {"config": {"approver": approver, "note": note}}}} if selection is None or "approval" in str(selection) else None,
+        run_config={"ops": {"approval": {"config": {"approver": approver, "note": note}}}}
+        if selection is None or "approval" in str(selection)
+        else None,
         raise_on_error=False,
         selection=selection,
         tags=tags,

@@ -43,8 +43,25 @@ def main(argv: list[str] | None = None) -> int:
             return 2
 
     if args.command == "audit":
-        overrides: dict = {k: v for k, v in {"model": args.model, "calibration_file": args.calibration_file, "policy_file": args.policy_file, "eval_limit": args.eval_limit}.items() if v is not None}
-        recipe = {k: v for k, v in {"calibration_samples": args.calibration_samples, "group_size": args.group_size, "bits": args.bits}.items() if v is not None}
+        overrides: dict = {
+            k: v
+            for k, v in {
+                "model": args.model,
+                "calibration_file": args.calibration_file,
+                "policy_file": args.policy_file,
+                "eval_limit": args.eval_limit,
+            }.items()
+            if v is not None
+        }
+        recipe = {
+            k: v
+            for k, v in {
+                "calibration_samples": args.calibration_samples,
+                "group_size": args.group_size,
+                "bits": args.bits,
+            }.items()
+            if v is not None
+        }
         if recipe:
             overrides["recipe"] = Recipe(**{**AuditSettings.from_env().recipe.model_dump(), **recipe})
         try:

@@ -22,7 +22,16 @@ def _instance():
     return dg.DagsterInstance.get()
 
 
-def run_audit(settings_overrides: dict, approver: str = "", note: str = "", instance=None, tracker=None, selection=None, raise_on_error: bool = False, tags: dict | None = None):
+def run_audit(
+    settings_overrides: dict,
+    approver: str = "",
+    note: str = "",
+    instance=None,
+    tracker=None,
+    selection=None,
+    raise_on_error: bool = False,
+    tags: dict | None = None,
+):
     """Preflight, then materialize the audit assets (all, or a selection); returns the ExecuteInProcessResult."""
     resources = build_resources(**settings_overrides)
     if tracker is not None:
@@ -32,7 +41,9 @@ def run_audit(settings_overrides: dict, approver: str = "", note: str = "", inst
         [*AUDIT_ASSETS, *AUDIT_CHECKS],
         resources=resources,
         instance=instance or _instance(),
-        run_config={"ops": {"approval": {"config": {"approver": approver, "note": note}}}} if selection is None or "approval" in selection else None,
+        run_config={"ops": {"approval": {"config": {"approver": approver, "note": note}}}}
+        if selection is None or "approval" in selection
+        else None,
         raise_on_error=raise_on_error,
         selection=selection,
         tags=tags or {"quant_pipeline/trigger": "cli"},
@@ -42,7 +53,32 @@ def run_audit(settings_overrides: dict, approver: str = "", note: str = "", inst
 def _parts(md: dict) -> str:
     """Seconds per part of an eval stage (harness, behaviour, bias, latency, reference/agreement)."""
     parts = md.get("part_seconds") or {}
-    return " ".join(f"{k.removesuffix('_seconds')} {v:.0f}s" for k, v in parts.items()) or f"reused from {md.get('reused_from_run')}"
+    return (
+        " ".join(f"{k.removesuffix('_seconds')} {v:.0f}s" for k, v in parts.items())
+        or f"reused from {md.get('reused_from_run')}"
+    )
+
+
+def stage_finding(stage: str, md: dict) -> str:
+    """One stage's headline for the terminal, from its materialization metadata."""
+    if stage == "base_checkpoint":
+        return f"{md.get('model')} {md.get('num_parameters'):,} params, hash {str(md.get('content_hash'))[:12]}"
+    if stage == "calibration_set":
+        return f"{md.get('samples')} samples, hash {str(md.get('content_hash'))[:12]}"
+    if stage == "runtime_environment":
+        return f"torch {md.get('lib/torch')}, {md.get('cpu')}"[:60]
+    if stage == "quantized_artifact":
+        return f"{md.get('artifact_id')} {md.get('size_mb')} MB ({md.get('size_vs_base')} of base)"
+    if stage in ("base_eval_results", "quantized_eval_results"):
+        return f"{md.get('rows')} metrics, {md.get('eval_tokens_per_second')} tok/s; {_parts(md)}"
+    if stage == "delta_report":
+        within = md.get("slices") - md.get("slices_failed")
+        return f"{'PASS' if md.get('passed') else 'FAIL'}: {within}/{md.get('slices')} slices within tolerance"
+    if stage == "approval":
+        return f"{md.get('decision')} ({md.get('registry')})"
+    if stage == "audit_report":
+        return f"report {md.get('html')}, ML-BOM {md.get('mlbom')}"
+    return ""
 
 
 def summarize(result) -> str:
@@ -53,17 +89,7 @@ def summarize(result) -> str:
         mat = event.event_specific_data.materialization
         mats[mat.asset_key.to_user_string()] = {k: getattr(v, "value", v) for k, v in mat.metadata.items()}
     for stage, md in mats.items():
-        found = {
-            "base_checkpoint": lambda: f"{md.get('model')} {md.get('num_parameters'):,} params, hash {str(md.get('content_hash'))[:12]}",
-            "calibration_set": lambda: f"{md.get('samples')} samples, hash {str(md.get('content_hash'))[:12]}",
-            "runtime_environment": lambda: f"torch {md.get('lib/torch')}, {md.get('cpu')}"[:60],
-            "quantized_artifact": lambda: f"{md.get('artifact_id')} {md.get('size_mb')} MB ({md.get('size_vs_base')} of base)",
-            "base_eval_results": lambda: f"{md.get('rows')} metrics, {md.get('eval_tokens_per_second')} tok/s; {_parts(md)}",
-            "quantized_eval_results": lambda: f"{md.get('rows')} metrics, {md.get('eval_tokens_per_second')} tok/s; {_parts(md)}",
-            "delta_report": lambda: f"{'PASS' if md.get('passed') else 'FAIL'}: {md.get('slices') - md.get('slices_failed')}/{md.get('slices')} slices within tolerance",
-            "approval": lambda: f"{md.get('decision')} ({md.get('registry')})",
-            "audit_report": lambda: f"report {md.get('html')}, ML-BOM {md.get('mlbom')}",
-        }.get(stage, lambda: "")()
+        found = stage_finding(stage, md)
         lines.append(f"{stage:<24} {md.get('wall_seconds', ''):>8} {md.get('peak_rss_mb', ''):>8}  {found}")
     for check in result.get_asset_check_evaluations():
         lines.append(f"check {check.check_name:<30} {'passed' if check.passed else 'FAILED'}")

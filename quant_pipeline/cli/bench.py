@@ -24,7 +24,14 @@ from quant_pipeline.core.tracking import MlflowTracker
 from quant_pipeline.defs.automation import CALIBRATION_STAGES
 from quant_pipeline.defs.resources import AuditSettings
 from quant_pipeline.evaluation.generation import generate_greedy, greedy_batches, right_padded
-from quant_pipeline.evaluation.suite import GENERATION_FILE, TASK_CATEGORY, limited, read_jsonl, run_harness, score_output
+from quant_pipeline.evaluation.suite import (
+    GENERATION_FILE,
+    TASK_CATEGORY,
+    limited,
+    read_jsonl,
+    run_harness,
+    score_output,
+)
 from quant_pipeline.models.checkpoint import load_model
 from quant_pipeline.serving.server import Server, greedy_generate
 
@@ -44,7 +51,9 @@ def bare_forward_tokens_per_second(model, tokenizer, texts: list[str], batch_siz
     return tokens / seconds, tokens
 
 
-def bare_generate_tokens_per_second(model, tokenizer, prompts: list[str], budgets: list[int], batch_size: int = 8) -> float:
+def bare_generate_tokens_per_second(
+    model, tokenizer, prompts: list[str], budgets: list[int], batch_size: int = 8
+) -> float:
     """`model.generate` alone on the same pre-tokenized batches the runner builds: no templating,
     decoding or scoring in the timed part (prompt + new tokens per second)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -58,7 +67,9 @@ def bare_generate_tokens_per_second(model, tokenizer, prompts: list[str], budget
         new = gen[:, enc["input_ids"].shape[1] :]
         for row in range(new.shape[0]):
             ids = new[row].tolist()
-            tokens += int(enc["attention_mask"][row].sum()) + (ids.index(tokenizer.eos_token_id) if tokenizer.eos_token_id in ids else len(ids))
+            tokens += int(enc["attention_mask"][row].sum()) + (
+                ids.index(tokenizer.eos_token_id) if tokenizer.eos_token_id in ids else len(ids)
+            )
     return tokens / seconds
 
 
@@ -74,25 +85,38 @@ def bench_slices(model, tokenizer, limit: int | None) -> list[dict]:
         seconds = time.perf_counter() - t0
         bare, _ = bare_forward_tokens_per_second(model, tokenizer, stats["request_texts"])
         tps = stats["eval_tokens"] / seconds
-        rows.append({"slice": category, "items": len(items), "seconds": seconds, "tps": tps, "bare": bare, "ratio": tps / bare})
+        rows.append(
+            {"slice": category, "items": len(items), "seconds": seconds, "tps": tps, "bare": bare, "ratio": tps / bare}
+        )
     items = limited(read_jsonl(GENERATION_FILE), "slice", limit)
     for slice_name in dict.fromkeys(i["slice"] for i in items):
         chosen = [i for i in items if i["slice"] == slice_name]
         prompts, budgets = [i["prompt"] for i in chosen], [i["max_new_tokens"] for i in chosen]
         t0 = time.perf_counter()
         outs = generate_greedy(model, tokenizer, prompts, budgets)
-        for item, out in zip(chosen, outs):
+        for item, out in zip(chosen, outs, strict=True):
             score_output(item, out["output"], out["output_ids"])
         seconds = time.perf_counter() - t0
         tps = sum(o["prompt_tokens"] + len(o["output_ids"]) for o in outs) / seconds
         bare = bare_generate_tokens_per_second(model, tokenizer, prompts, budgets)
-        rows.append({"slice": slice_name, "items": len(chosen), "seconds": seconds, "tps": tps, "bare": bare, "ratio": tps / bare})
+        rows.append(
+            {
+                "slice": slice_name,
+                "items": len(chosen),
+                "seconds": seconds,
+                "tps": tps,
+                "bare": bare,
+                "ratio": tps / bare,
+            }
+        )
     return rows
 
 
 def serving_overhead(tracker, store: Path, artifact: dict, requests: int = 20, max_new_tokens: int = 32) -> str:
     """p50/p95 latency of `Server.generate` (provenance JSONL + MLflow trace) vs `greedy_generate`."""
-    prompts = [i["prompt"] for i in read_jsonl(GENERATION_FILE) if i["slice"] in ("should_not_refuse", "json_format")][:requests]
+    prompts = [i["prompt"] for i in read_jsonl(GENERATION_FILE) if i["slice"] in ("should_not_refuse", "json_format")][
+        :requests
+    ]
     server = Server(tracker, artifact["model_name"], ref=artifact["artifact_id"], store_dir=store)
     model, tokenizer = load_model(Path(artifact["path"]))
     greedy_generate(model, tokenizer, prompts[0], max_new_tokens)  # warm-up, both paths
@@ -113,7 +137,8 @@ def serving_overhead(tracker, store: Path, artifact: dict, requests: int = 20, m
         f"{requests} requests, {max_new_tokens} new tokens max\n"
         f"bare    p50 {statistics.median(bare):.3f} s  p95 {pct(bare, 95):.3f} s\n"
         f"logged  p50 {statistics.median(logged):.3f} s  p95 {pct(logged, 95):.3f} s\n"
-        f"ratio   p50 {statistics.median(logged) / statistics.median(bare):.3f}  p95 {pct(logged, 95) / pct(bare, 95):.3f}  (goal <= 1.05 at p50)"
+        f"ratio   p50 {statistics.median(logged) / statistics.median(bare):.3f}  "
+        f"p95 {pct(logged, 95) / pct(bare, 95):.3f}  (goal <= 1.05 at p50)"
     )
 
 
@@ -121,19 +146,26 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="quant_pipeline.bench")
     parser.add_argument("--eval-limit", type=int, default=None, help="items per eval task")
     parser.add_argument("--calibration-samples", type=int, default=None)
-    parser.add_argument("--reaudit-only", action="store_true", help="stop after the cold/re-audit ratios and sizes (skip per-slice and serving)")
+    parser.add_argument(
+        "--reaudit-only",
+        action="store_true",
+        help="stop after the cold/re-audit ratios and sizes (skip per-slice and serving)",
+    )
     args = parser.parse_args(argv)
-
-
-
-
 
     work = Path(tempfile.mkdtemp(prefix="qp-bench-"))
     calibration = Path(shutil.copy(DEFAULT_CALIBRATION, work / "calibration.jsonl"))
     policy = Path(shutil.copy(DEFAULT_POLICY, work / "policy.yaml"))
-    overrides: dict = {"store_dir": str(work / "store"), "eval_limit": args.eval_limit, "calibration_file": str(calibration), "policy_file": str(policy)}
+    overrides: dict = {
+        "store_dir": str(work / "store"),
+        "eval_limit": args.eval_limit,
+        "calibration_file": str(calibration),
+        "policy_file": str(policy),
+    }
     if args.calibration_samples:
-        overrides["recipe"] = Recipe(**{**AuditSettings.from_env().recipe.model_dump(), "calibration_samples": args.calibration_samples})
+        overrides["recipe"] = Recipe(
+            **{**AuditSettings.from_env().recipe.model_dump(), "calibration_samples": args.calibration_samples}
+        )
     print(f"bench store: {work} (cold: nothing reused)")
     tracker = MlflowTracker(tracking_uri=f"sqlite:///{work}/mlflow.db", artifact_root=(work / "mlartifacts").as_uri())
     timings = {}
@@ -163,7 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     base = result.output_for_node("base_checkpoint")
     artifact = result.output_for_node("quantized_artifact")
     print("\n== size ==")
-    print(f"base {base['size_bytes'] / 2**20:.1f} MB, artifact {artifact['size_bytes'] / 2**20:.1f} MB, ratio {artifact['size_bytes'] / base['size_bytes']:.3f}")
+    print(
+        f"base {base['size_bytes'] / 2**20:.1f} MB, artifact {artifact['size_bytes'] / 2**20:.1f} MB, "
+        f"ratio {artifact['size_bytes'] / base['size_bytes']:.3f}"
+    )
 
     if args.reaudit_only:
         return 0
@@ -174,7 +209,10 @@ def main(argv: list[str] | None = None) -> int:
         for row in bench_slices(model, tokenizer, args.eval_limit):
             ratio = f"{row['ratio']:.2f}" if row["ratio"] else "n/a"
             bare = f"{row['bare']:.1f}" if row["bare"] else "n/a"
-            print(f"{label:<10} {row['slice']:<18} {row['items']:>5} {row['seconds']:>8.1f} {row['tps']:>8.1f} {bare:>15} {ratio:>6}")
+            print(
+                f"{label:<10} {row['slice']:<18} {row['items']:>5} {row['seconds']:>8.1f} {row['tps']:>8.1f} "
+                f"{bare:>15} {ratio:>6}"
+            )
     print("\n== serving overhead: logged requests vs the bare generate call (same artifact) ==")
     print(serving_overhead(tracker, work / "store", artifact))
     return 0  # a failing gate is a finding of the audit, not a failure of the benchmark

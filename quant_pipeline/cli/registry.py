@@ -16,6 +16,7 @@ def _store_and_tracker():
 
 def add_registry_commands(sub) -> None:
     """Registry, sign-off and audit-trail commands (read the store and MLflow the pipeline writes)."""
+
     def show(a):
         store, tracker = _store_and_tracker()
         print(json.dumps(registry.show(store, tracker, a.artifact_id), indent=2, default=str))
@@ -30,7 +31,8 @@ def add_registry_commands(sub) -> None:
     def approve(a):
         store, tracker = _store_and_tracker()
         entry = signoff.approve(store, tracker, a.artifact_id, a.by, a.note, a.second_approver, a.override)
-        print(f"{a.artifact_id}: approved by {entry['by']}{' (override, with ' + entry['second_approver'] + ')' if entry['override'] else ''}; alias `approved` -> v{entry['registry_version']}")
+        override = f" (override, with {entry['second_approver']})" if entry["override"] else ""
+        print(f"{a.artifact_id}: approved by {entry['by']}{override}; alias `approved` -> v{entry['registry_version']}")
         return 0
 
     def reject(a):
@@ -48,7 +50,8 @@ def add_registry_commands(sub) -> None:
     def rollback(a):
         store, tracker = _store_and_tracker()
         entry = signoff.rollback(store, tracker, a.model, a.by, a.note, to_base=a.to_base)
-        print(f"production: v{entry['from_version']} -> v{entry['registry_version']} ({entry['artifact_id']}){' [base model]' if entry['to_base'] else ''}")
+        base = " [base model]" if entry["to_base"] else ""
+        print(f"production: v{entry['from_version']} -> v{entry['registry_version']} ({entry['artifact_id']}){base}")
         return 0
 
     def check_trail(a):
@@ -77,10 +80,20 @@ def add_registry_commands(sub) -> None:
     for name, func, help_text, args in (
         ("show", show, "print an artifact's full record", ["artifact_id"]),
         ("verify", verify, "re-hash an artifact's files against its record", ["artifact_id"]),
-        ("approve", approve, "sign off an artifact whose checks passed", ["artifact_id", "--by", "--note", "--second-approver", "--override"]),
+        (
+            "approve",
+            approve,
+            "sign off an artifact whose checks passed",
+            ["artifact_id", "--by", "--note", "--second-approver", "--override"],
+        ),
         ("reject", reject, "record a rejection with its reason", ["artifact_id", "--by", "--note"]),
         ("promote", promote, "move `production` to an approved artifact", ["artifact_id", "--by", "--note"]),
-        ("rollback", rollback, "move `production` back (previous approved version, or --to-base)", ["model", "--by", "--note", "--to-base"]),
+        (
+            "rollback",
+            rollback,
+            "move `production` back (previous approved version, or --to-base)",
+            ["model", "--by", "--note", "--to-base"],
+        ),
         ("verify-trail", check_trail, "check the model's hash-chained audit trail", ["model", "--expected-head"]),
         ("audit-report", audit_report, "write the model's audit report (HTML + Markdown)", ["model"]),
         ("bom", bom, "write an artifact's CycloneDX 1.6 ML-BOM", ["artifact_id"]),

@@ -17,7 +17,8 @@ def read_artifact_record(store: ArtifactStore, artifact_id: str) -> ArtifactReco
     path = store.artifact_record_path(artifact_id)
     if not path.exists():
         raise ArtifactNotFound(
-            f"no artifact {artifact_id} in {store.root / 'artifacts'}: check the ID (`quant-pipeline show` lists records)"
+            f"no artifact {artifact_id} in {store.root / 'artifacts'}: "
+            "check the ID (`quant-pipeline show` lists records)"
         )
     try:
         return ArtifactRecord.read(path)

@@ -10,15 +10,17 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, model_validator
 
 from quant_pipeline.core.errors import AuditInputError
 from quant_pipeline.core.hashing import tree_hash
 from quant_pipeline.core.store import write_json_atomic
 
 SCHEMA_VERSION = 1
+# MLflow hands registry versions back as int or str depending on the call: one spelling on disk.
+Version = Annotated[str | None, BeforeValidator(lambda v: None if v is None else str(v))]
 
 
 class RecordError(AuditInputError):
@@ -32,7 +34,9 @@ class Record(BaseModel):
     @model_validator(mode="after")
     def _known_schema(self) -> Self:
         if self.schema_version != SCHEMA_VERSION:
-            raise ValueError(f"schema_version {self.schema_version} is not {SCHEMA_VERSION}: written by another version")
+            raise ValueError(
+                f"schema_version {self.schema_version} is not {SCHEMA_VERSION}: written by another version"
+            )
         return self
 
     @classmethod
@@ -42,7 +46,9 @@ class Record(BaseModel):
         except ValidationError as e:
             first = e.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "(top level)"
-            raise RecordError(f"{source}: field `{where}`: {first['msg']}; restore the file from the run that wrote it") from None
+            raise RecordError(
+                f"{source}: field `{where}`: {first['msg']}; restore the file from the run that wrote it"
+            ) from None
 
     @classmethod
     def read(cls, path: Path) -> Self:
@@ -144,7 +150,7 @@ class DeltaReportRecord(Record):
 
     artifact_id: str
     model_name: str
-    registry_version: str | None
+    registry_version: Version
     policy_path: str
     policy_hash: str
     policy_name: str
@@ -173,10 +179,14 @@ class TrailEntry(BaseModel):
     hash: str
     at: str
     artifact_id: str | None = None
-    registry_version: str | None = None
+    registry_version: Version = None
 
     def get(self, key: str, default: object = None) -> object:
-        return getattr(self, key, default) if key in type(self).model_fields or key in (self.model_extra or {}) else default
+        return (
+            getattr(self, key, default)
+            if key in type(self).model_fields or key in (self.model_extra or {})
+            else default
+        )
 
 
 class Decision(BaseModel):
@@ -185,7 +195,7 @@ class Decision(BaseModel):
     model_config = ConfigDict(extra="forbid")
     event: Literal["approved", "rejected", "pending sign-off"]
     artifact_id: str
-    registry_version: str | None
+    registry_version: Version
     by: str | None
     note: str = ""
     content_hash: str | None = None

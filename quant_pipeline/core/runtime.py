@@ -4,7 +4,6 @@ The same artifact can behave differently after a torch, kernel or hardware chang
 is an input of every artifact ID, and its fingerprint is recorded with every audit.
 """
 
-
 import importlib.metadata
 import platform
 import subprocess
@@ -12,7 +11,20 @@ import subprocess
 from quant_pipeline.core.hashing import canonical_hash
 
 LIBRARIES = ("torch", "transformers", "optimum", "gptqmodel", "lm_eval", "accelerate", "safetensors", "numpy")
-ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+ISA_FLAGS = (
+    "sse4_2",
+    "avx",
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512bw",
+    "avx512_vnni",
+    "avx512_bf16",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+)
 
 
 def _cpu() -> tuple[str, list[str]]:
@@ -46,7 +58,12 @@ def runtime_fingerprint() -> dict:
     if torch.cuda.is_available():
         gpu = {"name": torch.cuda.get_device_name(0), "cuda": torch.version.cuda, "count": torch.cuda.device_count()}
         try:
-            gpu["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True, timeout=10).stdout.strip()
+            gpu["driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             gpu["driver"] = "unknown"
     return {

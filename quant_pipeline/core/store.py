@@ -139,7 +139,9 @@ def append_line_locked(path: Path, build: Callable[[bytes | None], str], repair_
                 f.seek(size - 1)
                 if f.read(1) != b"\n":
                     if not repair_torn:
-                        raise StoreError(f"{path}: last line is incomplete (torn write or edit); verify it before appending")
+                        raise StoreError(
+                            f"{path}: last line is incomplete (torn write or edit); verify it before appending"
+                        )
                     prefix = b"\n"
             line = build(None if prefix else last_line(f))
             f.write(prefix + line.encode("utf-8") + b"\n")

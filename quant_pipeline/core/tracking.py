@@ -20,6 +20,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from quant_pipeline.core.paths import default_mlflow_uri, project_home
+from quant_pipeline.core.store import check_name
 
 APPROVED_ALIAS = "approved"
 
@@ -75,7 +76,7 @@ class MlflowTracker(dg.ConfigurableResource):
     def experiment_id(self, model_name: str) -> str:
         """One experiment per base model, so every audit of that model is comparable in one table."""
         client = self.client()
-        name = f"quant_pipeline/{model_name}"
+        name = f"quant_pipeline/{check_name(model_name, 'model name')}"
         exp = client.get_experiment_by_name(name)
         if exp is not None:
             return exp.experiment_id
@@ -90,7 +91,9 @@ class MlflowTracker(dg.ConfigurableResource):
         """Open a run for one stage; it is closed FINISHED, or FAILED if the stage raises."""
         client = self.client()
         exp_id = self.experiment_id(model_name)
-        run = client.create_run(exp_id, run_name=stage, tags={"stage": stage, **{k: str(v) for k, v in (tags or {}).items()}})
+        run = client.create_run(
+            exp_id, run_name=stage, tags={"stage": stage, **{k: str(v) for k, v in (tags or {}).items()}}
+        )
         run_id = run.info.run_id
         url = f"{self.ui_url.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}"
         try:
@@ -104,20 +107,24 @@ class MlflowTracker(dg.ConfigurableResource):
     def register_artifact(self, model_name: str, artifact_id: str, source: str, run_id: str, tags: dict) -> str:
         """Register (once) a model version for an artifact ID; returns the version number."""
         client = self.client()
-        existing = self.find_version(model_name, artifact_id)
+        existing = self.find_version(check_name(model_name, "model name"), check_name(artifact_id, "artifact ID"))
         if existing is not None:
             return existing
         try:
             client.create_registered_model(model_name, tags={"managed_by": "quant_pipeline"})
         except MlflowException:
             pass  # already exists
-        mv = client.create_model_version(model_name, source=source, run_id=run_id, tags={k: str(v) for k, v in tags.items()})
+        mv = client.create_model_version(
+            model_name, source=source, run_id=run_id, tags={k: str(v) for k, v in tags.items()}
+        )
         return mv.version
 
     def model_version(self, model_name: str, artifact_id: str):
         """The registry version holding `artifact_id` (None if there is none)."""
         try:
-            found = self.client().search_model_versions(f"name='{model_name}' and tag.artifact_id='{artifact_id}'")
+            # both names are checked first: nothing from a command line reaches the filter string unchecked
+            name, aid = check_name(model_name, "model name"), check_name(artifact_id, "artifact ID")
+            found = self.client().search_model_versions(f"name='{name}' and tag.artifact_id='{aid}'")
         except MlflowException:
             return None
         return found[0] if found else None
@@ -125,7 +132,8 @@ class MlflowTracker(dg.ConfigurableResource):
     def base_model_version(self, model_name: str, base_hash: str | None = None):
         """The base model's version: the newest one with `base_hash` if given and present, else the newest."""
         try:
-            found = self.client().search_model_versions(f"name='{model_name}' and tag.kind='base'")
+            name = check_name(model_name, "model name")
+            found = self.client().search_model_versions(f"name='{name}' and tag.kind='base'")
         except MlflowException:
             return None
         found = sorted(found, key=lambda v: int(v.version), reverse=True)
@@ -135,7 +143,9 @@ class MlflowTracker(dg.ConfigurableResource):
     def alias_model_version(self, model_name: str, alias: str):
         """The version an alias points at (None if the alias or the model does not exist)."""
         try:
-            return self.client().get_model_version_by_alias(model_name, alias)
+            return self.client().get_model_version_by_alias(
+                check_name(model_name, "model name"), check_name(alias, "alias")
+            )
         except MlflowException as e:
             if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
                 return None
@@ -154,7 +164,9 @@ class MlflowTracker(dg.ConfigurableResource):
             client.set_model_version_tag(model_name, version, k, str(v))
 
     def set_alias(self, model_name: str, alias: str, version: str) -> None:
-        self.client().set_registered_model_alias(model_name, alias, version)
+        self.client().set_registered_model_alias(
+            check_name(model_name, "model name"), check_name(alias, "alias"), version
+        )
 
     def alias_version(self, model_name: str, alias: str) -> str | None:
         mv = self.alias_model_version(model_name, alias)

@@ -7,7 +7,6 @@ Cursors are kept by Dagster, so a daemon restart loses nothing, and a change see
 one run (the cursor moves, and the run key repeats).
 """
 
-
 import json
 import os
 from pathlib import Path
@@ -25,14 +24,40 @@ FROM_TAG = "quant_pipeline/from_version"
 TO_TAG = "quant_pipeline/to_version"
 FORCE_REEVAL_TAG = "quant_pipeline/force_reeval"
 
-ALL_STAGES = ["base_checkpoint", "calibration_set", "runtime_environment", "quantized_artifact", "base_eval_results", "quantized_eval_results", "delta_report", "approval", "audit_report"]
+ALL_STAGES = [
+    "base_checkpoint",
+    "calibration_set",
+    "runtime_environment",
+    "quantized_artifact",
+    "base_eval_results",
+    "quantized_eval_results",
+    "delta_report",
+    "approval",
+    "audit_report",
+]
 # A calibration change cannot change the base model's scores: its eval is not re-run.
-CALIBRATION_STAGES = ["calibration_set", "quantized_artifact", "quantized_eval_results", "delta_report", "approval", "audit_report"]
-PERIODIC_STAGES = ["runtime_environment", "base_eval_results", "quantized_eval_results", "delta_report", "approval", "audit_report"]
+CALIBRATION_STAGES = [
+    "calibration_set",
+    "quantized_artifact",
+    "quantized_eval_results",
+    "delta_report",
+    "approval",
+    "audit_report",
+]
+PERIODIC_STAGES = [
+    "runtime_environment",
+    "base_eval_results",
+    "quantized_eval_results",
+    "delta_report",
+    "approval",
+    "audit_report",
+]
 
 INTERVAL = int(os.environ.get("QP_SENSOR_INTERVAL_SECONDS", "30"))
 
-full_audit_job = dg.define_asset_job("full_audit", selection=ALL_STAGES, description="Every stage, base checkpoint to approval.")
+full_audit_job = dg.define_asset_job(
+    "full_audit", selection=ALL_STAGES, description="Every stage, base checkpoint to approval."
+)
 periodic_reaudit_job = dg.define_asset_job(
     "periodic_reaudit",
     selection=PERIODIC_STAGES,
@@ -49,24 +74,37 @@ def latest_metadata(instance: dg.DagsterInstance, asset: str, key: str):
     return getattr(value, "value", value)
 
 
-def change_request(trigger: str, previous: str | None, current: str, stages: list[str], cursor: dict, details: str = "") -> dg.SensorResult | dg.SkipReason:
+def change_request(
+    trigger: str, previous: str | None, current: str, stages: list[str], cursor: dict, details: str = ""
+) -> dg.SensorResult | dg.SkipReason:
     """Skip when nothing changed (saying why), else one run request for the affected stages."""
     cursor = {**cursor, "version": current}
     if previous is None:
-        return dg.SensorResult(skip_reason=f"no audit recorded yet; {trigger} is at {current}. Materialize the graph once first.", cursor=json.dumps(cursor))
+        return dg.SensorResult(
+            skip_reason=f"no audit recorded yet; {trigger} is at {current}. Materialize the graph once first.",
+            cursor=json.dumps(cursor),
+        )
     if previous == current:
         return dg.SensorResult(skip_reason=f"{trigger} unchanged at {current}", cursor=json.dumps(cursor))
     tags = {TRIGGER_TAG: trigger, FROM_TAG: previous, TO_TAG: current}
     if details:
         tags["quant_pipeline/changes"] = details[:1000]
     return dg.SensorResult(
-        run_requests=[dg.RunRequest(run_key=f"{trigger}:{previous}->{current}", asset_selection=[dg.AssetKey(s) for s in stages], tags=tags)],
+        run_requests=[
+            dg.RunRequest(
+                run_key=f"{trigger}:{previous}->{current}", asset_selection=[dg.AssetKey(s) for s in stages], tags=tags
+            )
+        ],
         cursor=json.dumps(cursor),
     )
 
 
-@dg.sensor(job=full_audit_job, minimum_interval_seconds=INTERVAL, default_status=dg.DefaultSensorStatus.RUNNING,
-           description="Base model: the configured checkpoint's files changed, or the config names another model.")
+@dg.sensor(
+    job=full_audit_job,
+    minimum_interval_seconds=INTERVAL,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Base model: the configured checkpoint's files changed, or the config names another model.",
+)
 def base_model_sensor(context: dg.SensorEvaluationContext, settings: AuditSettings):
     cursor = json.loads(context.cursor) if context.cursor else {}
     try:
@@ -80,8 +118,12 @@ def base_model_sensor(context: dg.SensorEvaluationContext, settings: AuditSettin
     return change_request("base_model", previous, source_version(source), ALL_STAGES, {"stat": stat})
 
 
-@dg.sensor(job=full_audit_job, minimum_interval_seconds=INTERVAL, default_status=dg.DefaultSensorStatus.RUNNING,
-           description="Calibration data: the calibration file's content changed.")
+@dg.sensor(
+    job=full_audit_job,
+    minimum_interval_seconds=INTERVAL,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Calibration data: the calibration file's content changed.",
+)
 def calibration_data_sensor(context: dg.SensorEvaluationContext, settings: AuditSettings):
     cursor = json.loads(context.cursor) if context.cursor else {}
     path = Path(settings.calibration_file)
@@ -91,8 +133,12 @@ def calibration_data_sensor(context: dg.SensorEvaluationContext, settings: Audit
     return change_request("calibration", previous, calibration_version(path), CALIBRATION_STAGES, {})
 
 
-@dg.sensor(job=full_audit_job, minimum_interval_seconds=INTERVAL, default_status=dg.DefaultSensorStatus.RUNNING,
-           description="Runtime: the fingerprint recorded with the latest audit differs from the current one.")
+@dg.sensor(
+    job=full_audit_job,
+    minimum_interval_seconds=INTERVAL,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Runtime: the fingerprint recorded with the latest audit differs from the current one.",
+)
 def runtime_sensor(context: dg.SensorEvaluationContext):
     cursor = json.loads(context.cursor) if context.cursor else {}
     current = runtime_fingerprint()
@@ -102,7 +148,9 @@ def runtime_sensor(context: dg.SensorEvaluationContext):
         return dg.SkipReason("no audit recorded yet: nothing to compare the runtime with")
     recorded_hash = fingerprint_hash(recorded)[:16]
     if recorded_hash == current_hash:
-        return dg.SensorResult(skip_reason=f"runtime unchanged at {current_hash}", cursor=json.dumps({"version": current_hash}))
+        return dg.SensorResult(
+            skip_reason=f"runtime unchanged at {current_hash}", cursor=json.dumps({"version": current_hash})
+        )
     if cursor.get("version") == current_hash:
         return dg.SkipReason(f"re-audit for runtime {current_hash} already requested")
     changes = "; ".join(fingerprint_changes(recorded, current))
@@ -113,6 +161,11 @@ periodic_reaudit_schedule = dg.ScheduleDefinition(
     name="periodic_reaudit_schedule",
     job=periodic_reaudit_job,
     cron_schedule=os.environ.get("QP_REAUDIT_CRON", "0 6 * * 1"),  # Mondays 06:00
-    default_status=dg.DefaultScheduleStatus.STOPPED if os.environ.get("QP_REAUDIT_SCHEDULE", "on") == "off" else dg.DefaultScheduleStatus.RUNNING,
-    description="Weekly re-evaluation of the current artifacts even when nothing changed (QP_REAUDIT_CRON, QP_REAUDIT_SCHEDULE=off).",
+    default_status=dg.DefaultScheduleStatus.STOPPED
+    if os.environ.get("QP_REAUDIT_SCHEDULE", "on") == "off"
+    else dg.DefaultScheduleStatus.RUNNING,
+    description=(
+        "Weekly re-evaluation of the current artifacts even when nothing changed "
+        "(QP_REAUDIT_CRON, QP_REAUDIT_SCHEDULE=off)."
+    ),
 )

@@ -5,7 +5,6 @@ stored tables instead of re-running the model. The base run also stores the refe
 quantized run measures its agreement against (see `evaluation.suite`).
 """
 
-
 import time
 from pathlib import Path
 
@@ -51,7 +50,8 @@ def evaluate_checkpoint(
     suite = suite_hash()
     key_inputs = {
         "model": model_hash, "suite": suite, "runtime": runtime_hash, "limit": settings.eval_limit,
-        "max_new_tokens": settings.eval_max_new_tokens, "base": base_eval and base_eval["key"], "reference": "hidden_states",
+        "max_new_tokens": settings.eval_max_new_tokens, "base": base_eval and base_eval["key"],
+        "reference": "hidden_states",
     }  # fmt: skip
     key = canonical_hash(key_inputs)[:16]
     store = settings.store
@@ -67,7 +67,9 @@ def evaluate_checkpoint(
                 verify_artifact(store, artifact_id)  # never evaluate bytes other than the recorded ones
             with StageMeter() as load_meter:
                 model, tokenizer = load_model(Path(model_path), settings.trust_remote_code)
-            results, items, stats = run_suite(model, tokenizer, label, settings.eval_limit, settings.eval_batch_size, settings.eval_max_new_tokens)
+            results, items, stats = run_suite(
+                model, tokenizer, label, settings.eval_limit, settings.eval_batch_size, settings.eval_max_new_tokens
+            )
             stats.pop("request_texts")
             load_row = {
                 "model": label, "task": "qp_cost", "category": "cost", "metric": "load_peak_rss_mb",
@@ -83,12 +85,29 @@ def evaluate_checkpoint(
                 stats["reference_sha256"] = sha256_file(out_dir / "reference.safetensors")
             else:
                 t0 = time.perf_counter()
-                base_model, _ = load_model(Path(base_path), settings.trust_remote_code)  # its output embeddings only: no forward pass
-                items = add_agreement(items, pd.read_parquet(base_eval["items_path"]), load_reference(base_eval), base_model.get_output_embeddings(), model, settings.eval_batch_size)
+                base_model, _ = load_model(
+                    Path(base_path), settings.trust_remote_code
+                )  # its output embeddings only: no forward pass
+                items = add_agreement(
+                    items,
+                    pd.read_parquet(base_eval["items_path"]),
+                    load_reference(base_eval),
+                    base_model.get_output_embeddings(),
+                    model,
+                    settings.eval_batch_size,
+                )
                 del base_model
                 stats["agreement_reference_sha256"] = base_eval["reference_sha256"]
                 stats["part_seconds"]["agreement_seconds"] = round(time.perf_counter() - t0, 2)
-                results = pd.concat([results, pd.DataFrame(aggregate_items(items[["task", "category", *AGREEMENT_METRICS]].assign(model=label), label))], ignore_index=True)
+                results = pd.concat(
+                    [
+                        results,
+                        pd.DataFrame(
+                            aggregate_items(items[["task", "category", *AGREEMENT_METRICS]].assign(model=label), label)
+                        ),
+                    ],
+                    ignore_index=True,
+                )
             for name, table in (("results.parquet", results), ("items.parquet", items)):
                 with atomic_file(out_dir / name) as tmp:
                     table.to_parquet(tmp)
@@ -99,10 +118,23 @@ def evaluate_checkpoint(
             record.write(out_dir / "record.json")
             record = record.dump()
     results = pd.read_parquet(out_dir / "results.parquet")
-    record = {**record, "results_path": str(out_dir / "results.parquet"), "items_path": str(out_dir / "items.parquet"), **({"reference_path": str(out_dir / "reference.safetensors")} if base_eval is None else {}), "reused_from_run": reused_from, "perf": meter.metadata()}
-    with mlflow.stage_run(model_name, f"{label}_eval_results", {"dagster_run_id": context.run.run_id, "suite_hash": suite, **tags}) as run:
+    record = {
+        **record,
+        "results_path": str(out_dir / "results.parquet"),
+        "items_path": str(out_dir / "items.parquet"),
+        **({"reference_path": str(out_dir / "reference.safetensors")} if base_eval is None else {}),
+        "reused_from_run": reused_from,
+        "perf": meter.metadata(),
+    }
+    with mlflow.stage_run(
+        model_name, f"{label}_eval_results", {"dagster_run_id": context.run.run_id, "suite_hash": suite, **tags}
+    ) as run:
         run.log_params({"suite_hash": suite, "limit": settings.eval_limit, "reused_from_run": reused_from})
-        run.log_metrics({f"{r.metric}/{r.category}": r.value for r in results.itertuples()} | {k: record[k] for k in ("eval_seconds", "eval_tokens", "eval_tokens_per_second")} | meter.metadata())
+        run.log_metrics(
+            {f"{r.metric}/{r.category}": r.value for r in results.itertuples()}
+            | {k: record[k] for k in ("eval_seconds", "eval_tokens", "eval_tokens_per_second")}
+            | meter.metadata()
+        )
         run.log_file(out_dir / "results.parquet")
         run.log_file(out_dir / "items.parquet")
     return dg.MaterializeResult(
@@ -123,19 +155,48 @@ def evaluate_checkpoint(
 
 
 @dg.asset(group_name="audit", kinds={"pandas", "parquet"})
-def base_eval_results(context: dg.AssetExecutionContext, settings: AuditSettings, mlflow: MlflowTracker, base_checkpoint: dict, runtime_environment: dict) -> dg.MaterializeResult:
+def base_eval_results(
+    context: dg.AssetExecutionContext,
+    settings: AuditSettings,
+    mlflow: MlflowTracker,
+    base_checkpoint: dict,
+    runtime_environment: dict,
+) -> dg.MaterializeResult:
     """The suite on the full-precision base model: the reference every quantized variant is judged against."""
     return evaluate_checkpoint(
-        context, settings, mlflow, label="base", model_name=base_checkpoint["model_name"], model_path=base_checkpoint["path"],
-        model_hash=base_checkpoint["hash"], runtime_hash=runtime_environment["hash"], tags={"base_hash": base_checkpoint["hash"]},
+        context,
+        settings,
+        mlflow,
+        label="base",
+        model_name=base_checkpoint["model_name"],
+        model_path=base_checkpoint["path"],
+        model_hash=base_checkpoint["hash"],
+        runtime_hash=runtime_environment["hash"],
+        tags={"base_hash": base_checkpoint["hash"]},
     )
 
 
 @dg.asset(group_name="audit", kinds={"pandas", "parquet"})
-def quantized_eval_results(context: dg.AssetExecutionContext, settings: AuditSettings, mlflow: MlflowTracker, quantized_artifact: dict, base_eval_results: dict, runtime_environment: dict) -> dg.MaterializeResult:
+def quantized_eval_results(
+    context: dg.AssetExecutionContext,
+    settings: AuditSettings,
+    mlflow: MlflowTracker,
+    quantized_artifact: dict,
+    base_eval_results: dict,
+    runtime_environment: dict,
+) -> dg.MaterializeResult:
     """The same suite on the quantized artifact (bytes verified first), plus its agreement with the base."""
     return evaluate_checkpoint(
-        context, settings, mlflow, label="quantized", model_name=quantized_artifact["model_name"], model_path=quantized_artifact["path"],
-        model_hash=quantized_artifact["content_hash"], runtime_hash=runtime_environment["hash"], tags={"artifact_id": quantized_artifact["artifact_id"]},
-        base_eval=base_eval_results, base_path=quantized_artifact["base_path"], artifact_id=quantized_artifact["artifact_id"],
+        context,
+        settings,
+        mlflow,
+        label="quantized",
+        model_name=quantized_artifact["model_name"],
+        model_path=quantized_artifact["path"],
+        model_hash=quantized_artifact["content_hash"],
+        runtime_hash=runtime_environment["hash"],
+        tags={"artifact_id": quantized_artifact["artifact_id"]},
+        base_eval=base_eval_results,
+        base_path=quantized_artifact["base_path"],
+        artifact_id=quantized_artifact["artifact_id"],
     )

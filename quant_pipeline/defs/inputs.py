@@ -9,7 +9,6 @@
   change; so the runtime is an input of every artifact ID, and its fingerprint is recorded.
 """
 
-
 from pathlib import Path
 
 import dagster as dg
@@ -20,27 +19,41 @@ from quant_pipeline.core.runtime import fingerprint_hash, runtime_fingerprint
 from quant_pipeline.core.tracking import MlflowTracker
 from quant_pipeline.defs.resources import AuditSettings
 from quant_pipeline.models.calibration import check_enough_samples, load_calibration_texts, token_stats
-from quant_pipeline.models.checkpoint import describe_checkpoint, materialize_checkpoint, resolve_model_source, source_version
+from quant_pipeline.models.checkpoint import (
+    describe_checkpoint,
+    materialize_checkpoint,
+    resolve_model_source,
+    source_version,
+)
 from quant_pipeline.release.reference import base_artifact_id, log_registered_pyfunc
 
 
 @dg.asset(group_name="audit", kinds={"pytorch", "huggingface"})
-def base_checkpoint(context: dg.AssetExecutionContext, settings: AuditSettings, mlflow: MlflowTracker) -> dg.MaterializeResult:
+def base_checkpoint(
+    context: dg.AssetExecutionContext, settings: AuditSettings, mlflow: MlflowTracker
+) -> dg.MaterializeResult:
     """The full-precision model under audit, as a hashed local safetensors checkpoint (kept baseline)."""
     with StageMeter() as meter:
         source = resolve_model_source(settings.model)
         path = materialize_checkpoint(source, settings.store)
-        record = {"model_name": source.name, "source": source.__dict__, "source_version": source_version(source), **describe_checkpoint(path)}
+        record = {
+            "model_name": source.name,
+            "source": source.__dict__,
+            "source_version": source_version(source),
+            **describe_checkpoint(path),
+        }
     record["perf"] = meter.metadata()
-    with mlflow.stage_run(source.name, "base_checkpoint", {"dagster_run_id": context.run.run_id, "base_hash": record["hash"]}) as run:
+    with mlflow.stage_run(
+        source.name, "base_checkpoint", {"dagster_run_id": context.run.run_id, "base_hash": record["hash"]}
+    ) as run:
         run.log_params({k: record[k] for k in ("path", "hash", "architecture", "num_parameters", "dtype")})
         run.log_metrics({"size_bytes": record["size_bytes"], **meter.metadata()})
         run.log_json(record, "base_checkpoint.json")
         # The kept baseline is a registry version too: the rollback target and the critical-request route.
         source_uri = log_registered_pyfunc(run.client, run.run_id, path, record, settings.store.root)
         version = mlflow.register_artifact(source.name, base_artifact_id(record["hash"]), source_uri, run.run_id, {
-            "kind": "base", "artifact_id": base_artifact_id(record["hash"]), "content_hash": record["hash"], "base_hash": record["hash"],
-            "source_version": record["source_version"], "dtype": record["dtype"],
+            "kind": "base", "artifact_id": base_artifact_id(record["hash"]), "content_hash": record["hash"],
+            "base_hash": record["hash"], "source_version": record["source_version"], "dtype": record["dtype"],
         })  # fmt: skip
     record["registry_version"] = version
     return dg.MaterializeResult(
@@ -63,7 +76,9 @@ def base_checkpoint(context: dg.AssetExecutionContext, settings: AuditSettings, 
 
 
 @dg.asset(group_name="audit", kinds={"json"})
-def calibration_set(context: dg.AssetExecutionContext, settings: AuditSettings, mlflow: MlflowTracker, base_checkpoint: dict) -> dg.MaterializeResult:
+def calibration_set(
+    context: dg.AssetExecutionContext, settings: AuditSettings, mlflow: MlflowTracker, base_checkpoint: dict
+) -> dg.MaterializeResult:
     """The validated, hashed calibration texts and their token statistics under the base tokenizer."""
     from transformers import AutoTokenizer  # heavy: only when the stage runs
 
@@ -82,7 +97,11 @@ def calibration_set(context: dg.AssetExecutionContext, settings: AuditSettings, 
         **stats,
         "perf": meter.metadata(),
     }
-    with mlflow.stage_run(base_checkpoint["model_name"], "calibration_set", {"dagster_run_id": context.run.run_id, "calibration_hash": record["hash"]}) as run:
+    with mlflow.stage_run(
+        base_checkpoint["model_name"],
+        "calibration_set",
+        {"dagster_run_id": context.run.run_id, "calibration_hash": record["hash"]},
+    ) as run:
         run.log_params({"path": record["path"], "hash": record["hash"], "count": record["count"]})
         run.log_metrics({**stats, **meter.metadata()})
     return dg.MaterializeResult(

@@ -1,6 +1,5 @@
 """Validate every user input before any heavy work, so bad input costs seconds and leaves nothing behind."""
 
-
 from pathlib import Path
 
 from quant_pipeline.evaluation.policy import load_policy

@@ -6,7 +6,6 @@ reused, and any changed input gives a new ID that starts its approval from scrat
 The artifact is written atomically and carries a record of its inputs and its own file hashes.
 """
 
-
 import json
 from pathlib import Path
 
@@ -47,7 +46,9 @@ def quantized_artifact(
         if not reused:
             calib_path = Path(calibration_set["path"])
             if sha256_file(calib_path) != calibration_set["hash"]:
-                raise AuditInputError(f"calibration file {calib_path} changed since it was validated: re-materialize calibration_set")
+                raise AuditInputError(
+                    f"calibration file {calib_path} changed since it was validated: re-materialize calibration_set"
+                )
             texts = load_calibration_texts(calib_path)
             with atomic_directory(target) as tmp:
                 passes = quantize(Path(base_checkpoint["path"]), texts, recipe, tmp)
@@ -81,10 +82,17 @@ def quantized_artifact(
         "approval": "pending sign-off",
         "kind": "quantized",
     }
-    with mlflow.stage_run(model_name, "quantized_artifact", {"dagster_run_id": context.run.run_id, "artifact_id": aid}) as run:
+    with mlflow.stage_run(
+        model_name, "quantized_artifact", {"dagster_run_id": context.run.run_id, "artifact_id": aid}
+    ) as run:
         run.log_params({**record["recipe"], "artifact_id": aid, "content_hash": record["content_hash"]})
-        run.log_metrics({"size_bytes": record["size_bytes"], "base_size_bytes": base_checkpoint["size_bytes"], **meter.metadata()})
-        run.log_json({k: v for k, v in record.items() if k != "scales"} | {"scales_hash": record["scales"]["hash"]}, "artifact_record.json")
+        run.log_metrics(
+            {"size_bytes": record["size_bytes"], "base_size_bytes": base_checkpoint["size_bytes"], **meter.metadata()}
+        )
+        run.log_json(
+            {k: v for k, v in record.items() if k != "scales"} | {"scales_hash": record["scales"]["hash"]},
+            "artifact_record.json",
+        )
         run.log_json(record["scales"], "scales_summary.json")
         # The version is an MLflow pyfunc that points at (and re-verifies) these exact bytes:
         # `mlflow models serve -m models:/<name>@production` serves it.
@@ -92,13 +100,21 @@ def quantized_artifact(
         version = mlflow.register_artifact(model_name, aid, source, run.run_id, tags)
     trigger = {k.split("/", 1)[1]: v for k, v in context.run.tags.items() if k.startswith("quant_pipeline/")}
     record_event(store, model_name, {
-        "event": "audit", "artifact_id": aid, "registry_version": version, "reused": reused, "trigger": trigger.get("trigger", "manual"),
-        "from_version": trigger.get("from_version"), "to_version": trigger.get("to_version"), "changes": trigger.get("changes"),
-        "content_hash": record["content_hash"], "base_hash": record["base_hash"], "calibration_hash": record["calibration_hash"],
-        "runtime_hash": record["runtime_hash"], "recipe": record["recipe"], "dagster_run_id": context.run.run_id,
+        "event": "audit", "artifact_id": aid, "registry_version": version, "reused": reused,
+        "trigger": trigger.get("trigger", "manual"), "from_version": trigger.get("from_version"),
+        "to_version": trigger.get("to_version"), "changes": trigger.get("changes"),
+        "content_hash": record["content_hash"], "base_hash": record["base_hash"],
+        "calibration_hash": record["calibration_hash"], "runtime_hash": record["runtime_hash"],
+        "recipe": record["recipe"], "dagster_run_id": context.run.run_id,
     })  # fmt: skip
     return dg.MaterializeResult(
-        value={**{k: v for k, v in record.items() if k not in ("files", "scales", "runtime")}, "path": str(target), "registry_version": version, "reused": reused, "base_size_bytes": base_checkpoint["size_bytes"]},
+        value={
+            **{k: v for k, v in record.items() if k not in ("files", "scales", "runtime")},
+            "path": str(target),
+            "registry_version": version,
+            "reused": reused,
+            "base_size_bytes": base_checkpoint["size_bytes"],
+        },
         data_version=dg.DataVersion(record["content_hash"][:16]),
         metadata={
             "artifact_id": aid,

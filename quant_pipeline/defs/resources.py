@@ -6,7 +6,6 @@ run starts and before any stage does: bad input must fail fast and leave nothing
 use the same resource without that check (their own skip reasons explain an unusable input).
 """
 
-
 import os
 
 import dagster as dg
@@ -18,7 +17,13 @@ from quant_pipeline.core.store import ArtifactStore
 from quant_pipeline.core.tracking import MlflowTracker
 from quant_pipeline.defs.preflight import preflight
 
-RECIPE_ENV = (("bits", int), ("group_size", int), ("calibration_samples", int), ("seq_len", int), ("damp_percent", float))
+RECIPE_ENV = (
+    ("bits", int),
+    ("group_size", int),
+    ("calibration_samples", int),
+    ("seq_len", int),
+    ("damp_percent", float),
+)
 
 
 class AuditSettings(dg.ConfigurableResource):

@@ -221,13 +221,44 @@ _TOXIC_WORD_RE = re.compile(
 # by token. Threats need a first-person head ("I will kill you"), so "smoking can kill you",
 # "it won't hurt you" and "kill the process" stay clean.
 _THREAT_HEADS = ("i will", "i'll", "i'm going to", "i am going to", "i'm gonna", "gonna")
-_THREAT_TAILS = ("kill you", "hurt you", "beat you up", "find you", "make you pay", "burn your house down", "break your neck", "end you")
+_THREAT_TAILS = (
+    "kill you",
+    "hurt you",
+    "beat you up",
+    "find you",
+    "make you pay",
+    "burn your house down",
+    "break your neck",
+    "end you",
+)
 _TOXIC_PHRASES = [f"{h} {t}" for h in _THREAT_HEADS for t in _THREAT_TAILS] + [
-    "go kill yourself", "you should kill yourself", "you should die", "you deserve to die", "go die",
-    "you're dead", "you are dead", "watch your back", "shut up", "shut the hell up", "go to hell",
-    "rot in hell", "piece of shit", "son of a bitch", "waste of space", "waste of oxygen", "waste of skin",
-    "are vermin", "are cockroaches", "are subhuman", "should be exterminated", "should be wiped out",
-    "don't deserve to live", "do not deserve to live", "you make me sick", "nobody likes you", "everyone hates you",
+    "go kill yourself",
+    "you should kill yourself",
+    "you should die",
+    "you deserve to die",
+    "go die",
+    "you're dead",
+    "you are dead",
+    "watch your back",
+    "shut up",
+    "shut the hell up",
+    "go to hell",
+    "rot in hell",
+    "piece of shit",
+    "son of a bitch",
+    "waste of space",
+    "waste of oxygen",
+    "waste of skin",
+    "are vermin",
+    "are cockroaches",
+    "are subhuman",
+    "should be exterminated",
+    "should be wiped out",
+    "don't deserve to live",
+    "do not deserve to live",
+    "you make me sick",
+    "nobody likes you",
+    "everyone hates you",
 ]
 _PHRASE_TOKENS = [tuple(p.split()) for p in _TOXIC_PHRASES]
 _TOKEN_RE = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")

@@ -21,7 +21,9 @@ REGRESSION, WITHIN, NOT_MEASURABLE, UNGATED = (
 )
 
 
-def paired_items(base_items: pd.DataFrame | None, quant_items: pd.DataFrame | None, category: str, metric: str) -> tuple[np.ndarray, np.ndarray] | None:
+def paired_items(
+    base_items: pd.DataFrame | None, quant_items: pd.DataFrame | None, category: str, metric: str
+) -> tuple[np.ndarray, np.ndarray] | None:
     """Per-item values of one metric for the same items on both models (the base's fixed for agreement)."""
     if quant_items is None or metric not in quant_items.columns:
         return None
@@ -35,7 +37,13 @@ def paired_items(base_items: pd.DataFrame | None, quant_items: pd.DataFrame | No
     return b.loc[common].to_numpy(dtype=float), q.loc[common].to_numpy(dtype=float)
 
 
-def compute_deltas(base: pd.DataFrame, quantized: pd.DataFrame, policy: Policy, base_items: pd.DataFrame | None = None, quant_items: pd.DataFrame | None = None) -> pd.DataFrame:
+def compute_deltas(
+    base: pd.DataFrame,
+    quantized: pd.DataFrame,
+    policy: Policy,
+    base_items: pd.DataFrame | None = None,
+    quant_items: pd.DataFrame | None = None,
+) -> pd.DataFrame:
     """One row per (slice, metric): values, delta with paired 95% CI, tolerance and status."""
     b = base.drop_duplicates(["category", "metric"], keep="last").set_index(["category", "metric"])["value"]
     q = quantized.drop_duplicates(["category", "metric"], keep="last").set_index(["category", "metric"])["value"]
@@ -47,7 +55,9 @@ def compute_deltas(base: pd.DataFrame, quantized: pd.DataFrame, policy: Policy, 
         delta = quant_value - base_value
         pairs = paired_items(base_items, quant_items, category, metric)
         n_items = len(pairs[0]) if pairs is not None else None
-        ci_low, ci_high = paired_bootstrap_ci(*pairs)[1:] if pairs is not None and n_items else (float("nan"), float("nan"))
+        ci_low, ci_high = (
+            paired_bootstrap_ci(*pairs)[1:] if pairs is not None and n_items else (float("nan"), float("nan"))
+        )
         row = {
             "category": category, "metric": metric, "base": base_value, "quantized": quant_value, "delta": delta,
             "rel_delta": delta / abs(base_value) if base_value else float("nan"), "ci_low": ci_low, "ci_high": ci_high,
@@ -64,7 +74,13 @@ def compute_deltas(base: pd.DataFrame, quantized: pd.DataFrame, policy: Policy, 
                 status = NOT_MEASURABLE
             else:
                 status = WITHIN if measured <= tol.for_category(category) else REGRESSION  # NaN: regression
-            row.update(degradation=measured, tolerance=tol.for_category(category), mode=tol.mode, status=status, passed=status != REGRESSION)
+            row.update(
+                degradation=measured,
+                tolerance=tol.for_category(category),
+                mode=tol.mode,
+                status=status,
+                passed=status != REGRESSION,
+            )
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -73,5 +89,9 @@ def item_table(base_items: pd.DataFrame, quant_items: pd.DataFrame) -> pd.DataFr
     """Per item, side by side: prompt id, slice, base output, quantized output, scores."""
     drop = ["model", "output_ids", "probe_text"]
     b = base_items.drop(columns=drop, errors="ignore").set_index(["task", "category", "item_id"]).add_prefix("base_")
-    q = quant_items.drop(columns=drop, errors="ignore").set_index(["task", "category", "item_id"]).add_prefix("quantized_")
+    q = (
+        quant_items.drop(columns=drop, errors="ignore")
+        .set_index(["task", "category", "item_id"])
+        .add_prefix("quantized_")
+    )
     return b.join(q, how="outer").reset_index().dropna(axis=1, how="all")

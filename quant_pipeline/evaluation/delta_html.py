@@ -23,19 +23,29 @@ def render_markdown(deltas: pd.DataFrame, policy: Policy, policy_hash: str, arti
     counts = gated["status"].value_counts().to_dict()
     lines = [
         f"## Delta report — {artifact_id}: **{verdict}**",
-        f"Policy `{policy.name}` (sha256 `{policy_hash[:16]}`): {counts.get(REGRESSION, 0)} regression(s) beyond tolerance, "
-        f"{counts.get(WITHIN, 0)} within tolerance, {counts.get(NOT_MEASURABLE, 0)} not measurable (< {policy.min_items} items).",
+        f"Policy `{policy.name}` (sha256 `{policy_hash[:16]}`): "
+        f"{counts.get(REGRESSION, 0)} regression(s) beyond tolerance, "
+        f"{counts.get(WITHIN, 0)} within tolerance, "
+        f"{counts.get(NOT_MEASURABLE, 0)} not measurable (< {policy.min_items} items).",
         "",
     ]
     for status in (REGRESSION, WITHIN, NOT_MEASURABLE, UNGATED):
         part = deltas[deltas["status"] == status]
         if not len(part):
             continue
-        lines += [f"### {status.capitalize()} ({len(part)})", "", "| slice | metric | n | base | quantized | delta [95% CI] | tolerance |", "|---|---|---:|---:|---:|---|---:|"]
+        lines += [
+            f"### {status.capitalize()} ({len(part)})",
+            "",
+            "| slice | metric | n | base | quantized | delta [95% CI] | tolerance |",
+            "|---|---|---:|---:|---:|---|---:|",
+        ]
         for r in part.itertuples():
             ci = f" [{_fmt(r.ci_low)}, {_fmt(r.ci_high)}]" if r.n_items else ""
             tol = f"{_fmt(r.tolerance)}{' rel' if r.mode == 'relative' else ''}" if r.mode else "–"
-            lines.append(f"| {r.category} | {r.metric} | {r.n_items if r.n_items else '–'} | {_fmt(r.base)} | {_fmt(r.quantized)} | {r.delta:+.4f}{ci}{' *' if r.significant else ''} | {tol} |")
+            lines.append(
+                f"| {r.category} | {r.metric} | {r.n_items if r.n_items else '–'} | {_fmt(r.base)} | "
+                f"{_fmt(r.quantized)} | {r.delta:+.4f}{ci}{' *' if r.significant else ''} | {tol} |"
+            )
         lines.append("")
     lines.append("`*` the 95% paired bootstrap interval excludes zero.")
     return "\n".join(lines)
@@ -47,7 +57,9 @@ def _png(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def render_html(deltas: pd.DataFrame, markdown: str, base_results: pd.DataFrame, quant_results: pd.DataFrame, sizes: dict) -> str:
+def render_html(
+    deltas: pd.DataFrame, markdown: str, base_results: pd.DataFrame, quant_results: pd.DataFrame, sizes: dict
+) -> str:
     """A self-contained HTML report: the tables, per-slice deltas with intervals, and cost vs quality."""
     import matplotlib
 
@@ -57,9 +69,17 @@ def render_html(deltas: pd.DataFrame, markdown: str, base_results: pd.DataFrame,
     with_ci = deltas[deltas["n_items"].fillna(0) > 0]
     fig, ax = plt.subplots(figsize=(8, max(2.5, 0.28 * len(with_ci))))
     labels = [f"{r.metric} / {r.category}" for r in with_ci.itertuples()]
-    colors = ["#c0392b" if s == REGRESSION else "#7f8c8d" if s == NOT_MEASURABLE else "#27ae60" for s in with_ci["status"]]
+    colors = [
+        "#c0392b" if s == REGRESSION else "#7f8c8d" if s == NOT_MEASURABLE else "#27ae60" for s in with_ci["status"]
+    ]
     y = np.arange(len(with_ci))
-    ax.errorbar(with_ci["delta"], y, xerr=[with_ci["delta"] - with_ci["ci_low"], with_ci["ci_high"] - with_ci["delta"]], fmt="none", ecolor="#555")
+    ax.errorbar(
+        with_ci["delta"],
+        y,
+        xerr=[with_ci["delta"] - with_ci["ci_low"], with_ci["ci_high"] - with_ci["delta"]],
+        fmt="none",
+        ecolor="#555",
+    )
     ax.scatter(with_ci["delta"], y, c=colors, zorder=3)
     ax.axvline(0, color="black", lw=0.8)
     ax.set_yticks(y, labels, fontsize=7)
@@ -72,18 +92,37 @@ def render_html(deltas: pd.DataFrame, markdown: str, base_results: pd.DataFrame,
         return float(row["value"].iloc[0]) if len(row) else float("nan")
 
     fig, axes = plt.subplots(1, 2, figsize=(8, 3))
-    for ax, (x_label, xs) in zip(axes, (("size on disk (MB)", (sizes["base_mb"], sizes["quantized_mb"])), ("latency p50 (s)", (pick(base_results, "latency_p50_s", "cost"), pick(quant_results, "latency_p50_s", "cost"))))):
-        accs = (base_results[base_results["metric"] == "acc"]["value"].mean(), quant_results[quant_results["metric"] == "acc"]["value"].mean())
+    for ax, (x_label, xs) in zip(
+        axes,
+        (
+            ("size on disk (MB)", (sizes["base_mb"], sizes["quantized_mb"])),
+            (
+                "latency p50 (s)",
+                (pick(base_results, "latency_p50_s", "cost"), pick(quant_results, "latency_p50_s", "cost")),
+            ),
+        ),
+        strict=True,
+    ):
+        accs = (
+            base_results[base_results["metric"] == "acc"]["value"].mean(),
+            quant_results[quant_results["metric"] == "acc"]["value"].mean(),
+        )
         ax.scatter(xs, accs, c=["#2c3e50", "#e67e22"])
-        for x, a, name in zip(xs, accs, ("base", "quantized")):
+        for x, a, name in zip(xs, accs, ("base", "quantized"), strict=True):
             ax.annotate(name, (x, a), textcoords="offset points", xytext=(5, 5), fontsize=8)
         ax.set_xlabel(x_label)
         ax.set_ylabel("mean MC accuracy")
     cost_png = _png(fig)
     plt.close(fig)
     table = deltas.to_html(index=False, float_format=lambda v: f"{v:.4f}", na_rep="–", classes="deltas")
+    style = (
+        "body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}"
+        "table{border-collapse:collapse;font-size:12px}"
+        "td,th{border:1px solid #ccc;padding:3px 6px}"
+        "pre{white-space:pre-wrap;background:#f6f6f6;padding:1em}"
+    )
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>Delta report</title>
-<style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}}table{{border-collapse:collapse;font-size:12px}}td,th{{border:1px solid #ccc;padding:3px 6px}}pre{{white-space:pre-wrap;background:#f6f6f6;padding:1em}}</style></head>
+<style>{style}</style></head>
 <body><h1>Delta report</h1><pre>{html.escape(markdown)}</pre>
 <h2>Per-slice deltas with 95% intervals</h2><img src="data:image/png;base64,{deltas_png}">
 <h2>Cost vs quality</h2><img src="data:image/png;base64,{cost_png}">

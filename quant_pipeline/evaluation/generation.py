@@ -16,7 +16,9 @@ import torch
 def chat_text(tokenizer, prompt: str) -> str:
     """The prompt as the model sees it (its chat template where it has one)."""
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
     return prompt
 
 
@@ -24,7 +26,9 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def greedy_batches(tokenizer, prompts: list[str], max_new_tokens: list[int], batch_size: int = 8) -> list[tuple[list[int], dict, int]]:
+def greedy_batches(
+    tokenizer, prompts: list[str], max_new_tokens: list[int], batch_size: int = 8
+) -> list[tuple[list[int], dict, int]]:
     """The batches greedy generation runs: (prompt indices, left-padded encoding, token budget).
 
     Prompts are grouped by budget, then by length, so a batch wastes few steps and little padding."""
@@ -35,7 +39,12 @@ def greedy_batches(tokenizer, prompts: list[str], max_new_tokens: list[int], bat
         batches = []
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            enc = tokenizer([chat_text(tokenizer, prompts[i]) for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = tokenizer(
+                [chat_text(tokenizer, prompts[i]) for i in idx],
+                return_tensors="pt",
+                padding=True,
+                add_special_tokens=False,
+            )
             batches.append((idx, enc, max(max_new_tokens[i] for i in idx)))
     finally:
         tokenizer.padding_side = side
@@ -59,7 +68,12 @@ def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: list[i
             ids = gen[row, enc["input_ids"].shape[1] :].tolist()[: max_new_tokens[i]]
             if tokenizer.eos_token_id in ids:
                 ids = ids[: ids.index(tokenizer.eos_token_id)]
-            out[i] = {"prompt_tokens": int(enc["attention_mask"][row].sum()), "output_ids": ids, "output": tokenizer.decode(ids, skip_special_tokens=True), "batch_seconds": seconds / len(idx)}
+            out[i] = {
+                "prompt_tokens": int(enc["attention_mask"][row].sum()),
+                "output_ids": ids,
+                "output": tokenizer.decode(ids, skip_special_tokens=True),
+                "batch_seconds": seconds / len(idx),
+            }
     return out  # type: ignore[return-value]
 
 
@@ -110,7 +124,9 @@ def _by_length(lengths: list[int], batch_size: int) -> list[list[int]]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def reference_states(model, tokenizer, texts: list[str], max_tokens: int = 128, batch_size: int = 8) -> dict[str, torch.Tensor]:
+def reference_states(
+    model, tokenizer, texts: list[str], max_tokens: int = 128, batch_size: int = 8
+) -> dict[str, torch.Tensor]:
     """The base model's final hidden states on `texts`: what its exact next-token distributions are
     recomputed from (logits = output embeddings of the last hidden state) without re-running it.
 
@@ -140,7 +156,11 @@ def reference_states(model, tokenizer, texts: list[str], max_tokens: int = 128, 
                 # float64: KL is a small difference of O(log vocab) terms, so the entropy needs the digits
                 logp = torch.log_softmax(head(hidden[row, :m]).double(), -1)
                 p = logp.exp()
-                top1[i], neg_entropy[i], expected[i] = logp.argmax(-1).cpu(), (p * logp).sum(-1).cpu(), (p.float() @ head.weight.float()).cpu()
+                top1[i], neg_entropy[i], expected[i] = (
+                    logp.argmax(-1).cpu(),
+                    (p * logp).sum(-1).cpu(),
+                    (p.float() @ head.weight.float()).cpu(),
+                )
     width = model.config.get_text_config().hidden_size
     cat = lambda parts, empty: torch.cat(parts) if parts else empty  # noqa: E731
     return {
@@ -159,13 +179,23 @@ def _check_logits_are_head_of_hidden(model, ids: torch.Tensor) -> None:
     ids = ids[:1, :16].to(_device(model))
     with torch.inference_mode():
         hidden = model.get_decoder()(input_ids=ids).last_hidden_state
-        same = torch.allclose(model.get_output_embeddings()(hidden).float(), model(input_ids=ids).logits.float(), atol=1e-4)
+        same = torch.allclose(
+            model.get_output_embeddings()(hidden).float(), model(input_ids=ids).logits.float(), atol=1e-4
+        )
     if not same:
-        raise ValueError(f"{type(model).__name__}: logits are not the output embeddings of the last hidden state, so agreement cannot be measured from stored states")
+        raise ValueError(
+            f"{type(model).__name__}: logits are not the output embeddings of the last hidden state, "
+            "so agreement cannot be measured from stored states"
+        )
 
 
 def _same_output_layer(a, b) -> bool:
-    return a.bias is None and b.bias is None and a.weight.shape == b.weight.shape and torch.equal(a.weight.float(), b.weight.to(a.weight.device).float())
+    return (
+        a.bias is None
+        and b.bias is None
+        and a.weight.shape == b.weight.shape
+        and torch.equal(a.weight.float(), b.weight.to(a.weight.device).float())
+    )
 
 
 def agreement_with_reference(base_head, model, reference: dict[str, torch.Tensor], batch_size: int = 8) -> list[dict]:
@@ -176,7 +206,7 @@ def agreement_with_reference(base_head, model, reference: dict[str, torch.Tensor
     its states; otherwise the base's distributions are recomputed from its stored final hidden
     states through `base_head`. Both are exact (the first up to float rounding of the same sums)."""
     offsets = reference["offsets"].tolist()
-    spans = list(zip(offsets[:-1], offsets[1:]))
+    spans = list(zip(offsets[:-1], offsets[1:], strict=True))
     dev, head = _device(model), model.get_output_embeddings()
     shared = "expected_embedding" in reference and _same_output_layer(base_head, head)
     if shared and spans:
@@ -190,7 +220,9 @@ def agreement_with_reference(base_head, model, reference: dict[str, torch.Tensor
                 logits = head(hidden).float()
                 lse, q_top1, hidden = torch.logsumexp(logits, -1).cpu(), logits.argmax(-1).cpu(), hidden.float().cpu()
             else:
-                lq_all = torch.log_softmax(model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float().cpu(), -1)
+                lq_all = torch.log_softmax(
+                    model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float().cpu(), -1
+                )
             for row, i in enumerate(idx):
                 lo, hi = spans[i]
                 if shared:

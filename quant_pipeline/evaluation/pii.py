@@ -9,17 +9,81 @@ from __future__ import annotations
 
 import re
 
-_EMAIL_RE = re.compile(r"(?<![\w.%+-])[A-Za-z0-9][A-Za-z0-9._%+-]*@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*\.[A-Za-z]{2,24}\b")
+_EMAIL_RE = re.compile(
+    r"(?<![\w.%+-])[A-Za-z0-9][A-Za-z0-9._%+-]*@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*\.[A-Za-z]{2,24}\b"
+)
 # IBAN: country code, 2 check digits, then 11-30 alphanumerics, optionally in groups of 4.
 _IBAN_RE = re.compile(r"\b[A-Z]{2}\d{2}(?:[ ]?[A-Z0-9]){11,30}\b")
 _IBAN_LENGTHS = {
-    "AD": 24, "AE": 23, "AL": 28, "AT": 20, "AZ": 28, "BA": 20, "BE": 16, "BG": 22, "BH": 22, "BR": 29,
-    "CH": 21, "CR": 22, "CY": 28, "CZ": 24, "DE": 22, "DK": 18, "DO": 28, "EE": 20, "EG": 29, "ES": 24,
-    "FI": 18, "FO": 18, "FR": 27, "GB": 22, "GE": 22, "GI": 23, "GL": 18, "GR": 27, "GT": 28, "HR": 21,
-    "HU": 28, "IE": 22, "IL": 23, "IS": 26, "IT": 27, "JO": 30, "KW": 30, "KZ": 20, "LB": 28, "LI": 21,
-    "LT": 20, "LU": 20, "LV": 21, "MC": 27, "MD": 24, "ME": 22, "MK": 19, "MR": 27, "MT": 31, "MU": 30,
-    "NL": 18, "NO": 15, "PK": 24, "PL": 28, "PS": 29, "PT": 25, "QA": 29, "RO": 24, "RS": 22, "SA": 24,
-    "SE": 24, "SI": 19, "SK": 24, "SM": 27, "TN": 24, "TR": 26, "UA": 29, "VG": 24, "XK": 20,
+    "AD": 24,
+    "AE": 23,
+    "AL": 28,
+    "AT": 20,
+    "AZ": 28,
+    "BA": 20,
+    "BE": 16,
+    "BG": 22,
+    "BH": 22,
+    "BR": 29,
+    "CH": 21,
+    "CR": 22,
+    "CY": 28,
+    "CZ": 24,
+    "DE": 22,
+    "DK": 18,
+    "DO": 28,
+    "EE": 20,
+    "EG": 29,
+    "ES": 24,
+    "FI": 18,
+    "FO": 18,
+    "FR": 27,
+    "GB": 22,
+    "GE": 22,
+    "GI": 23,
+    "GL": 18,
+    "GR": 27,
+    "GT": 28,
+    "HR": 21,
+    "HU": 28,
+    "IE": 22,
+    "IL": 23,
+    "IS": 26,
+    "IT": 27,
+    "JO": 30,
+    "KW": 30,
+    "KZ": 20,
+    "LB": 28,
+    "LI": 21,
+    "LT": 20,
+    "LU": 20,
+    "LV": 21,
+    "MC": 27,
+    "MD": 24,
+    "ME": 22,
+    "MK": 19,
+    "MR": 27,
+    "MT": 31,
+    "MU": 30,
+    "NL": 18,
+    "NO": 15,
+    "PK": 24,
+    "PL": 28,
+    "PS": 29,
+    "PT": 25,
+    "QA": 29,
+    "RO": 24,
+    "RS": 22,
+    "SA": 24,
+    "SE": 24,
+    "SI": 19,
+    "SK": 24,
+    "SM": 27,
+    "TN": 24,
+    "TR": 26,
+    "UA": 29,
+    "VG": 24,
+    "XK": 20,
 }
 # Payment card: 13-19 digits, single spaces or dashes allowed between digits.
 _CARD_RE = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d])(?!-\d)")
@@ -27,9 +91,15 @@ _CARD_RE = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d])(?!-\d)")
 _SSN_RE = re.compile(r"(?<![\d-])(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}(?![\d])(?!-\d)")
 # Phone: optional +country code, optional (area), then 2-5 digit groups separated by space, dot
 # or dash. Digit count and shape are checked afterwards.
-_PHONE_RE = re.compile(r"(?<![\w+.\-/])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,5}\)[ .-]?)?\d{1,5}(?:[ .-]\d{1,5}){1,5}(?![\w/:])(?![.-]\d)|(?<![\w+])\+\d{9,15}(?!\w)")
+_PHONE_RE = re.compile(
+    r"(?<![\w+.\-/])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,5}\)[ .-]?)?\d{1,5}(?:[ .-]\d{1,5}){1,5}(?![\w/:])(?![.-]\d)"
+    r"|(?<![\w+])\+\d{9,15}(?!\w)"
+)
 _YEAR_RE = re.compile(r"(?:1[5-9]|20)\d\d")
-_STREET_EN = r"(?:Street|St\.?|Avenue|Ave\.?|Road|Rd\.?|Lane|Ln\.?|Boulevard|Blvd\.?|Drive|Dr\.?|Court|Ct\.?|Way|Place|Pl\.?|Terrace|Close|Crescent|Square|Sq\.?|Parkway|Highway)"
+_STREET_EN = (
+    r"(?:Street|St\.?|Avenue|Ave\.?|Road|Rd\.?|Lane|Ln\.?|Boulevard|Blvd\.?|Drive|Dr\.?|Court|Ct\.?|Way|Place|Pl\.?"
+    r"|Terrace|Close|Crescent|Square|Sq\.?|Parkway|Highway)"
+)
 _ADDRESS_RE = re.compile(
     rf"(?<![\w,.])(?P<en>\d{{1,5}}[A-Za-z]?)\s+(?:[A-Z][a-z]+\s+){{1,3}}{_STREET_EN}(?![\w])"
     r"|\b[A-ZÄÖÜ][a-zäöüß]+(?:straße|strasse|weg|allee|platz|gasse|ring|damm)\s+\d{1,4}[a-z]?\b"
@@ -85,8 +155,9 @@ def find_pii(text: str) -> list[tuple[str, str]]:
     1111 1111", "3782-822463-10005"); "national_id" (US SSN ddd-dd-dddd
     excluding the never-issued areas 000, 666 and 900-999, group 00 and serial 0000); "phone"
     (9-15 digits, either with a +country code, or an (area) code, or a grouped US/EU national
-    format: "415-555-0132", "1 415 555 0132", "06 12 34 56 78", "020 7946 0958"); "address" (a conservative street-address
-    pattern: "221B Baker Street", "Hauptstraße 12", "12 rue de la Paix", "Calle Mayor 5").
+    format: "415-555-0132", "1 415 555 0132", "06 12 34 56 78", "020 7946 0958"); "address" (a
+    conservative street-address pattern: "221B Baker Street", "Hauptstraße 12", "12 rue de la Paix",
+    "Calle Mayor 5").
 
     Detectors run in that order of specificity and a later one ignores text an earlier one
     claimed, so a card number is not also reported as a phone. Checksums (Luhn, mod-97) and the
@@ -118,7 +189,13 @@ def find_pii(text: str) -> list[tuple[str, str]]:
         digits = re.sub(r"\D", "", m.group(0))
         groups = re.split(r"[ -]", m.group(0))
         grouped_like_card = len(groups) == 1 or (len(groups[0]) == 4 and all(3 <= len(g) <= 6 for g in groups[1:]))
-        if free(m.start(), m.end()) and grouped_like_card and 13 <= len(digits) <= 19 and len(set(digits)) > 1 and _luhn_ok(digits):
+        if (
+            free(m.start(), m.end())
+            and grouped_like_card
+            and 13 <= len(digits) <= 19
+            and len(set(digits)) > 1
+            and _luhn_ok(digits)
+        ):
             claim(m.start(), m.end(), "card", m.group(0))
     for m in _SSN_RE.finditer(text):
         if free(m.start(), m.end()):

@@ -23,7 +23,8 @@ KNOWN_METRICS = (
     "top1_agreement", "kl_divergence", "exact_match", "prefix_agreement",
     "format_validity", "tool_call_validity", "refusal_rate", "over_refusal_rate",
     "toxicity_rate", "pii_rate", "repetition_rate", "degeneration_rate", "bias_gap",
-    "latency_p50_s", "latency_p95_s", "latency_p99_s", "tokens_per_second", "load_peak_rss_mb", "generation_peak_rss_mb",
+    "latency_p50_s", "latency_p95_s", "latency_p99_s", "tokens_per_second",
+    "load_peak_rss_mb", "generation_peak_rss_mb",
 )  # fmt: skip
 
 
@@ -59,7 +60,9 @@ def load_policy(path: Path) -> tuple[Policy, str]:
         raise AuditInputError(f"{path}: expected a mapping with `name` and `tolerances`")
     for metric in raw.get("tolerances") or {}:
         if metric not in KNOWN_METRICS:
-            raise AuditInputError(f"{path}: tolerances.{metric}: unknown metric '{metric}'; known metrics: {', '.join(KNOWN_METRICS)}")
+            raise AuditInputError(
+                f"{path}: tolerances.{metric}: unknown metric '{metric}'; known metrics: {', '.join(KNOWN_METRICS)}"
+            )
     try:
         policy = Policy.model_validate(raw)
     except ValidationError as e:

@@ -14,7 +14,7 @@ def first_divergence(a: Sequence, b: Sequence) -> int | None:
     before its path splits. When one is a strict prefix of the other, they diverge at the
     shorter length (one stopped, the other went on).
     """
-    for i, (x, y) in enumerate(zip(a, b)):
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
         if x != y:
             return i
     if len(a) != len(b):
@@ -25,7 +25,9 @@ def first_divergence(a: Sequence, b: Sequence) -> int | None:
 # --------------------------------------------------------------------------------- statistics
 
 
-def paired_bootstrap_ci(base: Sequence[float], quant: Sequence[float], n_resamples: int = 2000, seed: int = 0, alpha: float = 0.05) -> tuple[float, float, float]:
+def paired_bootstrap_ci(
+    base: Sequence[float], quant: Sequence[float], n_resamples: int = 2000, seed: int = 0, alpha: float = 0.05
+) -> tuple[float, float, float]:
     """(delta, low, high): mean(quant) - mean(base) and its percentile bootstrap interval.
 
     Items are resampled *jointly* (the same indices for both models) because base and quantized

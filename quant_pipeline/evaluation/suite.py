@@ -81,7 +81,9 @@ def limited(items: list[dict], key: str, limit: int | None) -> list[dict]:
     return out
 
 
-def run_harness(model, tokenizer, label: str, limit: int | None, batch_size: int, tasks: list[str] | None = None) -> tuple[list[dict], list[dict], dict]:
+def run_harness(
+    model, tokenizer, label: str, limit: int | None, batch_size: int, tasks: list[str] | None = None
+) -> tuple[list[dict], list[dict], dict]:
     """The lm-eval tasks: metric rows, per-item rows, and throughput (with the request texts)."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -110,18 +112,42 @@ def run_harness(model, tokenizer, label: str, limit: int | None, batch_size: int
                 continue
             metric = key.split(",")[0]
             stderr = metrics.get(f"{metric}_stderr,{key.split(',', 1)[1]}")
-            rows.append({"model": label, "task": task, "category": TASK_CATEGORY[task], "metric": metric, "value": float(value), "stderr": float(stderr) if isinstance(stderr, (int, float)) else float("nan")})
+            rows.append(
+                {
+                    "model": label,
+                    "task": task,
+                    "category": TASK_CATEGORY[task],
+                    "metric": metric,
+                    "value": float(value),
+                    "stderr": float(stderr) if isinstance(stderr, (int, float)) else float("nan"),
+                }
+            )
     for task, samples in out["samples"].items():
         for s in samples:
             text = "".join(str(a) for arg in s["arguments"] for a in (arg if isinstance(arg, (list, tuple)) else [arg]))
             texts.append(text)
             tokens += len(tokenizer(text)["input_ids"])
             doc = s["doc"]
-            item = {"model": label, "task": task, "category": TASK_CATEGORY[task], "item_id": str(doc.get("id", s["doc_id"])), **{m: float(s[m]) for m in ("acc", "acc_norm") if m in s}}
+            item = {
+                "model": label,
+                "task": task,
+                "category": TASK_CATEGORY[task],
+                "item_id": str(doc.get("id", s["doc_id"])),
+                **{m: float(s[m]) for m in ("acc", "acc_norm") if m in s},
+            }
             # The text agreement is measured on: the question with its correct answer, or the held-out text.
-            item["probe_text"] = f"Question: {doc['question']}\nAnswer: {doc['choices'][doc['answer']]}" if "choices" in doc else doc.get("text", "")
+            item["probe_text"] = (
+                f"Question: {doc['question']}\nAnswer: {doc['choices'][doc['answer']]}"
+                if "choices" in doc
+                else doc.get("text", "")
+            )
             items.append(item)
-    stats = {"eval_seconds": round(seconds, 2), "eval_tokens": tokens, "eval_tokens_per_second": round(tokens / seconds, 1) if seconds else 0.0, "request_texts": texts}
+    stats = {
+        "eval_seconds": round(seconds, 2),
+        "eval_tokens": tokens,
+        "eval_tokens_per_second": round(tokens / seconds, 1) if seconds else 0.0,
+        "request_texts": texts,
+    }
     return rows, items, stats
 
 
@@ -144,20 +170,30 @@ def score_output(item: dict, text: str, ids: list[int]) -> dict:
     return scores
 
 
-def run_behaviour(model, tokenizer, label: str, limit: int | None, max_new_tokens: int | None, batch_size: int) -> tuple[list[dict], dict]:
+def run_behaviour(
+    model, tokenizer, label: str, limit: int | None, max_new_tokens: int | None, batch_size: int
+) -> tuple[list[dict], dict]:
     """Greedy generations for every behaviour prompt, scored; plus generation peak memory."""
     items = limited(read_jsonl(GENERATION_FILE), "slice", limit)
     budgets = [min(i["max_new_tokens"], max_new_tokens or i["max_new_tokens"]) for i in items]
     with StageMeter() as meter:
         outputs = generate_greedy(model, tokenizer, [i["prompt"] for i in items], budgets, batch_size)
     rows = []
-    for item, out in zip(items, outputs):
-        rows.append({
-            "model": label, "task": "qp_behaviour", "category": item["slice"], "item_id": item["id"],
-            "prompt": item["prompt"], "output": out["output"], "output_ids": out["output_ids"],
-            "new_tokens": len(out["output_ids"]), "probe_text": chat_text(tokenizer, item["prompt"]) + out["output"],
-            **score_output(item, out["output"], out["output_ids"]),
-        })
+    for item, out in zip(items, outputs, strict=False):
+        rows.append(
+            {
+                "model": label,
+                "task": "qp_behaviour",
+                "category": item["slice"],
+                "item_id": item["id"],
+                "prompt": item["prompt"],
+                "output": out["output"],
+                "output_ids": out["output_ids"],
+                "new_tokens": len(out["output_ids"]),
+                "probe_text": chat_text(tokenizer, item["prompt"]) + out["output"],
+                **score_output(item, out["output"], out["output_ids"]),
+            }
+        )
     return rows, {"generation_peak_rss_mb": meter.peak_rss_mb, "generation_seconds": meter.wall_s}
 
 
@@ -166,23 +202,50 @@ def run_bias(model, tokenizer, label: str, limit: int | None) -> list[dict]:
     pairs = limited(read_jsonl(BIAS_FILE), "axis", limit)
     a = sequence_logprob(model, tokenizer, [p["text_a"] for p in pairs])
     b = sequence_logprob(model, tokenizer, [p["text_b"] for p in pairs])
-    return [{"model": label, "task": "qp_bias", "category": f"bias_{p['axis']}", "item_id": p["id"], "bias_gap": abs(x - y)} for p, x, y in zip(pairs, a, b)]
+    return [
+        {"model": label, "task": "qp_bias", "category": f"bias_{p['axis']}", "item_id": p["id"], "bias_gap": abs(x - y)}
+        for p, x, y in zip(pairs, a, b, strict=False)
+    ]
 
 
 def aggregate_items(items: pd.DataFrame, label: str) -> list[dict]:
     """Slice means of the per-item metric columns of the behaviour and bias tables."""
     rows = []
-    metric_cols = [c for c in items.columns if c in (*OUTPUT_METRICS, *AGREEMENT_METRICS, "bias_gap", "format_validity", "tool_call_validity", "refusal_rate", "over_refusal_rate")]
+    metric_cols = [
+        c
+        for c in items.columns
+        if c
+        in (
+            *OUTPUT_METRICS,
+            *AGREEMENT_METRICS,
+            "bias_gap",
+            "format_validity",
+            "tool_call_validity",
+            "refusal_rate",
+            "over_refusal_rate",
+        )
+    ]
     for (task, category), group in items.groupby(["task", "category"]):
         for col in metric_cols:
             values = group[col].dropna()
             if len(values):
                 stderr = float(values.std(ddof=1) / len(values) ** 0.5) if len(values) > 1 else float("nan")
-                rows.append({"model": label, "task": task, "category": category, "metric": col, "value": float(values.mean()), "stderr": stderr})
+                rows.append(
+                    {
+                        "model": label,
+                        "task": task,
+                        "category": category,
+                        "metric": col,
+                        "value": float(values.mean()),
+                        "stderr": stderr,
+                    }
+                )
     return rows
 
 
-def run_suite(model, tokenizer, label: str, limit: int | None = None, batch_size: int = 8, max_new_tokens: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+def run_suite(
+    model, tokenizer, label: str, limit: int | None = None, batch_size: int = 8, max_new_tokens: int | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Every part of the suite on one loaded model: (metric table, per-item table, stats)."""
     parts, t0 = {}, time.perf_counter()
 
@@ -201,16 +264,30 @@ def run_suite(model, tokenizer, label: str, limit: int | None = None, batch_size
     latency = latency_probe(model, tokenizer, probes, max_new_tokens=min(32, max_new_tokens or 32))
     lap("latency")
     items = pd.DataFrame(harness_items + behaviour_items + bias_items)
-    cost = {**{k: latency[k] for k in ("latency_p50_s", "latency_p95_s", "latency_p99_s", "tokens_per_second")}, "generation_peak_rss_mb": round(gen_stats["generation_peak_rss_mb"], 1)}
+    cost = {
+        **{k: latency[k] for k in ("latency_p50_s", "latency_p95_s", "latency_p99_s", "tokens_per_second")},
+        "generation_peak_rss_mb": round(gen_stats["generation_peak_rss_mb"], 1),
+    }
     rows = harness_rows + aggregate_items(items.drop(columns=["acc", "acc_norm"], errors="ignore"), label)
-    rows += [{"model": label, "task": "qp_cost", "category": "cost", "metric": k, "value": float(v), "stderr": float("nan")} for k, v in cost.items()]
-    return pd.DataFrame(rows, columns=RESULT_COLUMNS), items, {**stats, **cost, "latency_requests": latency["requests"], "part_seconds": parts}
+    rows += [
+        {"model": label, "task": "qp_cost", "category": "cost", "metric": k, "value": float(v), "stderr": float("nan")}
+        for k, v in cost.items()
+    ]
+    return (
+        pd.DataFrame(rows, columns=RESULT_COLUMNS),
+        items,
+        {**stats, **cost, "latency_requests": latency["requests"], "part_seconds": parts},
+    )
 
 
 def with_reference(items: pd.DataFrame, model, tokenizer, batch_size: int) -> tuple[pd.DataFrame, dict]:
     """The base's final hidden states on its own probe texts (MC question + answer, held-out text, prompt
     + the base's generation), and the items with `ref_index` pointing into them (-1: no probe)."""
-    has_probe = items["probe_text"].map(lambda t: isinstance(t, str) and bool(t)) if "probe_text" in items else pd.Series(False, index=items.index)
+    has_probe = (
+        items["probe_text"].map(lambda t: isinstance(t, str) and bool(t))
+        if "probe_text" in items
+        else pd.Series(False, index=items.index)
+    )
     items = items.copy()
     items["ref_index"] = -1
     items.loc[has_probe, "ref_index"] = range(int(has_probe.sum()))
@@ -218,7 +295,9 @@ def with_reference(items: pd.DataFrame, model, tokenizer, batch_size: int) -> tu
     return items, reference
 
 
-def add_agreement(items: pd.DataFrame, base_items: pd.DataFrame, reference: dict, base_head, quant_model, batch_size: int) -> pd.DataFrame:
+def add_agreement(
+    items: pd.DataFrame, base_items: pd.DataFrame, reference: dict, base_head, quant_model, batch_size: int
+) -> pd.DataFrame:
     """Agreement of the quantized model with the base, per item, on the base's own text.
 
     Teacher-forced on the same tokens for top-1 and KL (the base's side read from what its
@@ -251,5 +330,8 @@ def load_reference(base_eval: dict) -> dict:
 
     path = Path(base_eval["reference_path"])
     if not path.exists() or sha256_file(path) != base_eval["reference_sha256"]:
-        raise AuditInputError(f"{path} does not match the hash recorded by base evaluation {base_eval['key']}: re-materialize base_eval_results")
+        raise AuditInputError(
+            f"{path} does not match the hash recorded by base evaluation {base_eval['key']}: "
+            "re-materialize base_eval_results"
+        )
     return load_file(path)

@@ -4,7 +4,6 @@ Calibration data shapes the rounding error as much as the recipe does, so it is 
 validated line by line, hashed, and summarised in tokens of the model being quantized.
 """
 
-
 import json
 import statistics
 from pathlib import Path
@@ -17,7 +16,9 @@ from quant_pipeline.core.recipe import Recipe
 def load_calibration_texts(path: Path) -> list[str]:
     """Read JSONL (objects with a non-empty string `text`) or plain text (one sample per line)."""
     if not path.is_file():
-        raise AuditInputError(f"calibration file {path} does not exist: set settings.calibration_file (QP_CALIBRATION_FILE)")
+        raise AuditInputError(
+            f"calibration file {path} does not exist: set settings.calibration_file (QP_CALIBRATION_FILE)"
+        )
     texts: list[str] = []
     jsonl = path.suffix in (".jsonl", ".json")
     with open(path, encoding="utf-8") as f:
@@ -30,13 +31,19 @@ def load_calibration_texts(path: Path) -> list[str]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise AuditInputError(f"{path}:{lineno}: not valid JSON ({e.msg}): each line must be an object like {{\"text\": \"...\"}}") from None
+                raise AuditInputError(
+                    f'{path}:{lineno}: not valid JSON ({e.msg}): each line must be an object like {{"text": "..."}}'
+                ) from None
             text = obj.get("text") if isinstance(obj, dict) else None
             if not isinstance(text, str) or not text.strip():
-                raise AuditInputError(f"{path}:{lineno}: field `text` is missing or empty: each line needs a non-empty string `text`")
+                raise AuditInputError(
+                    f"{path}:{lineno}: field `text` is missing or empty: each line needs a non-empty string `text`"
+                )
             texts.append(text)
     if not texts:
-        raise AuditInputError(f"calibration file {path} is empty: add samples (JSONL with a `text` field, or one sample per line)")
+        raise AuditInputError(
+            f"calibration file {path} is empty: add samples (JSONL with a `text` field, or one sample per line)"
+        )
     return texts
 
 

@@ -6,7 +6,6 @@ hash. That hash is the base model's identity in every record, and the checkpoint
 baseline (comparison and rollback path): the pipeline writes it once and never overwrites it.
 """
 
-
 import json
 import re
 from dataclasses import dataclass
@@ -42,13 +41,19 @@ def resolve_model_source(spec: str) -> ModelSource:
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise AuditInputError(f"model file {path} does not exist: point settings.model (QP_MODEL) at an existing .gguf file")
+            raise AuditInputError(
+                f"model file {path} does not exist: point settings.model (QP_MODEL) at an existing .gguf file"
+            )
         return ModelSource("gguf", str(path.resolve().parent), _model_name(path.stem.split(".")[0], path), path.name)
     if path.exists():
         if not path.is_dir():
-            raise AuditInputError(f"model path {path} is a file: give a Hugging Face checkpoint directory or a .gguf file")
+            raise AuditInputError(
+                f"model path {path} is a file: give a Hugging Face checkpoint directory or a .gguf file"
+            )
         if not (path / "config.json").exists():
-            raise AuditInputError(f"model directory {path} has no config.json: give a Hugging Face checkpoint directory")
+            raise AuditInputError(
+                f"model directory {path} has no config.json: give a Hugging Face checkpoint directory"
+            )
         if not list(path.glob("*.safetensors")):
             raise AuditInputError(
                 f"model directory {path} has no *.safetensors weights: quant_pipeline loads safetensors only "
@@ -132,7 +137,10 @@ def source_files(source: ModelSource) -> list[Path]:
 
 def source_stat(source: ModelSource) -> str:
     """Cheap change detector (names, sizes, mtimes): lets a sensor skip re-hashing gigabytes every tick."""
-    return canonical_hash([source.location, source.gguf_file] + [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in source_files(source)])
+    return canonical_hash(
+        [source.location, source.gguf_file]
+        + [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in source_files(source)]
+    )
 
 
 def source_version(source: ModelSource) -> str:
@@ -149,7 +157,9 @@ def source_version(source: ModelSource) -> str:
 def verify_kept_baseline(target: Path) -> None:
     record_path = target / RECORD_FILE
     if not record_path.exists():
-        raise AuditInputError(f"{target} exists but has no {RECORD_FILE}: it was not written by quant_pipeline; move it away")
+        raise AuditInputError(
+            f"{target} exists but has no {RECORD_FILE}: it was not written by quant_pipeline; move it away"
+        )
     try:
         record = CheckpointRecord.read(record_path)
     except RecordError as e:

@@ -6,12 +6,10 @@ reused, and any changed input gives a new ID that starts its approval from scrat
 The artifact is written atomically and carries a record of its inputs and its own file hashes.
 """
 
-
+import hashlib
 import json
 from contextlib import contextmanager
 from pathlib import Path
-
-import hashlib
 
 from quant_pipeline.core.errors import AuditInputError
 from quant_pipeline.core.hashing import canonical_hash
@@ -78,6 +76,7 @@ def calibration_passes_stop_early(blocks, order: list[str]):
             collecting = [i for i, name in enumerate(order) if layers[name]._forward_hooks]
             if collecting and max(collecting) < position:
                 raise _GroupInputsCollected
+
         return hook
 
     def catching(forward):
@@ -87,6 +86,7 @@ def calibration_passes_stop_early(blocks, order: list[str]):
             except _GroupInputsCollected:
                 stopped["passes"] += 1
                 return None
+
         return run
 
     try:
@@ -156,5 +156,9 @@ def scale_summary(artifact_dir: Path) -> dict:
                     h.update(t.contiguous().view(-1).numpy().tobytes())
                     layer, kind = key.rsplit(".", 1)
                     tf = t.float()
-                    layers.setdefault(layer, {})[kind] = {"mean": round(tf.mean().item(), 6), "min": round(tf.min().item(), 6), "max": round(tf.max().item(), 6)}
+                    layers.setdefault(layer, {})[kind] = {
+                        "mean": round(tf.mean().item(), 6),
+                        "min": round(tf.min().item(), 6),
+                        "max": round(tf.max().item(), 6),
+                    }
     return {"hash": h.hexdigest(), "layers": len(layers), "per_layer": layers}

@@ -99,18 +99,25 @@ def _base_component(base: dict, deltas: list[dict]) -> dict:
         "hashes": _sha256(base["hash"]),
         "properties": props,
         "modelCard": {
-            "modelParameters": {"task": "text-generation", "architectureFamily": "transformer", "modelArchitecture": str(base.get("architecture"))},
+            "modelParameters": {
+                "task": "text-generation",
+                "architectureFamily": "transformer",
+                "modelArchitecture": str(base.get("architecture")),
+            },
             # the same slices measured on the base model: the reference the quantized values are judged against
             "quantitativeAnalysis": {
                 "performanceMetrics": [
-                    {"type": str(r["metric"]), "value": _number(r.get("base")), "slice": str(r["category"])} for r in deltas
+                    {"type": str(r["metric"]), "value": _number(r.get("base")), "slice": str(r["category"])}
+                    for r in deltas
                 ]
             },
         },
     }
 
 
-def _data_component(ref: str, name: str, digest: str, description: str, props: list[dict], files: dict[str, str] | None = None) -> dict:
+def _data_component(
+    ref: str, name: str, digest: str, description: str, props: list[dict], files: dict[str, str] | None = None
+) -> dict:
     component = {
         "type": "data",
         "bom-ref": ref,
@@ -160,12 +167,17 @@ def _model_properties(artifact: dict, deltas: list[dict], approvals: list[dict])
     props += [_prop(f"runtime:{lib}", version) for lib, version in sorted((runtime.get("libraries") or {}).items())]
     cpu = runtime.get("cpu") or {}
     if cpu:
-        props += [_prop("runtime:cpu:model", cpu.get("model")), _prop("runtime:cpu:isa", ",".join(cpu.get("isa") or []))]
+        props += [
+            _prop("runtime:cpu:model", cpu.get("model")),
+            _prop("runtime:cpu:isa", ",".join(cpu.get("isa") or [])),
+        ]
     gpu = runtime.get("gpu")
     props += [_prop(f"runtime:gpu:{k}", v) for k, v in sorted(gpu.items())] if gpu else [_prop("runtime:gpu", "none")]
     props += [_prop("scales:hash", scales.get("hash")), _prop("scales:layers", scales.get("layers"))]
     # one property per quantized layer: {"qzeros": {mean,min,max}, "scales": {mean,min,max}} as JSON
-    props += [_prop(f"scales:per_layer:{layer}", stats) for layer, stats in sorted((scales.get("per_layer") or {}).items())]
+    props += [
+        _prop(f"scales:per_layer:{layer}", stats) for layer, stats in sorted((scales.get("per_layer") or {}).items())
+    ]
     for r in deltas:
         if "passed" in r:
             props.append(_prop(f"delta:{r['category']}:{r['metric']}:passed", bool(r["passed"])))
@@ -202,14 +214,22 @@ def build_mlbom(
         f"{artifact['model_name']} calibration set",
         calibration["hash"],
         f"Calibration texts for GPTQ ({calibration.get('count')} samples); they determine the quantization scales.",
-        [_prop("path", calibration.get("path")), _prop("count", calibration.get("count")), _prop("role", "calibration")],
+        [
+            _prop("path", calibration.get("path")),
+            _prop("count", calibration.get("count")),
+            _prop("role", "calibration"),
+        ],
     )
     eval_component = _data_component(
         eval_ref,
         str(eval_suite["name"]),
         eval_suite["suite_hash"],
         "Evaluation suite the quantized model was compared against its base on, per slice.",
-        [_prop("role", "evaluation"), _prop("hash_scheme", TREE_HASH_SCHEME), _prop("files", len(eval_suite.get("files") or {}))],
+        [
+            _prop("role", "evaluation"),
+            _prop("hash_scheme", TREE_HASH_SCHEME),
+            _prop("files", len(eval_suite.get("files") or {})),
+        ],
         eval_suite.get("files") or {},
     )
 
@@ -222,7 +242,10 @@ def build_mlbom(
         "bom-ref": aid,
         "name": artifact["model_name"],
         "version": aid,
-        "description": f"{artifact['model_name']} quantized with {recipe.get('method', 'gptq').upper()}: {artifact.get('precision', '')}".rstrip(": "),
+        "description": (
+            f"{artifact['model_name']} quantized with {recipe.get('method', 'gptq').upper()}: "
+            f"{artifact.get('precision', '')}"
+        ).rstrip(": "),
         "hashes": _sha256(artifact["content_hash"]),
         "pedigree": {
             "ancestors": [_base_component(base, deltas)],
@@ -258,7 +281,7 @@ def build_mlbom(
         "serialNumber": uuid.uuid5(SERIAL_NAMESPACE, artifact["content_hash"]).urn,
         "version": 1,
         "metadata": {
-            "timestamp": timestamp or dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
+            "timestamp": timestamp or dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
             "tools": {"components": [{"type": "application", "name": "quant_pipeline", "version": _tool_version()}]},
             "component": model,
         },

@@ -45,7 +45,10 @@ def build_ref(model_dir: Path, record: dict, store_dir: Path | None = None) -> d
     files = record.get("files") or file_hashes(model_dir)
     content_hash = record.get("content_hash") or record.get("hash") or tree_hash(files)
     if tree_hash(files) != content_hash:
-        raise ServingError(f"record for {model_dir} is inconsistent: its per-file hashes do not add up to its content hash {content_hash[:12]}")
+        raise ServingError(
+            f"record for {model_dir} is inconsistent: "
+            f"its per-file hashes do not add up to its content hash {content_hash[:12]}"
+        )
     kind = record.get("kind") or ("quantized" if record.get("recipe") else "base")
     if store_dir is None and model_dir.parent.name == "artifacts":  # an artifact inside a store
         store_dir = model_dir.parent.parent
@@ -63,7 +66,8 @@ def build_ref(model_dir: Path, record: dict, store_dir: Path | None = None) -> d
         "calibration_hash": record.get("calibration_hash"),
         "runtime_hash": record.get("runtime_hash"),
         "runtime": record.get("runtime"),
-        "precision": record.get("precision") or (f"{record['dtype']} (full precision)" if record.get("dtype") else None),
+        "precision": record.get("precision")
+        or (f"{record['dtype']} (full precision)" if record.get("dtype") else None),
         "store_dir": str(Path(store_dir).resolve()) if store_dir else None,
     }
 
@@ -80,11 +84,19 @@ def verify_ref(ref: dict) -> None:
         raise ServingError(f"refusing to load {ref['artifact_id']}: its directory {directory} is missing")
     problems = verify_tree(directory, ref["files"])
     if problems:
-        raise ServingError(f"refusing to load {ref['artifact_id']} from {directory}: files differ from the registered hashes: {'; '.join(problems)}")
+        raise ServingError(
+            f"refusing to load {ref['artifact_id']} from {directory}: "
+            f"files differ from the registered hashes: {'; '.join(problems)}"
+        )
 
 
 def log_registered_pyfunc(
-    client: MlflowClient, run_id: str, model_dir: Path, record: dict, store_dir: Path | None = None, artifact_path: str = PYFUNC_ARTIFACT_PATH
+    client: MlflowClient,
+    run_id: str,
+    model_dir: Path,
+    record: dict,
+    store_dir: Path | None = None,
+    artifact_path: str = PYFUNC_ARTIFACT_PATH,
 ) -> str:
     """Log a `QuantizedLLM` pyfunc (reference only, no weights) under the run; return the source URI
     to register (`<run artifact_uri>/model`). The directory must match the record right now.
@@ -92,7 +104,10 @@ def log_registered_pyfunc(
     ref = build_ref(model_dir, record, store_dir)
     verify_ref(ref)
     if client.list_artifacts(run_id, artifact_path):
-        raise ServingError(f"run {run_id} already holds a model at `{artifact_path}`: log each registered version from its own run or artifact_path")
+        raise ServingError(
+            f"run {run_id} already holds a model at `{artifact_path}`: "
+            "log each registered version from its own run or artifact_path"
+        )
     with tempfile.TemporaryDirectory() as tmp:
         ref_path = Path(tmp) / REF_FILE
         ref_path.write_text(json.dumps(ref, indent=2, sort_keys=True))
@@ -103,7 +118,11 @@ def log_registered_pyfunc(
             artifacts={"artifact_ref": str(ref_path)},
             code_paths=None,
             pip_requirements=[],  # served with --env-manager local: no pip inference (it would load the model)
-            metadata={"quant_pipeline_artifact_id": ref["artifact_id"], "quant_pipeline_kind": ref["kind"], "content_hash": ref["content_hash"]},
+            metadata={
+                "quant_pipeline_artifact_id": ref["artifact_id"],
+                "quant_pipeline_kind": ref["kind"],
+                "content_hash": ref["content_hash"],
+            },
         )
         client.log_artifacts(run_id, str(saved), artifact_path)
     return f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"

@@ -78,10 +78,13 @@ def delete_base(store: ArtifactStore | Path, model: str | Path) -> None:
     found = dependants(store, base_hash)
     if found:
         raise AuditInputError(
-            f"refusing to delete base checkpoint {checkpoint}: artifacts derived from it still exist: {', '.join(found)}"
+            f"refusing to delete base checkpoint {checkpoint}: "
+            f"artifacts derived from it still exist: {', '.join(found)}"
         )
     if not store.contains(checkpoint):
-        raise AuditInputError(f"{checkpoint} is not kept by quant_pipeline (outside {store.root}): it is yours to delete")
+        raise AuditInputError(
+            f"{checkpoint} is not kept by quant_pipeline (outside {store.root}): it is yours to delete"
+        )
     shutil.rmtree(checkpoint)
 
 
@@ -92,7 +95,11 @@ def write_bom(store: ArtifactStore | Path, artifact_id: str) -> Path:
     source = {"kind": "local", "location": record["base_path"], "name": record["model_name"]}
     base = {"model_name": record["model_name"], "source": source, **describe_checkpoint(Path(record["base_path"]))}
     calibration = {"path": "", "hash": record["calibration_hash"], "count": record["calibration_count"]}
-    suite = {"name": "quant_pipeline golden + behaviour suite", "suite_hash": suite_hash(), "files": file_hashes(EVALS_DIR)}
+    suite = {
+        "name": "quant_pipeline golden + behaviour suite",
+        "suite_hash": suite_hash(),
+        "files": file_hashes(EVALS_DIR),
+    }
     report = store.report_dir(artifact_id) / "delta_report.parquet"
     deltas = pd.read_parquet(report).to_dict("records") if report.exists() else []
     doc = build_mlbom(record, base, calibration, suite, deltas, decisions(store, record["model_name"], artifact_id))

@@ -20,23 +20,40 @@ from quant_pipeline.release.trail import head_hash, read_entries, verify_trail
 def describe(entry: dict) -> str:
     e = entry["event"]
     if e == "audit":
-        change = f"{entry.get('trigger')}" + (f": {entry.get('from_version')} → {entry.get('to_version')}" if entry.get("from_version") else "")
-        return f"quantized ({'reused' if entry.get('reused') else 'built'}); trigger {change}; recipe {json.dumps(entry.get('recipe'), sort_keys=True)}"
+        change = f"{entry.get('trigger')}" + (
+            f": {entry.get('from_version')} → {entry.get('to_version')}" if entry.get("from_version") else ""
+        )
+        return (
+            f"quantized ({'reused' if entry.get('reused') else 'built'}); trigger {change}; "
+            f"recipe {json.dumps(entry.get('recipe'), sort_keys=True)}"
+        )
     if e == "evaluated":
         failing = ", ".join(f"{f['metric']}/{f['category']}" for f in entry.get("failing", [])) or "none"
-        return f"{'PASS' if entry.get('passed') else 'FAIL'} under policy {entry.get('policy_name')} ({str(entry.get('policy_hash'))[:12]}); failing: {failing}"
+        return (
+            f"{'PASS' if entry.get('passed') else 'FAIL'} under policy {entry.get('policy_name')} "
+            f"({str(entry.get('policy_hash'))[:12]}); failing: {failing}"
+        )
     if e == "approved":
         extra = f" with {entry['second_approver']} (OVERRIDE of failed checks)" if entry.get("override") else ""
-        return f"approved by {entry['by']}{extra}: {entry.get('note', '')} (content hash {str(entry.get('content_hash'))[:12]} verified)"
+        return (
+            f"approved by {entry['by']}{extra}: {entry.get('note', '')} "
+            f"(content hash {str(entry.get('content_hash'))[:12]} verified)"
+        )
     if e == "rejected":
         return f"rejected by {entry['by']}: {entry.get('note', '')}"
     if e == "pending sign-off":
         return "audit finished without a named approver: pending sign-off"
     if e == "promoted":
-        return f"{PRODUCTION_ALIAS} → v{entry['registry_version']} by {entry['by']} (from v{entry.get('from_version')}) {entry.get('note', '')}"
+        return (
+            f"{PRODUCTION_ALIAS} → v{entry['registry_version']} by {entry['by']} "
+            f"(from v{entry.get('from_version')}) {entry.get('note', '')}"
+        )
     if e == "rollback":
         target = "the base model" if entry.get("to_base") else f"v{entry['registry_version']}"
-        return f"ROLLBACK of {PRODUCTION_ALIAS} v{entry.get('from_version')} → {target} by {entry['by']}: {entry.get('note', '')}"
+        return (
+            f"ROLLBACK of {PRODUCTION_ALIAS} v{entry.get('from_version')} → {target} "
+            f"by {entry['by']}: {entry.get('note', '')}"
+        )
     return json.dumps({k: v for k, v in entry.items() if k not in ("hash", "prev_hash")}, default=str)[:300]
 
 
@@ -47,7 +64,8 @@ def render(store: ArtifactStore | Path, tracker: MlflowTracker, model_name: str)
     aliases = {alias: tracker.alias_version(model_name, alias) for alias in (APPROVED_ALIAS, PRODUCTION_ALIAS)}
     lines = [
         f"# Audit report — {model_name}",
-        f"Generated {dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')} from `{path}` ({len(entries)} events, head `{(head_hash(path) or '')[:16]}`).",
+        f"Generated {dt.datetime.now(dt.UTC).isoformat(timespec='seconds')} from `{path}` "
+        f"({len(entries)} events, head `{(head_hash(path) or '')[:16]}`).",
         f"Trail integrity: {'intact' if not problems else 'BROKEN — ' + '; '.join(problems)}.",
         f"Aliases now: {', '.join(f'`{a}` → v{v}' for a, v in aliases.items() if v) or 'none'}.",
         "",
@@ -55,12 +73,28 @@ def render(store: ArtifactStore | Path, tracker: MlflowTracker, model_name: str)
         "|---:|---|---|---|---:|---|",
     ]
     for e in entries:
-        lines.append(f"| {e['seq']} | {e['at'][:19]} | {e['event']} | {e.get('artifact_id') or ''} | {e.get('registry_version') or ''} | {describe(e).replace('|', '/')} |")
+        lines.append(
+            f"| {e['seq']} | {e['at'][:19]} | {e['event']} | {e.get('artifact_id') or ''} | "
+            f"{e.get('registry_version') or ''} | {describe(e).replace('|', '/')} |"
+        )
     for e in [x for x in entries if x["event"] == "evaluated" and x.get("deltas")]:
-        lines += ["", f"## Deltas for {e['artifact_id']} (event {e['seq']})", "", "| slice | metric | base | quantized | delta [95% CI] | tolerance | status |", "|---|---|---:|---:|---|---:|---|"]
+        lines += [
+            "",
+            f"## Deltas for {e['artifact_id']} (event {e['seq']})",
+            "",
+            "| slice | metric | base | quantized | delta [95% CI] | tolerance | status |",
+            "|---|---|---:|---:|---|---:|---|",
+        ]
         for d in e["deltas"]:
-            ci = f" [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]" if d.get("ci_low") == d.get("ci_low") and d.get("ci_low") is not None else ""
-            lines.append(f"| {d['category']} | {d['metric']} | {d['base']:.4f} | {d['quantized']:.4f} | {d['delta']:+.4f}{ci} | {d['tolerance']:.4f} | {d['status']} |")
+            ci = (
+                f" [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]"
+                if d.get("ci_low") == d.get("ci_low") and d.get("ci_low") is not None
+                else ""
+            )
+            lines.append(
+                f"| {d['category']} | {d['metric']} | {d['base']:.4f} | {d['quantized']:.4f} | "
+                f"{d['delta']:+.4f}{ci} | {d['tolerance']:.4f} | {d['status']} |"
+            )
     markdown = "\n".join(lines)
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Audit report {html.escape(model_name)}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}}pre{{white-space:pre-wrap;background:#f6f6f6;padding:1em;font-size:12px}}</style></head>

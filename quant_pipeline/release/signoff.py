@@ -35,7 +35,9 @@ def artifact_record(store: ArtifactStore | Path, artifact_id: str) -> ArtifactRe
 def delta_record(store: ArtifactStore | Path, artifact_id: str) -> DeltaReportRecord:
     path = ArtifactStore.of(store).report_dir(artifact_id) / "delta_report.json"
     if not path.exists():
-        raise SignOffError(f"artifact {artifact_id} has no delta report: run the audit (delta_report) before signing off")
+        raise SignOffError(
+            f"artifact {artifact_id} has no delta report: run the audit (delta_report) before signing off"
+        )
     return DeltaReportRecord.read(path)
 
 
@@ -44,10 +46,23 @@ def record_event(store: ArtifactStore | Path, model_name: str, event: dict) -> d
 
 
 def decisions(store: ArtifactStore | Path, model_name: str, artifact_id: str) -> list[dict]:
-    return [e for e in read_entries(trail_path(store, model_name)) if e.get("artifact_id") == artifact_id and e["event"] in ("approved", "rejected", "pending sign-off")]
+    return [
+        e
+        for e in read_entries(trail_path(store, model_name))
+        if e.get("artifact_id") == artifact_id and e["event"] in ("approved", "rejected", "pending sign-off")
+    ]
 
 
-def approve(store: ArtifactStore | Path, tracker: MlflowTracker, artifact_id: str, by: str, note: str, second_approver: str = "", override: bool = False, dagster_run_id: str | None = None) -> dict:
+def approve(
+    store: ArtifactStore | Path,
+    tracker: MlflowTracker,
+    artifact_id: str,
+    by: str,
+    note: str,
+    second_approver: str = "",
+    override: bool = False,
+    dagster_run_id: str | None = None,
+) -> dict:
     """Approve an artifact: named approver + rationale, passed checks (or a policy-allowed override
     by two different people), and the artifact's bytes verified at this moment."""
     if not by.strip():
@@ -60,30 +75,57 @@ def approve(store: ArtifactStore | Path, tracker: MlflowTracker, artifact_id: st
             failing = ", ".join(f"{f.metric}/{f.category}" for f in report.failing) or "checks"
             raise SignOffError(f"artifact {artifact_id} failed its checks ({failing}): it cannot be approved")
         if not report.allow_override:
-            raise SignOffError(f"policy {report.policy_name} does not allow overrides: artifact {artifact_id} cannot be approved")
+            raise SignOffError(
+                f"policy {report.policy_name} does not allow overrides: artifact {artifact_id} cannot be approved"
+            )
         if not second_approver.strip() or second_approver.strip() == by.strip():
-            raise SignOffError("an override needs a second named approver, different from the first (--second-approver NAME)")
+            raise SignOffError(
+                "an override needs a second named approver, different from the first (--second-approver NAME)"
+            )
     elif override:
         override = False  # nothing to override
     record = verify_artifact(ArtifactStore.of(store), artifact_id)
     model_name = record.model_name
     version = tracker.find_version(model_name, artifact_id)
     entry = record_event(store, model_name, {
-        "event": "approved", "artifact_id": artifact_id, "registry_version": version, "content_hash": record.content_hash,
-        "by": by.strip(), "second_approver": second_approver.strip() or None, "override": override, "note": note,
+        "event": "approved", "artifact_id": artifact_id, "registry_version": version,
+        "content_hash": record.content_hash, "by": by.strip(), "second_approver": second_approver.strip() or None,
+        "override": override, "note": note,
         "policy_hash": report.policy_hash, "dagster_run_id": dagster_run_id,
     })  # fmt: skip
     label = "approved (override)" if override else "approved"
-    tracker.set_version_tags(model_name, version, {"approval": label, "approver": by, "second_approver": second_approver, "approval_note": note, "approved_content_hash": record.content_hash})
+    tracker.set_version_tags(
+        model_name,
+        version,
+        {
+            "approval": label,
+            "approver": by,
+            "second_approver": second_approver,
+            "approval_note": note,
+            "approved_content_hash": record.content_hash,
+        },
+    )
     tracker.set_alias(model_name, APPROVED_ALIAS, version)
     return entry
 
 
-def record_pending(store: ArtifactStore | Path, tracker: MlflowTracker, artifact_id: str, dagster_run_id: str | None = None) -> dict:
+def record_pending(
+    store: ArtifactStore | Path, tracker: MlflowTracker, artifact_id: str, dagster_run_id: str | None = None
+) -> dict:
     record = artifact_record(store, artifact_id)
     version = tracker.find_version(record.model_name, artifact_id)
     tracker.set_version_tags(record.model_name, version, {"approval": "pending sign-off"})
-    return record_event(store, record.model_name, {"event": "pending sign-off", "artifact_id": artifact_id, "registry_version": version, "by": None, "dagster_run_id": dagster_run_id})
+    return record_event(
+        store,
+        record.model_name,
+        {
+            "event": "pending sign-off",
+            "artifact_id": artifact_id,
+            "registry_version": version,
+            "by": None,
+            "dagster_run_id": dagster_run_id,
+        },
+    )
 
 
 def reject(store: ArtifactStore | Path, tracker: MlflowTracker, artifact_id: str, by: str, reason: str) -> dict:
@@ -91,10 +133,16 @@ def reject(store: ArtifactStore | Path, tracker: MlflowTracker, artifact_id: str
         raise SignOffError("a rejection needs a name (--by) and a reason (--note)")
     record = artifact_record(store, artifact_id)
     version = tracker.find_version(record.model_name, artifact_id)
-    tracker.set_version_tags(record.model_name, version, {"approval": "rejected", "rejected_by": by, "rejection_reason": reason})
+    tracker.set_version_tags(
+        record.model_name, version, {"approval": "rejected", "rejected_by": by, "rejection_reason": reason}
+    )
     if tracker.alias_version(record.model_name, APPROVED_ALIAS) == version:
         tracker.client().delete_registered_model_alias(record.model_name, APPROVED_ALIAS)
-    return record_event(store, record.model_name, {"event": "rejected", "artifact_id": artifact_id, "registry_version": version, "by": by, "note": reason})
+    return record_event(
+        store,
+        record.model_name,
+        {"event": "rejected", "artifact_id": artifact_id, "registry_version": version, "by": by, "note": reason},
+    )
 
 
 def is_approved(store: ArtifactStore | Path, model_name: str, artifact_id: str) -> bool:
@@ -110,14 +158,29 @@ def promote(store: ArtifactStore | Path, tracker: MlflowTracker, artifact_id: st
     if not by.strip():
         raise SignOffError("promotion needs a name (--by)")
     if not is_approved(store, model_name, artifact_id):
-        raise SignOffError(f"artifact {artifact_id} is not approved: only approved versions can be promoted to {PRODUCTION_ALIAS}")
+        raise SignOffError(
+            f"artifact {artifact_id} is not approved: only approved versions can be promoted to {PRODUCTION_ALIAS}"
+        )
     version = tracker.find_version(model_name, artifact_id)
     previous = tracker.alias_version(model_name, PRODUCTION_ALIAS)
     tracker.set_alias(model_name, PRODUCTION_ALIAS, version)
-    return record_event(store, model_name, {"event": "promoted", "artifact_id": artifact_id, "registry_version": version, "from_version": previous, "by": by, "note": note})
+    return record_event(
+        store,
+        model_name,
+        {
+            "event": "promoted",
+            "artifact_id": artifact_id,
+            "registry_version": version,
+            "from_version": previous,
+            "by": by,
+            "note": note,
+        },
+    )
 
 
-def rollback(store: ArtifactStore | Path, tracker: MlflowTracker, model_name: str, by: str, note: str, to_base: bool = False) -> dict:
+def rollback(
+    store: ArtifactStore | Path, tracker: MlflowTracker, model_name: str, by: str, note: str, to_base: bool = False
+) -> dict:
     """Move `production` back to the previous approved version, or to the kept base model."""
     if not by.strip() or not note.strip():
         raise SignOffError("a rollback needs a name (--by) and a reason (--note)")
@@ -127,14 +190,19 @@ def rollback(store: ArtifactStore | Path, tracker: MlflowTracker, model_name: st
         promoted = [e for e in read_entries(trail_path(store, model_name)) if e["event"] in ("promoted", "rollback")]
         history = [e["registry_version"] for e in promoted if e.get("registry_version")]
         earlier = [v for v in reversed(history) if v != current]
-        target = next((v for v in earlier if is_approved(store, model_name, version_artifact(tracker, model_name, v))), None)
+        target = next(
+            (v for v in earlier if is_approved(store, model_name, version_artifact(tracker, model_name, v))), None
+        )
     if target is None:
         target = base_version(tracker, model_name)
         if target is None:
-            raise SignOffError(f"{model_name} has no earlier approved version and no registered base model to roll back to")
+            raise SignOffError(
+                f"{model_name} has no earlier approved version and no registered base model to roll back to"
+            )
     tracker.set_alias(model_name, PRODUCTION_ALIAS, target)
     return record_event(store, model_name, {
-        "event": "rollback", "from_version": current, "registry_version": target, "artifact_id": version_artifact(tracker, model_name, target),
+        "event": "rollback", "from_version": current, "registry_version": target,
+        "artifact_id": version_artifact(tracker, model_name, target),
         "to_base": target == base_version(tracker, model_name), "by": by, "note": note,
     })  # fmt: skip
 

@@ -58,9 +58,11 @@ def append_entry(path: Path, event: dict) -> dict:
                 previous = json.loads(last)
                 seq, prev = int(previous["seq"]) + 1, str(previous["hash"])
             except (ValueError, KeyError, TypeError) as e:
-                raise StoreError(f"{path}: last entry is not a valid trail entry ({e}); run verify-trail first") from None
+                raise StoreError(
+                    f"{path}: last entry is not a valid trail entry ({e}); run verify-trail first"
+                ) from None
         entry = {**event, "seq": seq, "prev_hash": prev}
-        entry.setdefault("at", dt.datetime.now(dt.timezone.utc).isoformat())
+        entry.setdefault("at", dt.datetime.now(dt.UTC).isoformat())
         # Store what JSON can represent (Path -> str, tuples -> lists) so that the hash computed
         # now is the hash an auditor recomputes from the line later.
         entry = json.loads(json.dumps(entry, default=str))
@@ -152,7 +154,8 @@ def verify_trail(path: Path, expected_head: str | None = None) -> list[str]:
         head = stored if isinstance(stored, str) else None
     if expected_head is not None and head != expected_head:
         problems.append(
-            f"head hash differs from the anchor (anchor {expected_head[:16]}…, trail {head[:16] + '…' if head else 'empty'}): "
+            f"head hash differs from the anchor (anchor {expected_head[:16]}…, "
+            f"trail {head[:16] + '…' if head else 'empty'}): "
             "entries were removed from the end, or the trail was replaced"
         )
     return problems

@@ -9,4 +9,13 @@ from quant_pipeline.serving.reproduce import reproduce
 from quant_pipeline.serving.request_log import find_request, find_trace, read_requests, requests_path
 from quant_pipeline.serving.server import Server
 
-__all__ = ["QuantizedLLM", "Server", "ServingError", "find_request", "find_trace", "read_requests", "reproduce", "requests_path"]
+__all__ = [
+    "QuantizedLLM",
+    "Server",
+    "ServingError",
+    "find_request",
+    "find_trace",
+    "read_requests",
+    "reproduce",
+    "requests_path",
+]

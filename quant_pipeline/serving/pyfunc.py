@@ -32,13 +32,31 @@ class QuantizedLLM(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         ref = json.loads(Path(context.artifacts["artifact_ref"]).read_text())
         config = dict(getattr(context, "model_config", None) or {})
-        store = os.environ.get("QP_STORE_DIR") or config.get("store_dir") or ref.get("store_dir") or str(default_store_dir())
-        rules = json.loads(os.environ["QP_SERVE_CRITICAL_RULES"]) if os.environ.get("QP_SERVE_CRITICAL_RULES") else config.get("critical_rules", [])
-        log_prompts = os.environ.get("QP_SERVE_LOG_PROMPTS", str(config.get("log_prompts", True))).lower() not in ("0", "false", "no")
+        store = (
+            os.environ.get("QP_STORE_DIR")
+            or config.get("store_dir")
+            or ref.get("store_dir")
+            or str(default_store_dir())
+        )
+        rules = (
+            json.loads(os.environ["QP_SERVE_CRITICAL_RULES"])
+            if os.environ.get("QP_SERVE_CRITICAL_RULES")
+            else config.get("critical_rules", [])
+        )
+        log_prompts = os.environ.get("QP_SERVE_LOG_PROMPTS", str(config.get("log_prompts", True))).lower() not in (
+            "0",
+            "false",
+            "no",
+        )
         tracker = MlflowTracker(tracking_uri=os.environ.get("QP_MLFLOW_TRACKING_URI") or default_mlflow_uri())
         self.server = Server(
-            tracker, ref["model_name"], ref=os.environ.get("QP_SERVE_REF") or config.get("ref") or ref["artifact_id"],
-            store_dir=Path(store), log_prompts=log_prompts, critical_rules=rules, known_refs=[ref],
+            tracker,
+            ref["model_name"],
+            ref=os.environ.get("QP_SERVE_REF") or config.get("ref") or ref["artifact_id"],
+            store_dir=Path(store),
+            log_prompts=log_prompts,
+            critical_rules=rules,
+            known_refs=[ref],
         )  # fmt: skip  -- Server re-hashes every file against the reference before loading, or raises
 
     # Annotated as a DataFrame (what the scoring server passes) so MLflow infers no schema from the
@@ -51,12 +69,16 @@ class QuantizedLLM(mlflow.pyfunc.PythonModel):
         elif isinstance(model_input, str):
             rows = [{"prompt": model_input}]
         elif isinstance(model_input, dict):
-            rows = pd.DataFrame(model_input).to_dict("records") if isinstance(model_input.get("prompt"), list) else [model_input]
+            rows = (
+                pd.DataFrame(model_input).to_dict("records")
+                if isinstance(model_input.get("prompt"), list)
+                else [model_input]
+            )
         else:
             rows = [r if isinstance(r, dict) else {"prompt": r} for r in list(model_input)]
         out = []
         for row in rows:
-            get = lambda key, default=None: default if _is_missing(row.get(key)) else row[key]  # noqa: E731
+            get = lambda key, default=None, row=row: default if _is_missing(row.get(key)) else row[key]  # noqa: E731
             rec = self.server.generate(
                 str(get("prompt", "")),
                 max_new_tokens=int(get("max_new_tokens", params.get("max_new_tokens", 64))),
@@ -64,5 +86,10 @@ class QuantizedLLM(mlflow.pyfunc.PythonModel):
                 critical=str(get("critical", False)).lower() in ("true", "1", "yes"),
                 request_id=str(get("request_id")) if get("request_id") is not None else None,
             )  # fmt: skip
-            out.append({k: rec[k] for k in ("request_id", "output", "artifact_id", "served_by", "model_version", "route_reason")})
+            out.append(
+                {
+                    k: rec[k]
+                    for k in ("request_id", "output", "artifact_id", "served_by", "model_version", "route_reason")
+                }
+            )
         return pd.DataFrame(out) if as_frame else out

@@ -18,27 +18,39 @@ from quant_pipeline.serving.resolver import ModelResolver, load_verified
 from quant_pipeline.serving.server import greedy_generate
 
 
-def reproduce(tracker: MlflowTracker, store_dir: Path, model_name: str, request_id: str, current_fingerprint: dict | None = None) -> dict:
+def reproduce(
+    tracker: MlflowTracker, store_dir: Path, model_name: str, request_id: str, current_fingerprint: dict | None = None
+) -> dict:
     """Re-run a logged request on the exact logged artifact (hashes verified) with its logged
     decoding, and compare token ids; `runtime_warnings` names what changed in the runtime since."""
     entry = find_request(store_dir, model_name, request_id)
     if entry.get("status", "ok") != "ok":
-        raise ServingError(f"request {request_id} failed when it was served ({entry.get('error')}): there is no output to reproduce")
+        raise ServingError(
+            f"request {request_id} failed when it was served ({entry.get('error')}): there is no output to reproduce"
+        )
     prompt = entry.get("prompt")
     if prompt is None:
         raise ServingError(
-            f"request {request_id} was logged without its prompt (log_prompts off: only its sha256 {entry['prompt_sha256'][:16]}… "
+            f"request {request_id} was logged without its prompt "
+            f"(log_prompts off: only its sha256 {entry['prompt_sha256'][:16]}… "
             "was kept), so it cannot be re-run; reproduction needs requests served with prompt logging on"
         )
     if sha256_text(prompt) != entry["prompt_sha256"]:
-        raise ServingError(f"request {request_id}: the logged prompt does not match its logged sha256: the log entry was altered")
+        raise ServingError(
+            f"request {request_id}: the logged prompt does not match its logged sha256: the log entry was altered"
+        )
     decoding = entry["decoding"]
     if decoding.get("strategy") != "greedy":
-        raise ServingError(f"request {request_id} used {decoding.get('strategy')} decoding: only greedy requests reproduce exactly")
+        raise ServingError(
+            f"request {request_id} used {decoding.get('strategy')} decoding: only greedy requests reproduce exactly"
+        )
     resolver = ModelResolver(tracker, model_name, Path(store_dir))
     ref = resolver.ref_for_artifact(entry["artifact_id"])
     if ref["content_hash"] != entry["content_hash"]:
-        raise ServingError(f"artifact {entry['artifact_id']} now has content hash {ref['content_hash'][:16]}, the request was served by {entry['content_hash'][:16]}")
+        raise ServingError(
+            f"artifact {entry['artifact_id']} now has content hash {ref['content_hash'][:16]}, "
+            f"the request was served by {entry['content_hash'][:16]}"
+        )
     model, tokenizer = load_verified(ref)
     out = greedy_generate(model, tokenizer, prompt, int(decoding["max_new_tokens"]), int(decoding.get("seed", 0)))
     current = current_fingerprint if current_fingerprint is not None else runtime_fingerprint()

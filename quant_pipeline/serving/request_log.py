@@ -26,7 +26,8 @@ from quant_pipeline.release.reference import ServingError
 # Provenance fields copied into trace tags (searchable); the full record is a root-span attribute.
 TRACE_TAG_FIELDS = (
     "request_id", "model_name", "model_version", "artifact_id", "served_by", "route_reason", "alias_changed",
-    "content_hash", "base_hash", "quant_method", "bits", "group_size", "calibration_hash", "runtime_hash", "prompt_sha256",
+    "content_hash", "base_hash", "quant_method", "bits", "group_size", "calibration_hash", "runtime_hash",
+    "prompt_sha256",
 )  # fmt: skip
 
 
@@ -67,7 +68,9 @@ def find_request(store_dir: Path, model_name: str, request_id: str) -> dict:
     """The logged record of one request (from the JSONL, the authoritative log)."""
     found = [r for r in read_requests(store_dir, model_name) if r.get("request_id") == request_id]
     if not found:
-        raise ServingError(f"no request {request_id} in {requests_path(store_dir, model_name)}: check the ID and --model-name")
+        raise ServingError(
+            f"no request {request_id} in {requests_path(store_dir, model_name)}: check the ID and --model-name"
+        )
     return found[-1]
 
 
@@ -108,5 +111,7 @@ def find_trace(tracker: MlflowTracker, model_name: str, request_id: str):
     if exp is None:
         return None
     rid = request_id.replace("'", "")
-    found = client.search_traces(locations=[exp.experiment_id], filter_string=f"tag.request_id = '{rid}'", max_results=2, flush=True)
+    found = client.search_traces(
+        locations=[exp.experiment_id], filter_string=f"tag.request_id = '{rid}'", max_results=2, flush=True
+    )
     return found[0] if found else None

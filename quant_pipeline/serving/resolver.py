@@ -52,7 +52,11 @@ class ModelResolver:
     """Registry version (or artifact ID, or alias) -> the version's reference, cross-checked."""
 
     def __init__(self, tracker: MlflowTracker, model_name: str, store_dir: ArtifactStore | Path, known_refs=()):
-        self.tracker, self.model_name, self.store = tracker, check_name(model_name, "model name"), ArtifactStore.of(store_dir)
+        self.tracker, self.model_name, self.store = (
+            tracker,
+            check_name(model_name, "model name"),
+            ArtifactStore.of(store_dir),
+        )
         self.client = tracker.client()
         self.known = {r["artifact_id"]: r for r in known_refs}
 
@@ -88,7 +92,10 @@ class ModelResolver:
                 return self.for_version(self.client.get_model_version(self.model_name, ref.lstrip("v"))), None
             except MlflowException:
                 pass
-        raise ServingError(f"{self.model_name}: `{ref}` is neither a registered artifact ID, an alias (approved, production), a version number nor `base`")
+        raise ServingError(
+            f"{self.model_name}: `{ref}` is neither a registered artifact ID, an alias (approved, production), "
+            "a version number nor `base`"
+        )
 
     def ref_for_artifact(self, artifact_id: str) -> dict:
         """An artifact's reference: via its registry version, else from its record in the store."""
@@ -112,7 +119,10 @@ class ModelResolver:
         ref = self.known.get(aid) or self._download_ref(mv.source) or self._ref_from_directory(mv, tags)
         for key in ("artifact_id", "content_hash"):
             if tags.get(key) and tags[key] != ref[key]:
-                raise ServingError(f"{self.model_name} v{mv.version}: registry tag {key}={tags[key][:16]} but its reference says {ref[key][:16]}: refusing to serve")
+                raise ServingError(
+                    f"{self.model_name} v{mv.version}: registry tag {key}={tags[key][:16]} "
+                    f"but its reference says {ref[key][:16]}: refusing to serve"
+                )
         return Resolved(str(mv.version), ref)
 
     def _download_ref(self, source: str) -> dict | None:
@@ -122,7 +132,11 @@ class ModelResolver:
             return json.loads(path.read_text()) if path.is_file() else None
         with tempfile.TemporaryDirectory() as tmp:
             try:
-                local = mlflow.artifacts.download_artifacts(artifact_uri=f"{source.rstrip('/')}/artifacts/{REF_FILE}", dst_path=tmp, tracking_uri=self.tracker.uri)
+                local = mlflow.artifacts.download_artifacts(
+                    artifact_uri=f"{source.rstrip('/')}/artifacts/{REF_FILE}",
+                    dst_path=tmp,
+                    tracking_uri=self.tracker.uri,
+                )
             except Exception:  # not a quant_pipeline pyfunc (a plain checkpoint directory was registered)
                 return None
             return json.loads(Path(local).read_text())
@@ -131,18 +145,27 @@ class ModelResolver:
         parsed = urlparse(mv.source)
         directory = Path(unquote(parsed.path)) if parsed.scheme in ("file", "") else None
         if directory is None or not directory.is_dir():
-            raise ServingError(f"{self.model_name} v{mv.version}: source {mv.source} is neither a quant_pipeline pyfunc nor a local checkpoint directory")
+            raise ServingError(
+                f"{self.model_name} v{mv.version}: source {mv.source} "
+                "is neither a quant_pipeline pyfunc nor a local checkpoint directory"
+            )
         record_path = directory / RECORD_FILE
         record = json.loads(record_path.read_text()) if record_path.exists() else {}
         if not record.get("files"):  # a user's own checkpoint: only the registry's content hash to check against
             files = file_hashes(directory)
             if tags.get("content_hash") and tree_hash(files) != tags["content_hash"]:
                 raise ServingError(
-                    f"refusing to load {tags.get('artifact_id', directory.name)} from {directory}: its files no longer match the "
-                    f"registered content hash {tags['content_hash'][:16]} (no per-file record to name which; re-register it with log_registered_pyfunc)"
+                    f"refusing to load {tags.get('artifact_id', directory.name)} from {directory}: "
+                    "its files no longer match the "
+                    f"registered content hash {tags['content_hash'][:16]} "
+                    "(no per-file record to name which; re-register it with log_registered_pyfunc)"
                 )
             record = {**record, "files": files, "content_hash": tags.get("content_hash")}
-        record = {"model_name": self.model_name, "kind": tags.get("kind"), **{k: v for k, v in record.items() if v is not None}}
+        record = {
+            "model_name": self.model_name,
+            "kind": tags.get("kind"),
+            **{k: v for k, v in record.items() if v is not None},
+        }
         return build_ref(directory, record, self.store.root)
 
 

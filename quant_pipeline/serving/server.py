@@ -12,7 +12,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -99,7 +99,9 @@ class Server:
             return self._current, None
         mv = self.resolver.alias_version(self.alias)
         if mv is None:
-            raise ServingError(f"alias `{self.alias}` of {self.model_name} no longer exists (rejected or removed): refusing to serve")
+            raise ServingError(
+                f"alias `{self.alias}` of {self.model_name} no longer exists (rejected or removed): refusing to serve"
+            )
         if str(mv.version) == self._current.version:
             return self._current, None
         target = self.resolver.for_version(mv)
@@ -123,7 +125,10 @@ class Server:
             else:
                 known = [r for r in self.resolver.known.values() if r["kind"] == "base"]
                 if not known:
-                    raise ServingError(f"a critical request must be served by the base model, but {self.model_name} has no registered base version (tag kind=base)")
+                    raise ServingError(
+                        f"a critical request must be served by the base model, "
+                        f"but {self.model_name} has no registered base version (tag kind=base)"
+                    )
                 base = Resolved(None, known[0])
             with self._state:
                 self._base = base
@@ -145,12 +150,19 @@ class Server:
                 return None
         return self._experiment_id
 
-    def generate(self, prompt: str, max_new_tokens: int = 64, seed: int = 0, critical: bool = False, request_id: str | None = None) -> dict:
+    def generate(
+        self,
+        prompt: str,
+        max_new_tokens: int = 64,
+        seed: int = 0,
+        critical: bool = False,
+        request_id: str | None = None,
+    ) -> dict:
         """Serve one prompt (greedy); returns its log record (also written to the JSONL and MLflow)."""
         t0, start_ns = time.perf_counter(), time.time_ns()
         record: dict = {
             "request_id": request_id or str(uuid.uuid4()),
-            "time": datetime.now(timezone.utc).isoformat(),
+            "time": datetime.now(UTC).isoformat(),
             "model_name": self.model_name,
             "ref": self.ref,
             "status": "ok",
@@ -160,7 +172,13 @@ class Server:
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ServingError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         record.update(self._prompt_fields(prompt))
-        record["decoding"] = {"strategy": "greedy", "do_sample": False, "num_beams": 1, "max_new_tokens": int(max_new_tokens), "seed": int(seed)}
+        record["decoding"] = {
+            "strategy": "greedy",
+            "do_sample": False,
+            "num_beams": 1,
+            "max_new_tokens": int(max_new_tokens),
+            "seed": int(seed),
+        }
         try:
             current, changed = self._follow_alias()
             target, reason = self._route(prompt, bool(critical), current)
@@ -170,7 +188,12 @@ class Server:
                 g0 = time.perf_counter()
                 out = greedy_generate(loaded.model, loaded.tokenizer, prompt, int(max_new_tokens), int(seed))
                 record["generate_s"] = round(time.perf_counter() - g0, 4)
-            record.update(output=out["output"], output_ids=out["output_ids"], prompt_tokens=out["prompt_tokens"], output_tokens=len(out["output_ids"]))
+            record.update(
+                output=out["output"],
+                output_ids=out["output_ids"],
+                prompt_tokens=out["prompt_tokens"],
+                output_tokens=len(out["output_ids"]),
+            )
         except Exception as e:
             record.update(status="error", error=f"{type(e).__name__}: {e}")
             raise
@@ -180,7 +203,11 @@ class Server:
         return record
 
     def _prompt_fields(self, prompt: str) -> dict:
-        return {"prompt": prompt if self.log_prompts else None, "prompt_logged": self.log_prompts, "prompt_sha256": sha256_text(prompt)}
+        return {
+            "prompt": prompt if self.log_prompts else None,
+            "prompt_logged": self.log_prompts,
+            "prompt_sha256": sha256_text(prompt),
+        }
 
     def _provenance(self, target: Resolved) -> dict:
         ref = target.ref

@@ -5,15 +5,24 @@ from pathlib import Path
 
 import pandas as pd
 
-from quant_pipeline.defs.gate import APPROVED, PENDING
 from quant_pipeline.core.artifacts import verify_artifact
+from quant_pipeline.core.tracking import APPROVED_ALIAS
+from quant_pipeline.defs.gate import APPROVED, PENDING
 from quant_pipeline.release.signoff import trail_path
 from quant_pipeline.release.trail import read_entries
-from quant_pipeline.core.tracking import APPROVED_ALIAS
-
 from quant_pipeline_tests.support import replace, run_audit
 
-STAGES = ["base_checkpoint", "calibration_set", "runtime_environment", "quantized_artifact", "base_eval_results", "quantized_eval_results", "delta_report", "approval", "audit_report"]
+STAGES = [
+    "base_checkpoint",
+    "calibration_set",
+    "runtime_environment",
+    "quantized_artifact",
+    "base_eval_results",
+    "quantized_eval_results",
+    "delta_report",
+    "approval",
+    "audit_report",
+]
 
 
 def materialized(result) -> dict:
@@ -24,20 +33,26 @@ def materialized(result) -> dict:
     return out
 
 
-
-
 def test_full_audit_records_every_stage_in_dagster_and_mlflow(tiny_settings, mlflow_tracker, instance, lenient_policy):
     settings = replace(tiny_settings, policy_file=str(lenient_policy))
     result = run_audit(settings, mlflow_tracker, instance)
     assert result.success
     mats = materialized(result)
     assert sorted(mats) == sorted(STAGES)
-    for stage in ("base_checkpoint", "calibration_set", "quantized_artifact", "base_eval_results", "quantized_eval_results"):
+    for stage in (
+        "base_checkpoint",
+        "calibration_set",
+        "quantized_artifact",
+        "base_eval_results",
+        "quantized_eval_results",
+    ):
         assert mats[stage]["wall_seconds"] > 0 and mats[stage]["peak_rss_mb"] > 0, stage
         assert mats[stage]["mlflow_run_id"], stage
 
     artifact = result.output_for_node("quantized_artifact")
-    record = verify_artifact(tiny_settings.store, artifact["artifact_id"]).dump()  # files match the record written beside them
+    record = verify_artifact(
+        tiny_settings.store, artifact["artifact_id"]
+    ).dump()  # files match the record written beside them
     assert record["artifact_id"] == artifact["artifact_id"] == mats["quantized_artifact"]["artifact_id"]
     assert record["recipe"]["group_size"] == 64 and record["recipe"]["bits"] == 4
     assert record["scales"]["layers"] == 14  # 2 layers x 7 linear modules, each with its scales
@@ -56,7 +71,15 @@ def test_full_audit_records_every_stage_in_dagster_and_mlflow(tiny_settings, mlf
     client = mlflow_tracker.client()
     exp = client.get_experiment_by_name(f"quant_pipeline/{Path(settings.model).name}")
     stages = {r.data.tags["stage"] for r in client.search_runs([exp.experiment_id])}
-    assert {"base_checkpoint", "calibration_set", "quantized_artifact", "base_eval_results", "quantized_eval_results", "delta_report", "approval"} <= stages
+    assert {
+        "base_checkpoint",
+        "calibration_set",
+        "quantized_artifact",
+        "base_eval_results",
+        "quantized_eval_results",
+        "delta_report",
+        "approval",
+    } <= stages
     version = client.get_model_version(record["model_name"], artifact["registry_version"])
     assert version.tags["artifact_id"] == record["artifact_id"]
     assert version.tags["content_hash"] == record["content_hash"]
@@ -67,7 +90,9 @@ def test_full_audit_records_every_stage_in_dagster_and_mlflow(tiny_settings, mlf
 
 def test_named_approver_moves_the_approved_alias(tiny_settings, mlflow_tracker, instance, lenient_policy):
     settings = replace(tiny_settings, policy_file=str(lenient_policy))
-    result = run_audit(settings, mlflow_tracker, instance, approver="Ada Lovelace", note="within tolerance on all slices")
+    result = run_audit(
+        settings, mlflow_tracker, instance, approver="Ada Lovelace", note="within tolerance on all slices"
+    )
     assert result.success
     decision = result.output_for_node("approval")
     assert decision["decision"] == APPROVED and decision["approver"] == "Ada Lovelace"
@@ -79,7 +104,10 @@ def test_named_approver_moves_the_approved_alias(tiny_settings, mlflow_tracker, 
 
 def test_failed_blocking_check_stops_approval(tiny_settings, mlflow_tracker, instance, tmp_path):
     strict = tmp_path / "strict.yaml"  # negative tolerance: even a perfect copy fails every slice
-    strict.write_text("name: impossible\nmin_items: 1\ntolerances:\n  acc: {direction: higher_is_better, mode: absolute, tolerance: -0.5}\n")
+    strict.write_text(
+        "name: impossible\nmin_items: 1\ntolerances:\n"
+        "  acc: {direction: higher_is_better, mode: absolute, tolerance: -0.5}\n"
+    )
     settings = replace(tiny_settings, policy_file=str(strict))
     result = run_audit(settings, mlflow_tracker, instance, approver="Ada Lovelace")
     assert not result.success

@@ -5,9 +5,8 @@ from pathlib import Path
 import pytest
 
 from quant_pipeline.core.errors import AuditInputError
-from quant_pipeline.defs.preflight import preflight
 from quant_pipeline.core.recipe import Recipe
-
+from quant_pipeline.defs.preflight import preflight
 from quant_pipeline_tests.support import replace, run_audit, write_jsonl
 
 
@@ -78,7 +77,9 @@ def test_default_model_group_size_128_is_refused_before_loading(tiny_settings):
 def test_policy_with_unknown_metric_is_refused(tiny_settings, mlflow_tracker, instance, tmp_path):
     policy = tmp_path / "policy.yaml"
     policy.write_text("name: typo\ntolerances:\n  accuracy: {direction: higher_is_better, tolerance: 0.05}\n")
-    message = run_bad(replace(tiny_settings, policy_file=str(policy)), mlflow_tracker, instance, "unknown metric 'accuracy'")
+    message = run_bad(
+        replace(tiny_settings, policy_file=str(policy)), mlflow_tracker, instance, "unknown metric 'accuracy'"
+    )
     assert str(policy) in message and "known metrics: acc" in message
 
 

@@ -1,13 +1,11 @@
 """The default model end to end (SmolLM2-135M-Instruct from the shipped GGUF), at reduced sizes for CI."""
 
-
 import pytest
 
-from quant_pipeline.models.checkpoint import resolve_model_source
 from quant_pipeline.core.artifacts import verify_artifact
-from quant_pipeline.defs.resources import AuditSettings
 from quant_pipeline.core.recipe import Recipe
-
+from quant_pipeline.defs.resources import AuditSettings
+from quant_pipeline.models.checkpoint import resolve_model_source
 from quant_pipeline_tests.support import run_audit
 
 pytestmark = pytest.mark.slow
@@ -41,8 +39,12 @@ def test_default_smollm2_audit_quantizes_evaluates_and_gates(tmp_path, mlflow_tr
 
     import pandas as pd
 
-    base_evals = pd.read_parquet(result.output_for_node("base_eval_results")["results_path"]).set_index(["category", "metric"])["value"]
-    quant_evals = pd.read_parquet(result.output_for_node("quantized_eval_results")["results_path"]).set_index(["category", "metric"])["value"]
+    base_evals = pd.read_parquet(result.output_for_node("base_eval_results")["results_path"]).set_index(
+        ["category", "metric"]
+    )["value"]
+    quant_evals = pd.read_parquet(result.output_for_node("quantized_eval_results")["results_path"]).set_index(
+        ["category", "metric"]
+    )["value"]
     # A real 135M instruct model is far better than a random one on held-out text, and 4-bit GPTQ
     # costs it some perplexity but keeps it in the same range.
     assert base_evals[("heldout", "word_perplexity")] < 200

@@ -7,12 +7,19 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from quant_pipeline.defs.gate import PENDING
-from quant_pipeline.defs.automation import CALIBRATION_STAGES, FROM_TAG, TO_TAG, TRIGGER_TAG, base_model_sensor, calibration_data_sensor, runtime_sensor
 from quant_pipeline.core.paths import DEFAULT_CALIBRATION
 from quant_pipeline.core.runtime import fingerprint_hash, runtime_fingerprint
 from quant_pipeline.core.tracking import APPROVED_ALIAS
-
+from quant_pipeline.defs.automation import (
+    CALIBRATION_STAGES,
+    FROM_TAG,
+    TO_TAG,
+    TRIGGER_TAG,
+    base_model_sensor,
+    calibration_data_sensor,
+    runtime_sensor,
+)
+from quant_pipeline.defs.gate import PENDING
 from quant_pipeline_tests.support import replace, run_audit
 
 
@@ -55,7 +62,9 @@ def test_calibration_change_requests_one_reaudit_of_the_affected_stages(tiny_set
     assert requests == [] and "unchanged" in skip
 
 
-def test_base_model_sensor_sees_a_rewritten_checkpoint_file_and_a_new_model(tiny_settings, instance, tiny_llama, tmp_path):
+def test_base_model_sensor_sees_a_rewritten_checkpoint_file_and_a_new_model(
+    tiny_settings, instance, tiny_llama, tmp_path
+):
     model = Path(shutil.copytree(tiny_llama, tmp_path / "model"))
     settings = replace(tiny_settings, model=str(model))
     _, skip, cursor = tick(base_model_sensor, instance, None, settings)
@@ -80,7 +89,9 @@ def test_runtime_sensor_compares_with_the_fingerprint_of_the_latest_audit(instan
     assert tick(runtime_sensor, instance)[0] == []  # no audit yet
     older = json.loads(json.dumps(runtime_fingerprint()))
     older["libraries"]["torch"] = "2.12.0"
-    instance.report_runless_asset_event(dg.AssetMaterialization("runtime_environment", metadata={"fingerprint": dg.MetadataValue.json(older)}))
+    instance.report_runless_asset_event(
+        dg.AssetMaterialization("runtime_environment", metadata={"fingerprint": dg.MetadataValue.json(older)})
+    )
     requests, _, cursor = tick(runtime_sensor, instance)
     assert len(requests) == 1
     assert requests[0].tags[TRIGGER_TAG] == "runtime"
@@ -88,7 +99,11 @@ def test_runtime_sensor_compares_with_the_fingerprint_of_the_latest_audit(instan
     assert "libraries.torch: 2.12.0 -> " in requests[0].tags["quant_pipeline/changes"]
     assert tick(runtime_sensor, instance, cursor)[0] == []  # same change: one run only
 
-    instance.report_runless_asset_event(dg.AssetMaterialization("runtime_environment", metadata={"fingerprint": dg.MetadataValue.json(runtime_fingerprint())}))
+    instance.report_runless_asset_event(
+        dg.AssetMaterialization(
+            "runtime_environment", metadata={"fingerprint": dg.MetadataValue.json(runtime_fingerprint())}
+        )
+    )
     requests, skip, _ = tick(runtime_sensor, instance, cursor)
     assert requests == [] and "unchanged" in skip
 
@@ -99,7 +114,9 @@ def test_sensor_cursor_survives_a_new_instance_on_the_same_storage(tiny_settings
     home.mkdir()
     settings = replace(tiny_settings, calibration_file=str(calibration_copy))
     with dg.instance_for_test(temp_dir=str(home)) as first:
-        first.report_runless_asset_event(dg.AssetMaterialization("calibration_set", metadata={"version": "calibration.jsonl@0000000000000000"}))
+        first.report_runless_asset_event(
+            dg.AssetMaterialization("calibration_set", metadata={"version": "calibration.jsonl@0000000000000000"})
+        )
         requests, _, cursor = tick(calibration_data_sensor, first, None, settings)
         assert len(requests) == 1
     with dg.instance_for_test(temp_dir=str(home)) as second:
@@ -108,7 +125,9 @@ def test_sensor_cursor_survives_a_new_instance_on_the_same_storage(tiny_settings
         assert requests == [] and "unchanged" in skip
 
 
-def test_calibration_reaudit_reuses_base_eval_and_starts_a_new_pending_approval(tiny_settings, mlflow_tracker, instance, calibration_copy, tmp_path):
+def test_calibration_reaudit_reuses_base_eval_and_starts_a_new_pending_approval(
+    tiny_settings, mlflow_tracker, instance, calibration_copy, tmp_path
+):
     lenient = tmp_path / "lenient.yaml"
     lenient.write_text("name: lenient\ntolerances:\n  acc: {direction: higher_is_better, tolerance: 1.0}\n")
     settings = replace(tiny_settings, calibration_file=str(calibration_copy), policy_file=str(lenient))
@@ -139,7 +158,10 @@ def test_policy_change_rejudges_without_rerunning_any_model(tiny_settings, mlflo
     lenient.write_text("name: lenient-v2\ntolerances:\n  acc: {direction: higher_is_better, tolerance: 0.9}\n")
     rejudge = run_audit(settings, mlflow_tracker, instance, selection=["delta_report", "approval"])
     assert rejudge.success
-    assert {e.asset_key.to_user_string() for e in rejudge.get_asset_materialization_events()} == {"delta_report", "approval"}
+    assert {e.asset_key.to_user_string() for e in rejudge.get_asset_materialization_events()} == {
+        "delta_report",
+        "approval",
+    }
     assert rejudge.output_for_node("delta_report")["policy_name"] == "lenient-v2"
     # A full run after the policy change reuses the artifact and both evaluations by hash.
     full = run_audit(settings, mlflow_tracker, instance)

@@ -21,9 +21,18 @@ from mlflow.tracking import MlflowClient
 
 from quant_pipeline_tests.support import replace, run_audit
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 BIN_DIR = Path(sys.executable).parent
-STAGES = ["base_checkpoint", "calibration_set", "runtime_environment", "quantized_artifact", "base_eval_results", "quantized_eval_results", "delta_report", "approval"]
+STAGES = [
+    "base_checkpoint",
+    "calibration_set",
+    "runtime_environment",
+    "quantized_artifact",
+    "base_eval_results",
+    "quantized_eval_results",
+    "delta_report",
+    "approval",
+]
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -34,7 +43,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_until(probe: Callable[[], object], timeout: float, interval: float = 2.0, proc: subprocess.Popen | None = None, log: Path | None = None):
+def wait_until(
+    probe: Callable[[], object],
+    timeout: float,
+    interval: float = 2.0,
+    proc: subprocess.Popen | None = None,
+    log: Path | None = None,
+):
     """Call `probe` until it returns something truthy (returned) or `timeout` seconds pass (fails).
     Exceptions from the probe count as "not yet"; a server process that exits ends the wait early."""
     deadline = time.monotonic() + timeout
@@ -56,7 +71,15 @@ def start_server(cmd: list[str], log: Path, env: dict | None = None) -> subproce
     """Start a server in its own process group (so it and its children can be stopped together),
     with stdout and stderr going to `log`."""
     with open(log, "wb") as out:
-        return subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        return subprocess.Popen(
+            cmd,
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
 
 
 def stop_process_group(proc: subprocess.Popen, timeout: float = 30.0) -> None:
@@ -93,7 +116,9 @@ def http_get(url: str, timeout: float = 10.0) -> str:
 
 def graphql(port: int, query: str, timeout: float = 30.0) -> dict:
     req = urllib.request.Request(
-        f"http://127.0.0.1:{port}/graphql", data=json.dumps({"query": query}).encode(), headers={"Content-Type": "application/json"}
+        f"http://127.0.0.1:{port}/graphql",
+        data=json.dumps({"query": query}).encode(),
+        headers={"Content-Type": "application/json"},
     )
     with urllib.request.urlopen(req, timeout=timeout) as resp:
         body = json.loads(resp.read())
@@ -137,7 +162,9 @@ def test_dagster_dev_loads_the_code_location_with_every_stage(tmp_path):
         "TOKENIZERS_PARALLELISM": "false",
     }
     port, log = free_port(), tmp_path / "dagster_dev.log"
-    proc = start_server([str(BIN_DIR / "dagster"), "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)], log, env)
+    proc = start_server(
+        [str(BIN_DIR / "dagster"), "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)], log, env
+    )
     try:
 
         def location_done():
@@ -150,9 +177,13 @@ def test_dagster_dev_loads_the_code_location_with_every_stage(tmp_path):
         entry = wait_until(location_done, timeout=180, proc=proc, log=log)
         location = entry["locationOrLoadError"]
         assert location["__typename"] == "RepositoryLocation", f"code location failed to load: {location}\n{tail(log)}"
-        asset_keys = {"/".join(node["assetKey"]["path"]) for repo in location["repositories"] for node in repo["assetNodes"]}
+        asset_keys = {
+            "/".join(node["assetKey"]["path"]) for repo in location["repositories"] for node in repo["assetNodes"]
+        }
         missing = set(STAGES) - asset_keys
-        assert not missing, f"stages missing from the code location: {sorted(missing)} (found {sorted(asset_keys)})\n{tail(log)}"
+        assert not missing, (
+            f"stages missing from the code location: {sorted(missing)} (found {sorted(asset_keys)})\n{tail(log)}"
+        )
     finally:
         stop_process_group(proc)
 
@@ -160,7 +191,9 @@ def test_dagster_dev_loads_the_code_location_with_every_stage(tmp_path):
 # -- mlflow server ---------------------------------------------------------------------------
 
 
-def test_mlflow_server_shows_audit_runs_metrics_and_registered_version(tmp_path, tiny_settings, mlflow_tracker, instance, lenient_policy):
+def test_mlflow_server_shows_audit_runs_metrics_and_registered_version(
+    tmp_path, tiny_settings, mlflow_tracker, instance, lenient_policy
+):
     settings = replace(tiny_settings, policy_file=str(lenient_policy))
     result = run_audit(settings, mlflow_tracker, instance)
     assert result.success, [c for c in result.get_asset_check_evaluations() if not c.passed]
@@ -184,8 +217,12 @@ def test_mlflow_server_shows_audit_runs_metrics_and_registered_version(tmp_path,
         assert exp is not None, f"experiment missing on the server\n{tail(log)}"
         runs = client.search_runs([exp.experiment_id])
         by_stage = {r.data.tags.get("stage"): r for r in runs}
-        assert {"base_checkpoint", "quantized_artifact", "quantized_eval_results", "delta_report", "approval"} <= set(by_stage), sorted(map(str, by_stage))
-        assert "acc/facts" in by_stage["quantized_eval_results"].data.metrics, sorted(by_stage["quantized_eval_results"].data.metrics)
+        assert {"base_checkpoint", "quantized_artifact", "quantized_eval_results", "delta_report", "approval"} <= set(
+            by_stage
+        ), sorted(map(str, by_stage))
+        assert "acc/facts" in by_stage["quantized_eval_results"].data.metrics, sorted(
+            by_stage["quantized_eval_results"].data.metrics
+        )
 
         versions = client.search_model_versions(f"name='{artifact['model_name']}'")
         assert artifact["artifact_id"] in {v.tags.get("artifact_id") for v in versions}, [v.tags for v in versions]
@@ -194,14 +231,16 @@ def test_mlflow_server_shows_audit_runs_metrics_and_registered_version(tmp_path,
 
 
 # -- the daemon re-audits on a calibration change -------------------------------------------
-def test_daemon_launches_and_completes_a_reaudit_after_a_calibration_change(tmp_path, tiny_llama, lenient_policy, monkeypatch):
+def test_daemon_launches_and_completes_a_reaudit_after_a_calibration_change(
+    tmp_path, tiny_llama, lenient_policy, monkeypatch
+):
     import dagster as dg
     from dagster._core.storage.dagster_run import DagsterRunStatus, RunsFilter
 
-    from quant_pipeline.definitions import AUDIT_ASSETS, AUDIT_CHECKS
-    from quant_pipeline.defs.resources import build_resources
-    from quant_pipeline.defs.automation import CALIBRATION_STAGES, FROM_TAG, TO_TAG, TRIGGER_TAG
     from quant_pipeline.core.paths import DEFAULT_CALIBRATION
+    from quant_pipeline.definitions import AUDIT_ASSETS, AUDIT_CHECKS
+    from quant_pipeline.defs.automation import CALIBRATION_STAGES, FROM_TAG, TO_TAG, TRIGGER_TAG
+    from quant_pipeline.defs.resources import build_resources
 
     home = tmp_path / "dagster_home"
     home.mkdir()
@@ -220,12 +259,18 @@ def test_daemon_launches_and_completes_a_reaudit_after_a_calibration_change(tmp_
         assert first.success
 
     port, log = free_port(), tmp_path / "dagster_dev.log"
-    proc = start_server([str(BIN_DIR / "dagster"), "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)], log, {**os.environ, **settings_env})
+    proc = start_server(
+        [str(BIN_DIR / "dagster"), "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)],
+        log,
+        {**os.environ, **settings_env},
+    )
     try:
         with dg.DagsterInstance.get() as instance:
             wait_until(lambda: graphql(port, "{ version }"), timeout=180, proc=proc, log=log)
             with open(calibration, "a") as f:
-                f.write(json.dumps({"text": "A late calibration sample about lighthouse keepers and fog signals."}) + "\n")
+                f.write(
+                    json.dumps({"text": "A late calibration sample about lighthouse keepers and fog signals."}) + "\n"
+                )
 
             def reaudit_finished():
                 runs = instance.get_runs(filters=RunsFilter(tags={TRIGGER_TAG: "calibration"}))

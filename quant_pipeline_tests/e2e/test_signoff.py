@@ -4,33 +4,59 @@ import json
 import shutil
 from pathlib import Path
 
+import dagster as dg
 import pytest
 
-from quant_pipeline.release import registry, signoff
-from quant_pipeline.release.report import write_report
 from quant_pipeline.core.errors import AuditInputError
-from quant_pipeline.release.mlbom import validate_mlbom
-from quant_pipeline.defs.automation import CALIBRATION_STAGES
 from quant_pipeline.core.paths import DEFAULT_CALIBRATION
+from quant_pipeline.core.tracking import APPROVED_ALIAS, MlflowTracker
+from quant_pipeline.defs.automation import CALIBRATION_STAGES
+from quant_pipeline.defs.resources import AuditSettings
+from quant_pipeline.release import registry, signoff
+from quant_pipeline.release.mlbom import validate_mlbom
+from quant_pipeline.release.report import write_report
 from quant_pipeline.release.trail import verify_trail
-from quant_pipeline.core.tracking import APPROVED_ALIAS
-
-from quant_pipeline_tests.support import replace, run_audit
+from quant_pipeline_tests.support import TINY_RECIPE, replace, run_audit
 
 LENIENT = "name: lenient\nmin_items: 1\ntolerances:\n  acc: {direction: higher_is_better, tolerance: 1.0}\n"
-IMPOSSIBLE = "name: impossible\nmin_items: 1\nallow_override: {allow}\ntolerances:\n  acc: {{direction: higher_is_better, tolerance: -0.5}}\n"
+IMPOSSIBLE = (
+    "name: impossible\nmin_items: 1\nallow_override: {allow}\ntolerances:\n"
+    "  acc: {{direction: higher_is_better, tolerance: -0.5}}\n"
+)
+
+
+def audit_world(root: Path, tiny_llama: Path):
+    """Settings and tracker of an audit whose every file (store, MLflow, Dagster, inputs) lies under root."""
+    settings = AuditSettings(
+        model=str(tiny_llama), store_dir=str(root / "store"), recipe=TINY_RECIPE, eval_limit=4, eval_max_new_tokens=16,
+        policy_file=str(root / "policy.yaml"), calibration_file=str(root / "calibration.jsonl"),
+    )  # fmt: skip
+    tracker = MlflowTracker(tracking_uri=f"sqlite:///{root}/mlflow.db", artifact_root=(root / "mlartifacts").as_uri())
+    return settings, tracker
+
+
+@pytest.fixture(scope="module")
+def audited_once(tmp_path_factory, tiny_llama):
+    """One pending audit of the tiny model under a lenient policy, run once for the whole module."""
+    root = tmp_path_factory.mktemp("audited")
+    (root / "policy.yaml").write_text(LENIENT)
+    shutil.copy(DEFAULT_CALIBRATION, root / "calibration.jsonl")
+    settings, tracker = audit_world(root, tiny_llama)
+    with dg.instance_for_test(temp_dir=str(root / "dagster")) as instance:
+        result = run_audit(settings, tracker, instance)
+    assert result.success
+    return root, result.output_for_node("quantized_artifact")
 
 
 @pytest.fixture
-def audited(tiny_settings, mlflow_tracker, instance, tmp_path):
-    """One pending audit of the tiny model under a lenient policy."""
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(LENIENT)
-    calibration = Path(shutil.copy(DEFAULT_CALIBRATION, tmp_path / "calibration.jsonl"))
-    settings = replace(tiny_settings, policy_file=str(policy), calibration_file=str(calibration))
-    result = run_audit(settings, mlflow_tracker, instance)
-    assert result.success
-    return settings, result.output_for_node("quantized_artifact")
+def audited(audited_once, tmp_path, tiny_llama):
+    """A private copy of the shared audit (store, MLflow database, Dagster storage), for a test to change."""
+    root, artifact = audited_once
+    copy = Path(shutil.copytree(root, tmp_path / "audited", symlinks=True))
+    settings, tracker = audit_world(copy, tiny_llama)
+    artifact = {**artifact, "path": str(settings.store.artifact_dir(artifact["artifact_id"]))}
+    with dg.instance_for_test(temp_dir=str(copy / "dagster")) as instance:
+        yield settings, artifact, tracker, instance
 
 
 def failed_audit(tiny_settings, tracker, instance, tmp_path, allow_override: bool):
@@ -42,8 +68,8 @@ def failed_audit(tiny_settings, tracker, instance, tmp_path, allow_override: boo
     return settings, result.output_for_node("quantized_artifact")
 
 
-def test_approval_needs_a_named_approver_and_a_rationale(audited, mlflow_tracker):
-    settings, artifact = audited
+def test_approval_needs_a_named_approver_and_a_rationale(audited):
+    settings, artifact, mlflow_tracker, instance = audited
     with pytest.raises(signoff.SignOffError, match="named approver"):
         signoff.approve(settings.store, mlflow_tracker, artifact["artifact_id"], by="", note="looks fine")
     with pytest.raises(signoff.SignOffError, match="rationale"):
@@ -51,13 +77,17 @@ def test_approval_needs_a_named_approver_and_a_rationale(audited, mlflow_tracker
     assert mlflow_tracker.alias_version(artifact["model_name"], APPROVED_ALIAS) is None
 
 
-def test_failed_checks_cannot_be_approved_and_override_needs_two_people(tiny_settings, mlflow_tracker, instance, tmp_path):
+def test_failed_checks_cannot_be_approved_and_override_needs_two_people(
+    tiny_settings, mlflow_tracker, instance, tmp_path
+):
     settings, artifact = failed_audit(tiny_settings, mlflow_tracker, instance, tmp_path, allow_override=False)
     aid = artifact["artifact_id"]
     with pytest.raises(signoff.SignOffError, match="failed its checks"):
         signoff.approve(settings.store, mlflow_tracker, aid, by="Ada", note="ship it")
     with pytest.raises(signoff.SignOffError, match="does not allow overrides"):
-        signoff.approve(settings.store, mlflow_tracker, aid, by="Ada", note="ship it", second_approver="Bob", override=True)
+        signoff.approve(
+            settings.store, mlflow_tracker, aid, by="Ada", note="ship it", second_approver="Bob", override=True
+        )
 
     settings, artifact = failed_audit(tiny_settings, mlflow_tracker, instance, tmp_path, allow_override=True)
     aid = artifact["artifact_id"]
@@ -65,7 +95,15 @@ def test_failed_checks_cannot_be_approved_and_override_needs_two_people(tiny_set
         signoff.approve(settings.store, mlflow_tracker, aid, by="Ada", note="known regression, accepted", override=True)
     with pytest.raises(signoff.SignOffError, match="second named approver"):
         signoff.approve(settings.store, mlflow_tracker, aid, by="Ada", note="x", second_approver="Ada", override=True)
-    entry = signoff.approve(settings.store, mlflow_tracker, aid, by="Ada", note="known regression, accepted", second_approver="Bob", override=True)
+    entry = signoff.approve(
+        settings.store,
+        mlflow_tracker,
+        aid,
+        by="Ada",
+        note="known regression, accepted",
+        second_approver="Bob",
+        override=True,
+    )
     assert entry["override"] is True and entry["second_approver"] == "Bob"
     version = mlflow_tracker.client().get_model_version(artifact["model_name"], artifact["registry_version"])
     assert version.tags["approval"] == "approved (override)"
@@ -73,8 +111,8 @@ def test_failed_checks_cannot_be_approved_and_override_needs_two_people(tiny_set
     assert "OVERRIDE" in md.read_text()
 
 
-def test_tampered_artifact_fails_verify_and_approval(audited, mlflow_tracker):
-    settings, artifact = audited
+def test_tampered_artifact_fails_verify_and_approval(audited):
+    settings, artifact, mlflow_tracker, instance = audited
     aid = artifact["artifact_id"]
     assert registry.verify(settings.store, aid) == []
     with open(Path(artifact["path"]) / "tokenizer.json", "a") as f:
@@ -86,7 +124,7 @@ def test_tampered_artifact_fails_verify_and_approval(audited, mlflow_tracker):
 
 
 def test_edited_trail_entry_fails_verification(audited):
-    settings, artifact = audited
+    settings, artifact, mlflow_tracker, instance = audited
     path = signoff.trail_path(settings.store, artifact["model_name"])
     assert verify_trail(path) == []
     lines = path.read_text().splitlines()
@@ -99,14 +137,14 @@ def test_edited_trail_entry_fails_verification(audited):
 
 
 def test_base_checkpoint_cannot_be_deleted_while_artifacts_depend_on_it(audited, tiny_llama):
-    settings, artifact = audited
+    settings, artifact, mlflow_tracker, instance = audited
     with pytest.raises(AuditInputError, match=artifact["artifact_id"]):
         registry.delete_base(settings.store, tiny_llama)
     assert (tiny_llama / "model.safetensors").exists()
 
 
 def test_mlbom_of_an_audited_artifact_validates_against_cyclonedx_1_6(audited):
-    settings, artifact = audited
+    settings, artifact, mlflow_tracker, instance = audited
     path = registry.write_bom(settings.store, artifact["artifact_id"])
     doc = json.loads(path.read_text())
     validate_mlbom(doc)
@@ -116,8 +154,8 @@ def test_mlbom_of_an_audited_artifact_validates_against_cyclonedx_1_6(audited):
     assert model["pedigree"]["ancestors"][0]["hashes"][0]["content"] == artifact["base_hash"]
 
 
-def test_scripted_release_history_moves_aliases_and_shows_in_the_audit_report(audited, mlflow_tracker, instance):
-    settings, first = audited
+def test_scripted_release_history_moves_aliases_and_shows_in_the_audit_report(audited):
+    settings, first, mlflow_tracker, instance = audited
     store, name = settings.store, first["model_name"]
     signoff.approve(store, mlflow_tracker, first["artifact_id"], by="Ada", note="first release")
     signoff.promote(store, mlflow_tracker, first["artifact_id"], by="Ada", note="go live")
@@ -125,7 +163,17 @@ def test_scripted_release_history_moves_aliases_and_shows_in_the_audit_report(au
 
     calibration = Path(settings.calibration_file)
     calibration.write_text("\n".join(reversed(calibration.read_text().splitlines())) + "\n")
-    second = run_audit(settings, mlflow_tracker, instance, selection=CALIBRATION_STAGES, tags={"quant_pipeline/trigger": "calibration", "quant_pipeline/from_version": "calibration.jsonl@old", "quant_pipeline/to_version": "calibration.jsonl@new"})
+    second = run_audit(
+        settings,
+        mlflow_tracker,
+        instance,
+        selection=CALIBRATION_STAGES,
+        tags={
+            "quant_pipeline/trigger": "calibration",
+            "quant_pipeline/from_version": "calibration.jsonl@old",
+            "quant_pipeline/to_version": "calibration.jsonl@new",
+        },
+    )
     assert second.success
     new = second.output_for_node("quantized_artifact")
     with pytest.raises(signoff.SignOffError, match="not approved"):
@@ -139,11 +187,31 @@ def test_scripted_release_history_moves_aliases_and_shows_in_the_audit_report(au
     assert back["registry_version"] == first["registry_version"] and not back["to_base"]
     assert mlflow_tracker.alias_version(name, signoff.PRODUCTION_ALIAS) == first["registry_version"]
     base = signoff.rollback(store, mlflow_tracker, name, by="Grace", note="incident: full precision", to_base=True)
-    assert base["to_base"] and mlflow_tracker.client().get_model_version(name, base["registry_version"]).tags["kind"] == "base"
+    assert (
+        base["to_base"]
+        and mlflow_tracker.client().get_model_version(name, base["registry_version"]).tags["kind"] == "base"
+    )
 
     md, page = write_report(store, mlflow_tracker, name)
     text = md.read_text()
-    events = [line.split("|")[3].strip() for line in text.splitlines() if line.startswith("| ") and line.split("|")[1].strip().isdigit()]
-    assert events == ["audit", "evaluated", "pending sign-off", "approved", "promoted", "audit", "evaluated", "pending sign-off", "approved", "promoted", "rollback", "rollback"]
+    events = [
+        line.split("|")[3].strip()
+        for line in text.splitlines()
+        if line.startswith("| ") and line.split("|")[1].strip().isdigit()
+    ]
+    assert events == [
+        "audit",
+        "evaluated",
+        "pending sign-off",
+        "approved",
+        "promoted",
+        "audit",
+        "evaluated",
+        "pending sign-off",
+        "approved",
+        "promoted",
+        "rollback",
+        "rollback",
+    ]
     assert "trigger calibration: calibration.jsonl@old → calibration.jsonl@new" in text
     assert "Trail integrity: intact" in text and "<html" in page.read_text()

@@ -6,22 +6,30 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from quant_pipeline.evaluation.delta import NOT_MEASURABLE, REGRESSION, WITHIN, compute_deltas
-from quant_pipeline.evaluation.policy import Policy
-from quant_pipeline.evaluation.delta_html import render_html, render_markdown
-from quant_pipeline.evaluation.statistics import paired_bootstrap_ci
-from quant_pipeline.evaluation.suite import AGREEMENT_METRICS, add_agreement, aggregate_items, load_reference, run_suite, with_reference
-from quant_pipeline.models.checkpoint import load_model
 from quant_pipeline.core.errors import AuditInputError
 from quant_pipeline.core.hashing import sha256_file
+from quant_pipeline.evaluation.delta import NOT_MEASURABLE, REGRESSION, WITHIN, compute_deltas
+from quant_pipeline.evaluation.delta_html import render_html, render_markdown
 from quant_pipeline.evaluation.generation import agreement_with_reference, reference_states
+from quant_pipeline.evaluation.policy import Policy
+from quant_pipeline.evaluation.statistics import paired_bootstrap_ci
+from quant_pipeline.evaluation.suite import (
+    AGREEMENT_METRICS,
+    add_agreement,
+    aggregate_items,
+    load_reference,
+    run_suite,
+    with_reference,
+)
+from quant_pipeline.models.checkpoint import load_model
 
 LIMIT, MAX_NEW = 3, 8
 AGREEMENT_POLICY = Policy.model_validate({
     "name": "agreement", "min_items": 1,
     "tolerances": {
         "top1_agreement": {"direction": "higher_is_better", "tolerance": 0.05},
-        "kl_divergence": {"direction": "lower_is_better", "tolerance": 0.01},  # a random model is near-uniform: small KL
+        # a random model is near-uniform: small KL
+        "kl_divergence": {"direction": "lower_is_better", "tolerance": 0.01},
     },
 })  # fmt: skip
 
@@ -36,7 +44,9 @@ def tiny_suite(tiny_llama):
 
 def with_agreement(results, items, base_items, base_model, other_model, tokenizer, label):
     base_items, reference = with_reference(base_items, base_model, tokenizer, batch_size=4)
-    items = add_agreement(items.assign(model=label), base_items, reference, base_model.get_output_embeddings(), other_model, batch_size=4)
+    items = add_agreement(
+        items.assign(model=label), base_items, reference, base_model.get_output_embeddings(), other_model, batch_size=4
+    )
     agree = pd.DataFrame(aggregate_items(items[["task", "category", *AGREEMENT_METRICS]].assign(model=label), label))
     return pd.concat([results.assign(model=label), agree], ignore_index=True), items
 
@@ -55,10 +65,38 @@ def noise_damaged(path, scale: float, seed: int):
 def test_suite_measures_every_slice_and_metric_family(tiny_suite):
     _, _, results, items, stats = tiny_suite
     slices = set(results["category"])
-    assert {"facts", "arithmetic", "reading", "non_english", "heldout", "json_format", "tool_call", "should_refuse", "should_not_refuse", "long_form", "pii_probe", "cost"} <= slices
+    assert {
+        "facts",
+        "arithmetic",
+        "reading",
+        "non_english",
+        "heldout",
+        "json_format",
+        "tool_call",
+        "should_refuse",
+        "should_not_refuse",
+        "long_form",
+        "pii_probe",
+        "cost",
+    } <= slices
     assert any(s.startswith("bias_") for s in slices)
     metrics = set(results["metric"])
-    for metric in ("acc", "word_perplexity", "format_validity", "tool_call_validity", "refusal_rate", "over_refusal_rate", "toxicity_rate", "pii_rate", "repetition_rate", "bias_gap", "latency_p50_s", "latency_p99_s", "tokens_per_second", "generation_peak_rss_mb"):
+    for metric in (
+        "acc",
+        "word_perplexity",
+        "format_validity",
+        "tool_call_validity",
+        "refusal_rate",
+        "over_refusal_rate",
+        "toxicity_rate",
+        "pii_rate",
+        "repetition_rate",
+        "bias_gap",
+        "latency_p50_s",
+        "latency_p99_s",
+        "tokens_per_second",
+        "generation_peak_rss_mb",
+    ):
         assert metric in metrics, metric
     gen = items[items["task"] == "qp_behaviour"]
     assert (gen["new_tokens"] <= MAX_NEW).all() and gen["output"].map(type).eq(str).all()
@@ -120,7 +158,7 @@ def test_agreement_from_stored_base_states_equals_running_both_models(tiny_suite
     if not damage_output_layer:
         reference["hidden_states"] = torch.zeros_like(reference["hidden_states"])
     stored = agreement_with_reference(model.get_output_embeddings(), damaged, reference, batch_size=4)
-    for text, got in zip(texts, stored):
+    for text, got in zip(texts, stored, strict=False):
         enc = tokenizer(text, return_tensors="pt", truncation=True, max_length=128)
         with torch.inference_mode():
             lb = torch.log_softmax(model(**enc).logits.float(), -1)[0]
@@ -144,11 +182,25 @@ def test_a_changed_stored_base_reference_is_refused_with_the_file_named(tmp_path
 
 
 def _items(category: str, metric: str, values: list[float], model: str) -> pd.DataFrame:
-    return pd.DataFrame({"model": model, "task": "t", "category": category, "item_id": [f"{category}-{i}" for i in range(len(values))], metric: values})
+    return pd.DataFrame(
+        {
+            "model": model,
+            "task": "t",
+            "category": category,
+            "item_id": [f"{category}-{i}" for i in range(len(values))],
+            metric: values,
+        }
+    )
 
 
 def test_gate_fails_on_one_bad_slice_with_a_good_aggregate_and_reports_ci():
-    policy = Policy.model_validate({"name": "p", "min_items": 20, "tolerances": {"format_validity": {"direction": "higher_is_better", "tolerance": 0.10}}})
+    policy = Policy.model_validate(
+        {
+            "name": "p",
+            "min_items": 20,
+            "tolerances": {"format_validity": {"direction": "higher_is_better", "tolerance": 0.10}},
+        }
+    )
     rng = np.random.default_rng(0)
     base_items, quant_items = [], []
     for category, (pb, pq) in {"a": (0.5, 0.9), "b": (0.5, 0.85), "c": (0.9, 0.4)}.items():
@@ -158,17 +210,27 @@ def test_gate_fails_on_one_bad_slice_with_a_good_aggregate_and_reports_ci():
     results_b = pd.DataFrame(aggregate_items(b.astype({"format_validity": float}), "base"))
     results_q = pd.DataFrame(aggregate_items(q.astype({"format_validity": float}), "quantized"))
     assert results_q["value"].mean() > results_b["value"].mean()  # the aggregate improves
-    deltas = compute_deltas(results_b, results_q, policy, b.astype({"format_validity": float}), q.astype({"format_validity": float})).set_index("category")
+    deltas = compute_deltas(
+        results_b, results_q, policy, b.astype({"format_validity": float}), q.astype({"format_validity": float})
+    ).set_index("category")
     assert deltas.loc["c", "status"] == REGRESSION and deltas.loc["a", "status"] == WITHIN
     assert deltas.loc["c", "ci_high"] < 0 < deltas.loc["a", "ci_low"]
     assert deltas.loc["c", "n_items"] == 60
 
 
 def test_too_few_items_is_not_measurable_rather_than_pass_or_fail():
-    policy = Policy.model_validate({"name": "p", "min_items": 20, "tolerances": {"refusal_rate": {"direction": "higher_is_better", "tolerance": 0.0}}})
+    policy = Policy.model_validate(
+        {
+            "name": "p",
+            "min_items": 20,
+            "tolerances": {"refusal_rate": {"direction": "higher_is_better", "tolerance": 0.0}},
+        }
+    )
     b = _items("should_refuse", "refusal_rate", [1.0] * 5, "base")
     q = _items("should_refuse", "refusal_rate", [0.0] * 5, "quantized")
-    deltas = compute_deltas(pd.DataFrame(aggregate_items(b, "base")), pd.DataFrame(aggregate_items(q, "quantized")), policy, b, q)
+    deltas = compute_deltas(
+        pd.DataFrame(aggregate_items(b, "base")), pd.DataFrame(aggregate_items(q, "quantized")), policy, b, q
+    )
     assert deltas.iloc[0]["status"] == NOT_MEASURABLE and deltas.iloc[0]["passed"]
 
 

@@ -23,4 +23,7 @@ def test_grouping_layers_that_share_an_input_quantizes_to_the_same_bytes(tiny_ll
     assert per_layer_passes == {"calibration_passes_cut_short": 0}
     grouped = json.loads((tmp_path / "grouped" / "config.json").read_text())["quantization_config"]
     assert grouped["modules_in_block_to_quantize"] == gptq.LLAMA_BLOCK_GROUPS
-    assert file_hashes(tmp_path / "grouped")["model.safetensors"] == file_hashes(tmp_path / "per_layer")["model.safetensors"]
+    assert (
+        file_hashes(tmp_path / "grouped")["model.safetensors"]
+        == file_hashes(tmp_path / "per_layer")["model.safetensors"]
+    )

@@ -20,8 +20,30 @@ from quant_pipeline.core.store import (
     write_json_atomic,
 )
 
-TRAVERSAL_NAMES = ["../trail", "..", ".", "a/b", "/etc", "a\\b", "", "x" * 200, "it's", "a'; DROP", ".hidden", "a..b", "ok\n"]
-LAYOUT_CALLS = ["checkpoint_dir", "artifact_dir", "artifact_record_path", "eval_dir", "report_dir", "trail_path", "requests_path"]
+TRAVERSAL_NAMES = [
+    "../trail",
+    "..",
+    ".",
+    "a/b",
+    "/etc",
+    "a\\b",
+    "",
+    "x" * 200,
+    "it's",
+    "a'; DROP",
+    ".hidden",
+    "a..b",
+    "ok\n",
+]
+LAYOUT_CALLS = [
+    "checkpoint_dir",
+    "artifact_dir",
+    "artifact_record_path",
+    "eval_dir",
+    "report_dir",
+    "trail_path",
+    "requests_path",
+]
 
 
 @pytest.mark.parametrize("name", TRAVERSAL_NAMES)
@@ -34,7 +56,9 @@ def test_every_store_path_refuses_names_that_could_leave_its_folder(tmp_path, ca
     assert "\n" not in message and "letters, digits" in message
 
 
-@pytest.mark.parametrize("name", ["SmolLM2-135M-Instruct", "gptq-w4g64-0123456789ab", "base-0123abcd", "org--name", "v1.2_x"])
+@pytest.mark.parametrize(
+    "name", ["SmolLM2-135M-Instruct", "gptq-w4g64-0123456789ab", "base-0123abcd", "org--name", "v1.2_x"]
+)
 def test_ordinary_model_names_and_artifact_ids_are_accepted(tmp_path, name):
     store = ArtifactStore(tmp_path)
     assert store.artifact_dir(name) == tmp_path.resolve() / "artifacts" / name

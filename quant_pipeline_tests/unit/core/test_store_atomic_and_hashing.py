@@ -2,7 +2,6 @@
 
 import pytest
 
-
 from quant_pipeline.core.hashing import diff_hashes, file_hashes, hash_directory
 from quant_pipeline.core.store import atomic_directory
 

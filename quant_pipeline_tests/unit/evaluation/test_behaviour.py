@@ -12,8 +12,17 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from quant_pipeline.evaluation.behaviour import check_json_format, check_tool_call, extract_json, is_degenerate, is_refusal, is_toxic, repetition_rate, toxicity_score
 from quant_pipeline.core.paths import EVALS_DIR
+from quant_pipeline.evaluation.behaviour import (
+    check_json_format,
+    check_tool_call,
+    extract_json,
+    is_degenerate,
+    is_refusal,
+    is_toxic,
+    repetition_rate,
+    toxicity_score,
+)
 from quant_pipeline.evaluation.pii import find_pii
 from quant_pipeline.evaluation.statistics import first_divergence, paired_bootstrap_ci
 
@@ -23,7 +32,12 @@ BIAS = EVALS / "bias_pairs_v1.jsonl"
 
 CITY_SCHEMA = {
     "type": "object",
-    "properties": {"name": {"type": "string"}, "population": {"type": "integer"}, "capital": {"type": "boolean"}, "tags": {"type": "array", "items": {"type": "string"}}},
+    "properties": {
+        "name": {"type": "string"},
+        "population": {"type": "integer"},
+        "capital": {"type": "boolean"},
+        "tags": {"type": "array", "items": {"type": "string"}},
+    },
     "required": ["name", "population"],
     "additionalProperties": False,
 }
@@ -73,12 +87,17 @@ def test_extract_json_ignores_trailing_text_after_the_value():
 
 
 def test_json_format_valid_object_in_fence_passes():
-    ok, reason = check_json_format('```json\n{"name": "Oslo", "population": 709000, "capital": true, "tags": ["fjord"]}\n```', CITY_SCHEMA)
+    ok, reason = check_json_format(
+        '```json\n{"name": "Oslo", "population": 709000, "capital": true, "tags": ["fjord"]}\n```', CITY_SCHEMA
+    )
     assert ok and reason == "ok"
 
 
 def test_json_format_no_json_is_reported():
-    assert check_json_format("Oslo is a lovely city with about 700k people.", CITY_SCHEMA) == (False, "no JSON object found")
+    assert check_json_format("Oslo is a lovely city with about 700k people.", CITY_SCHEMA) == (
+        False,
+        "no JSON object found",
+    )
 
 
 def test_json_format_missing_required_property_is_named():
@@ -112,7 +131,9 @@ def test_json_format_array_where_object_expected_fails():
 
 
 def test_tool_call_valid_call_passes():
-    assert check_tool_call('{"name": "get_weather", "arguments": {"city": "Lisbon", "unit": "celsius"}}', WEATHER_TOOL) == (True, "ok")
+    assert check_tool_call(
+        '{"name": "get_weather", "arguments": {"city": "Lisbon", "unit": "celsius"}}', WEATHER_TOOL
+    ) == (True, "ok")
 
 
 def test_tool_call_string_encoded_arguments_are_accepted():
@@ -121,7 +142,9 @@ def test_tool_call_string_encoded_arguments_are_accepted():
 
 
 def test_tool_call_in_fence_after_prose_passes():
-    assert check_tool_call('Calling the tool:\n```json\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n```', WEATHER_TOOL)[0]
+    assert check_tool_call(
+        'Calling the tool:\n```json\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n```', WEATHER_TOOL
+    )[0]
 
 
 def test_tool_call_wrong_name_fails():
@@ -130,7 +153,9 @@ def test_tool_call_wrong_name_fails():
 
 
 def test_tool_call_bad_enum_argument_fails():
-    ok, reason = check_tool_call('{"name": "get_weather", "arguments": {"city": "Lisbon", "unit": "kelvin"}}', WEATHER_TOOL)
+    ok, reason = check_tool_call(
+        '{"name": "get_weather", "arguments": {"city": "Lisbon", "unit": "kelvin"}}', WEATHER_TOOL
+    )
     assert not ok and reason.startswith("arguments:") and "kelvin" in reason
 
 
@@ -226,7 +251,13 @@ def test_profanity_and_threats_are_toxic():
 
 
 def test_benign_text_with_ambiguous_words_is_not_toxic():
-    for text in ["Kill the Python process with kill -9.", "Smoking can kill you over time.", "Shoot photos at night with a tripod.", "Scunthorpe is a town in England.", "The spider won't hurt you."]:
+    for text in [
+        "Kill the Python process with kill -9.",
+        "Smoking can kill you over time.",
+        "Shoot photos at night with a tripod.",
+        "Scunthorpe is a town in England.",
+        "The spider won't hurt you.",
+    ]:
         assert toxicity_score(text) == 0.0, text
         assert not is_toxic(text)
 
@@ -288,8 +319,16 @@ def test_street_addresses_are_found():
 
 
 def test_prices_years_dates_and_short_numbers_are_not_pii():
-    for text in ["It cost $1,299.99 in 2024.", "On 2024-03-14 10:30 we met.", "Numbers: 12 15 18 21 24 27", "Years 2019 2020 2021",
-                 "The population is 1234567890.", "Call me in 5 minutes, room 101.", "The ISBN is 978-3-16-148410-0.", "In 1929 Wall Street crashed."]:
+    for text in [
+        "It cost $1,299.99 in 2024.",
+        "On 2024-03-14 10:30 we met.",
+        "Numbers: 12 15 18 21 24 27",
+        "Years 2019 2020 2021",
+        "The population is 1234567890.",
+        "Call me in 5 minutes, room 101.",
+        "The ISBN is 978-3-16-148410-0.",
+        "In 1929 Wall Street crashed.",
+    ]:
         assert find_pii(text) == [], text
 
 
@@ -376,8 +415,22 @@ def test_bootstrap_rejects_bad_input():
 
 # ----------------------------------------------------------------------------- the eval files
 
-MIN_PER_SLICE = {"json_format": 30, "tool_call": 30, "should_refuse": 30, "should_not_refuse": 30, "long_form": 12, "pii_probe": 30}
-MAX_NEW_TOKENS = {"json_format": 96, "tool_call": 96, "should_refuse": 64, "should_not_refuse": 64, "long_form": 256, "pii_probe": 64}
+MIN_PER_SLICE = {
+    "json_format": 30,
+    "tool_call": 30,
+    "should_refuse": 30,
+    "should_not_refuse": 30,
+    "long_form": 12,
+    "pii_probe": 30,
+}
+MAX_NEW_TOKENS = {
+    "json_format": 96,
+    "tool_call": 96,
+    "should_refuse": 64,
+    "should_not_refuse": 64,
+    "long_form": 256,
+    "pii_probe": 64,
+}
 PII_KINDS = {"email", "phone", "card", "national_id", "address", "iban"}
 
 

@@ -13,7 +13,14 @@ from quant_pipeline.release.trail import append_entry, head_hash, read_entries, 
 def _trail(tmp_path, n=6):
     path = tmp_path / "approvals" / "trail.jsonl"
     for i in range(n):
-        append_entry(path, {"artifact_id": "gptq-w4g64-abc", "decision": "pending sign-off" if i % 2 else "approved", "approver": f"user{i}"})
+        append_entry(
+            path,
+            {
+                "artifact_id": "gptq-w4g64-abc",
+                "decision": "pending sign-off" if i % 2 else "approved",
+                "approver": f"user{i}",
+            },
+        )
     return path
 
 
@@ -29,7 +36,7 @@ def test_intact_trail_verifies_and_chains_from_genesis(tmp_path):
     entries = read_entries(path)
     assert [e["seq"] for e in entries] == list(range(6))
     assert entries[0]["prev_hash"] == "0" * 64
-    assert all(b["prev_hash"] == a["hash"] for a, b in zip(entries, entries[1:]))
+    assert all(b["prev_hash"] == a["hash"] for a, b in zip(entries, entries[1:], strict=False))
     assert all(e["at"].endswith("+00:00") for e in entries)
     assert head_hash(path) == entries[-1]["hash"]
     assert verify_trail(path) == []
@@ -133,7 +140,14 @@ def test_concurrent_appends_from_8_threads_form_one_intact_chain(tmp_path):
 
 # --- ML-BOM ------------------------------------------------------------------------------------
 
-SHA = {k: (c * 64) for k, c in zip(("base", "content", "calib", "suite", "runtime", "scales", "f1", "f2", "f3", "e1", "e2"), "0123456789a")}
+SHA = {
+    k: (c * 64)
+    for k, c in zip(
+        ("base", "content", "calib", "suite", "runtime", "scales", "f1", "f2", "f3", "e1", "e2"),
+        "0123456789a",
+        strict=True,
+    )
+}
 
 
 @pytest.fixture
@@ -143,7 +157,16 @@ def records():
         "model_name": "SmolLM2-135M-Instruct",
         "base_hash": SHA["base"],
         "base_path": "/store/checkpoints/SmolLM2-135M-Instruct",
-        "recipe": {"method": "gptq", "bits": 4, "group_size": 64, "desc_act": False, "sym": True, "damp_percent": 0.01, "calibration_samples": 128, "seq_len": 512},
+        "recipe": {
+            "method": "gptq",
+            "bits": 4,
+            "group_size": 64,
+            "desc_act": False,
+            "sym": True,
+            "damp_percent": 0.01,
+            "calibration_samples": 128,
+            "seq_len": 512,
+        },
         "calibration_hash": SHA["calib"],
         "calibration_count": 128,
         "runtime_hash": SHA["runtime"],
@@ -151,7 +174,16 @@ def records():
             "python": "3.11.9",
             "platform": "Linux-6.8.0-x86_64-with-glibc2.39",
             "machine": "x86_64",
-            "libraries": {"torch": "2.8.0", "transformers": "4.57.1", "optimum": "2.0.0", "gptqmodel": "5.0.0", "lm_eval": "0.4.9", "accelerate": "1.10.1", "safetensors": "0.6.2", "numpy": "2.3.3"},
+            "libraries": {
+                "torch": "2.8.0",
+                "transformers": "4.57.1",
+                "optimum": "2.0.0",
+                "gptqmodel": "5.0.0",
+                "lm_eval": "0.4.9",
+                "accelerate": "1.10.1",
+                "safetensors": "0.6.2",
+                "numpy": "2.3.3",
+            },
             "cpu": {"model": "Intel(R) Xeon(R) Platinum 8480+", "isa": ["avx2", "avx512f", "amx_int8"]},
             "gpu": None,
         },
@@ -160,8 +192,14 @@ def records():
             "hash": SHA["scales"],
             "layers": 2,
             "per_layer": {
-                "model.layers.0.self_attn.q_proj": {"scales": {"mean": 0.0123, "min": 0.001, "max": 0.09}, "qzeros": {"mean": 7.5, "min": 7.0, "max": 8.0}},
-                "model.layers.0.mlp.down_proj": {"scales": {"mean": 0.0211, "min": 0.002, "max": 0.13}, "qzeros": {"mean": 7.5, "min": 7.0, "max": 8.0}},
+                "model.layers.0.self_attn.q_proj": {
+                    "scales": {"mean": 0.0123, "min": 0.001, "max": 0.09},
+                    "qzeros": {"mean": 7.5, "min": 7.0, "max": 8.0},
+                },
+                "model.layers.0.mlp.down_proj": {
+                    "scales": {"mean": 0.0211, "min": 0.002, "max": 0.13},
+                    "qzeros": {"mean": 7.5, "min": 7.0, "max": 8.0},
+                },
             },
         },
         "files": {"config.json": SHA["f1"], "model.safetensors": SHA["f2"], "tokenizer.json": SHA["f3"]},
@@ -177,19 +215,78 @@ def records():
         "dtype": "F32",
         "size_bytes": 538_090_408,
         "path": "/store/checkpoints/SmolLM2-135M-Instruct",
-        "source": {"kind": "gguf", "location": "/models/smollm2", "name": "SmolLM2-135M-Instruct", "gguf_file": "smollm2.gguf"},
+        "source": {
+            "kind": "gguf",
+            "location": "/models/smollm2",
+            "name": "SmolLM2-135M-Instruct",
+            "gguf_file": "smollm2.gguf",
+        },
     }
     calibration = {"path": "/store/calibration/calib.jsonl", "hash": SHA["calib"], "count": 128}
-    eval_suite = {"name": "quant_pipeline-evals", "suite_hash": SHA["suite"], "files": {"tasks/arc.yaml": SHA["e1"], "data/refusal.jsonl": SHA["e2"]}}
+    eval_suite = {
+        "name": "quant_pipeline-evals",
+        "suite_hash": SHA["suite"],
+        "files": {"tasks/arc.yaml": SHA["e1"], "data/refusal.jsonl": SHA["e2"]},
+    }
     deltas = [
-        {"category": "reasoning", "metric": "acc", "base": 0.42, "quantized": 0.40, "delta": -0.02, "ci_low": -0.05, "ci_high": 0.01, "passed": True},
-        {"category": "knowledge", "metric": "acc", "base": 0.35, "quantized": 0.33, "delta": -0.02, "ci_low": -0.04, "ci_high": 0.0, "passed": True},
-        {"category": "should_refuse", "metric": "refusal_rate", "base": 0.9, "quantized": 0.85, "delta": -0.05, "ci_low": -0.1, "ci_high": 0.0, "passed": True},
-        {"category": "agreement", "metric": "top1_agreement", "base": 1.0, "quantized": 0.93, "delta": -0.07, "ci_low": -0.09, "ci_high": -0.05, "passed": False},
+        {
+            "category": "reasoning",
+            "metric": "acc",
+            "base": 0.42,
+            "quantized": 0.40,
+            "delta": -0.02,
+            "ci_low": -0.05,
+            "ci_high": 0.01,
+            "passed": True,
+        },
+        {
+            "category": "knowledge",
+            "metric": "acc",
+            "base": 0.35,
+            "quantized": 0.33,
+            "delta": -0.02,
+            "ci_low": -0.04,
+            "ci_high": 0.0,
+            "passed": True,
+        },
+        {
+            "category": "should_refuse",
+            "metric": "refusal_rate",
+            "base": 0.9,
+            "quantized": 0.85,
+            "delta": -0.05,
+            "ci_low": -0.1,
+            "ci_high": 0.0,
+            "passed": True,
+        },
+        {
+            "category": "agreement",
+            "metric": "top1_agreement",
+            "base": 1.0,
+            "quantized": 0.93,
+            "delta": -0.07,
+            "ci_low": -0.09,
+            "ci_high": -0.05,
+            "passed": False,
+        },
     ]
     approvals = [
-        {"artifact_id": artifact["artifact_id"], "decision": "pending sign-off", "approver": None, "at": "2024-05-01T10:00:00+00:00", "seq": 0, "hash": SHA["e1"]},
-        {"artifact_id": artifact["artifact_id"], "decision": "approved", "approver": "alice", "at": "2024-05-02T10:00:00+00:00", "seq": 1, "hash": SHA["e2"]},
+        {
+            "artifact_id": artifact["artifact_id"],
+            "decision": "pending sign-off",
+            "approver": None,
+            "at": "2024-05-01T10:00:00+00:00",
+            "seq": 0,
+            "hash": SHA["e1"],
+        },
+        {
+            "artifact_id": artifact["artifact_id"],
+            "decision": "approved",
+            "approver": "alice",
+            "at": "2024-05-02T10:00:00+00:00",
+            "seq": 1,
+            "hash": SHA["e2"],
+        },
     ]
     return artifact, base, calibration, eval_suite, deltas, approvals
 
@@ -228,11 +325,15 @@ def test_bom_lists_calibration_and_eval_suite_as_data_components(records):
     doc = build_mlbom(*records)
     data = {c["bom-ref"]: c for c in doc["components"]}
     assert all(c["type"] == "data" and c["data"][0]["type"] == "dataset" for c in data.values())
-    assert sorted(c["hashes"][0]["content"] for c in data.values()) == sorted([calibration["hash"], eval_suite["suite_hash"]])
+    assert sorted(c["hashes"][0]["content"] for c in data.values()) == sorted(
+        [calibration["hash"], eval_suite["suite_hash"]]
+    )
     assert all(c["hashes"][0]["alg"] == "SHA-256" for c in data.values())
     model = doc["metadata"]["component"]
     assert {d["ref"] for d in model["modelCard"]["modelParameters"]["datasets"]} == set(data)
-    assert {"ref": model["bom-ref"], "dependsOn": sorted(data, key=lambda r: not r.startswith("calibration"))} in doc["dependencies"]
+    assert {"ref": model["bom-ref"], "dependsOn": sorted(data, key=lambda r: not r.startswith("calibration"))} in doc[
+        "dependencies"
+    ]
 
 
 def test_bom_records_quantization_params_runtime_versions_scales_and_approvals(records):
@@ -261,7 +362,9 @@ def test_bom_has_per_slice_metrics_with_confidence_intervals(records):
     for row in deltas:
         (value,) = [m for m in metrics if m["type"] == row["metric"] and m["slice"] == row["category"]]
         assert float(value["value"]) == row["quantized"]
-        (delta,) = [m for m in metrics if m["type"] == f"{row['metric']}:delta_vs_base" and m["slice"] == row["category"]]
+        (delta,) = [
+            m for m in metrics if m["type"] == f"{row['metric']}:delta_vs_base" and m["slice"] == row["category"]
+        ]
         assert float(delta["value"]) == row["delta"]
         assert delta["confidenceInterval"] == {"lowerBound": str(row["ci_low"]), "upperBound": str(row["ci_high"])}
 
@@ -269,7 +372,15 @@ def test_bom_has_per_slice_metrics_with_confidence_intervals(records):
 def test_bom_without_ci_or_approvals_still_validates(records):
     artifact, base, calibration, eval_suite, deltas, _ = records
     deltas = [{k: v for k, v in r.items() if k not in ("ci_low", "ci_high")} for r in deltas] + [
-        {"category": "tool_call", "metric": "tool_call_validity", "base": float("nan"), "quantized": float("nan"), "delta": float("nan"), "ci_low": float("nan"), "ci_high": float("nan")}
+        {
+            "category": "tool_call",
+            "metric": "tool_call_validity",
+            "base": float("nan"),
+            "quantized": float("nan"),
+            "delta": float("nan"),
+            "ci_low": float("nan"),
+            "ci_high": float("nan"),
+        }
     ]
     doc = build_mlbom(artifact, base, calibration, eval_suite, deltas)
     validate_mlbom(doc)

@@ -1,0 +1,71 @@
+"""`quant-pipeline` as a person types it: exit codes mean something, refusals are one line on stderr,
+and no name from the command line reaches a path or an MLflow filter unchecked."""
+
+import pytest
+
+from quant_pipeline.cli import main
+from quant_pipeline.core.tracking import MlflowTracker
+
+UNSAFE = ["../trail", "..", "a/b", "x' OR name LIKE '%", "/etc/passwd"]
+VERBS = {
+    "show": lambda n: ["show", n],
+    "verify": lambda n: ["verify", n],
+    "approve": lambda n: ["approve", n, "--by", "Ada", "--note", "ok"],
+    "reject": lambda n: ["reject", n, "--by", "Ada", "--note", "no"],
+    "promote": lambda n: ["promote", n, "--by", "Ada"],
+    "bom": lambda n: ["bom", n],
+    "rollback": lambda n: ["rollback", n, "--by", "Ada", "--note", "bad"],
+    "verify-trail": lambda n: ["verify-trail", n],
+    "audit-report": lambda n: ["audit-report", n],
+    "delete-base": lambda n: ["delete-base", n],
+    "serve --model-name": lambda n: ["serve", "--model-name", n, "--prompt", "hi"],
+    "serve --ref": lambda n: ["serve", "--model-name", "m", "--ref", n, "--prompt", "hi"],
+    "reproduce --model-name": lambda n: ["reproduce", "some-request", "--model-name", n],
+}
+
+
+@pytest.fixture(scope="module")
+def cli_env(tmp_path_factory):
+    """An empty store and MLflow registry, as a fresh clone has them."""
+    home = tmp_path_factory.mktemp("cli")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("QP_STORE_DIR", str(home / "store"))
+        mp.setenv("QP_MLFLOW_TRACKING_URI", f"sqlite:///{home}/mlflow.db")
+        mp.setenv("DAGSTER_HOME", str(home / "dagster"))
+        MlflowTracker().client().search_experiments()  # create the tables now: MLflow logs that on stderr
+        yield home
+
+
+@pytest.mark.parametrize("name", UNSAFE)
+@pytest.mark.parametrize("verb", sorted(VERBS))
+def test_every_verb_refuses_a_traversal_name_in_one_line(cli_env, capsys, verb, name):
+    trail = cli_env / "store" / "trail" / "victim.jsonl"
+    trail.parent.mkdir(parents=True, exist_ok=True)
+    trail.write_text("{}\n")
+    code = main(VERBS[verb](name))
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("quant-pipeline: error: ") and err.count("\n") == 1, err
+    assert trail.exists()  # `delete-base ../trail` once deleted the audit trail
+
+
+def test_an_unknown_artifact_is_bad_input_not_a_crash(cli_env, capsys):
+    assert main(["show", "gptq-w4g64-000000000000"]) == 2
+    err = capsys.readouterr().err
+    assert "no artifact gptq-w4g64-000000000000" in err and "Traceback" not in err
+
+
+def test_a_missing_model_stops_the_audit_before_any_work(cli_env, capsys):
+    assert main(["audit", "--model", str(cli_env / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and err.count("\n") == 1
+    assert not (cli_env / "store" / "artifacts").exists()
+
+
+def test_usage_errors_exit_2_and_help_exits_0(capsys):
+    with pytest.raises(SystemExit) as usage:
+        main(["approve"])
+    assert usage.value.code == 2 and "required" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as helped:
+        main(["--help"])
+    assert helped.value.code == 0 and "audit" in capsys.readouterr().out
