@@ -10,15 +10,16 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Annotated, Any, Literal, Self
+from typing import Annotated, Any, ClassVar, Literal, Self
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, StringConstraints, ValidationError, model_validator
 
 from quant_pipeline.core.errors import AuditInputError
 from quant_pipeline.core.hashing import tree_hash
 from quant_pipeline.core.store import write_json_atomic
 
 SCHEMA_VERSION = 1
+Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 # MLflow hands registry versions back as int or str depending on the call: one spelling on disk.
 Version = Annotated[str | None, BeforeValidator(lambda v: None if v is None else str(v))]
 
@@ -75,68 +76,76 @@ class ScaleSummary(BaseModel):
     per_layer: dict[str, dict[str, dict[str, float]]] = {}
 
 
-class CheckpointRecord(Record):
+class TreeRecord(Record):
+    """A record of a folder: its per-file hashes must add up to the tree hash it records."""
+
+    DIGEST_FIELD: ClassVar[str]
+    files: dict[str, Sha256]
+
+    @model_validator(mode="after")
+    def _files_add_up(self) -> Self:
+        if tree_hash(self.files) != getattr(self, self.DIGEST_FIELD):
+            raise ValueError(f"per-file hashes do not add up to {self.DIGEST_FIELD}")
+        return self
+
+
+class CheckpointRecord(TreeRecord):
     """Written beside a checkpoint the pipeline converted (GGUF, hub): where it came from, its files."""
 
+    DIGEST_FIELD = "hash"
     source: dict[str, Any]
-    files: dict[str, str]
-    hash: str
-
-    @model_validator(mode="after")
-    def _files_add_up(self) -> Self:
-        if tree_hash(self.files) != self.hash:
-            raise ValueError("per-file hashes do not add up to the recorded hash")
-        return self
+    hash: Sha256
 
 
-class ArtifactRecord(Record):
+class ArtifactRecord(TreeRecord):
     """A quantized artifact: every input that determined its bytes, and the bytes' hashes."""
 
+    DIGEST_FIELD = "content_hash"
     artifact_id: str
     model_name: str
-    base_hash: str
+    dagster_run_id: str | None = None
+    # the inputs its ID is derived from
+    base_hash: Sha256
     base_path: str
     recipe: dict[str, Any]
-    calibration_hash: str
+    calibration_hash: Sha256
     calibration_count: int
-    runtime_hash: str
+    # (the runtime is an input too: a kernel or library change is a different artifact)
+    runtime_hash: Sha256
     runtime: dict[str, Any]
+    # the bytes
     precision: str
     scales: ScaleSummary
-    files: dict[str, str]
-    content_hash: str
+    content_hash: Sha256
     size_bytes: int
-    dagster_run_id: str | None = None
-
-    @model_validator(mode="after")
-    def _files_add_up(self) -> Self:
-        if tree_hash(self.files) != self.content_hash:
-            raise ValueError("per-file hashes do not add up to content_hash")
-        return self
 
 
 class EvalRecord(Record):
     """One evaluation of one checkpoint under one suite and runtime (reused while the key matches)."""
 
     key: str
-    model_hash: str
-    suite_hash: str
-    runtime_hash: str
-    limit: int | None
     label: Literal["base", "quantized"]
     dagster_run_id: str
+    # what was evaluated: the key is a hash of these
+    model_hash: Sha256
+    suite_hash: Sha256
+    runtime_hash: Sha256
+    limit: int | None
+    # throughput of the harness part
     eval_seconds: float
     eval_tokens: int
     eval_tokens_per_second: float
+    # cost as served: latency probe and generation memory
     latency_p50_s: float
     latency_p95_s: float
     latency_p99_s: float
+    latency_requests: int
     tokens_per_second: float
     generation_peak_rss_mb: float
-    latency_requests: int
     part_seconds: dict[str, float]
-    reference_sha256: str | None = None
-    agreement_reference_sha256: str | None = None
+    # the base run writes the reference states; a quantized run names the ones it was measured against
+    reference_sha256: Sha256 | None = None
+    agreement_reference_sha256: Sha256 | None = None
 
 
 class SliceRef(BaseModel):
@@ -152,7 +161,7 @@ class DeltaReportRecord(Record):
     model_name: str
     registry_version: Version
     policy_path: str
-    policy_hash: str
+    policy_hash: Sha256
     policy_name: str
     allow_override: bool
     passed: bool
@@ -173,7 +182,7 @@ class TrailEntry(BaseModel):
     """One hash-chained entry of a model's trail; event-specific fields ride along (the hash covers them)."""
 
     model_config = ConfigDict(extra="allow")
-    event: str
+    event: str | None = None  # every pipeline entry has one; the chain itself does not need it
     seq: int
     prev_hash: str
     hash: str

@@ -192,6 +192,26 @@ def verify_tree(directory: Path, files: dict[str, str]) -> list[str]:
     return diff_hashes(files, file_hashes(directory))
 
 
+def read_json_lines(path: Path, skip_torn: bool = False) -> list[tuple[int, object]]:
+    """(line number, parsed JSON) for every non-empty line of a log, read under a shared lock.
+
+    A line that is not JSON is refused naming its number, or skipped with ``skip_torn`` (a log
+    whose readers must go on past a line cut by a crash)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    out = []
+    for number, line in enumerate(read_lines_locked(path), start=1):
+        if not line.strip():
+            continue
+        try:
+            out.append((number, json.loads(line)))
+        except ValueError as e:
+            if not skip_torn:
+                raise StoreError(f"{path} line {number}: not valid JSON ({e}); run verify-trail") from None
+    return out
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -99,12 +99,17 @@ def change_request(
     )
 
 
-@dg.sensor(
-    job=full_audit_job,
-    minimum_interval_seconds=INTERVAL,
-    default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Base model: the configured checkpoint's files changed, or the config names another model.",
-)
+def audit_sensor(description: str):
+    """A sensor that requests re-audits: running by default, every INTERVAL seconds."""
+    return dg.sensor(
+        job=full_audit_job,
+        minimum_interval_seconds=INTERVAL,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description=description,
+    )
+
+
+@audit_sensor("Base model: the configured checkpoint's files changed, or the config names another model.")
 def base_model_sensor(context: dg.SensorEvaluationContext, settings: AuditSettings):
     cursor = json.loads(context.cursor) if context.cursor else {}
     try:
@@ -118,12 +123,7 @@ def base_model_sensor(context: dg.SensorEvaluationContext, settings: AuditSettin
     return change_request("base_model", previous, source_version(source), ALL_STAGES, {"stat": stat})
 
 
-@dg.sensor(
-    job=full_audit_job,
-    minimum_interval_seconds=INTERVAL,
-    default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Calibration data: the calibration file's content changed.",
-)
+@audit_sensor("Calibration data: the calibration file's content changed.")
 def calibration_data_sensor(context: dg.SensorEvaluationContext, settings: AuditSettings):
     cursor = json.loads(context.cursor) if context.cursor else {}
     path = Path(settings.calibration_file)
@@ -133,12 +133,7 @@ def calibration_data_sensor(context: dg.SensorEvaluationContext, settings: Audit
     return change_request("calibration", previous, calibration_version(path), CALIBRATION_STAGES, {})
 
 
-@dg.sensor(
-    job=full_audit_job,
-    minimum_interval_seconds=INTERVAL,
-    default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Runtime: the fingerprint recorded with the latest audit differs from the current one.",
-)
+@audit_sensor("Runtime: the fingerprint recorded with the latest audit differs from the current one.")
 def runtime_sensor(context: dg.SensorEvaluationContext):
     cursor = json.loads(context.cursor) if context.cursor else {}
     current = runtime_fingerprint()

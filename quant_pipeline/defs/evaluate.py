@@ -6,6 +6,7 @@ quantized run measures its agreement against (see `evaluation.suite`).
 """
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import dagster as dg
@@ -31,25 +32,44 @@ from quant_pipeline.evaluation.suite import (
 from quant_pipeline.models.checkpoint import load_model
 
 
+@dataclass(frozen=True)
+class EvalTarget:
+    """What one evaluation runs on: the base checkpoint, or a quantized artifact (verified before loading)."""
+
+    label: str
+    model_name: str
+    path: str
+    content_hash: str
+    tags: dict
+    artifact_id: str | None = None
+    base_path: str | None = None
+
+    @classmethod
+    def base(cls, checkpoint: dict) -> "EvalTarget":
+        tags = {"base_hash": checkpoint["hash"]}
+        return cls("base", checkpoint["model_name"], checkpoint["path"], checkpoint["hash"], tags)
+
+    @classmethod
+    def quantized(cls, artifact: dict) -> "EvalTarget":
+        aid = artifact["artifact_id"]
+        return cls(
+            "quantized", artifact["model_name"], artifact["path"], artifact["content_hash"], {"artifact_id": aid},
+            artifact_id=aid, base_path=artifact["base_path"],
+        )  # fmt: skip
+
+
 def evaluate_checkpoint(
     context: dg.AssetExecutionContext,
     settings: AuditSettings,
     mlflow: MlflowTracker,
-    *,
-    label: str,
-    model_name: str,
-    model_path: str,
-    model_hash: str,
+    target: EvalTarget,
     runtime_hash: str,
-    tags: dict,
     base_eval: dict | None = None,
-    base_path: str | None = None,
-    artifact_id: str | None = None,
 ) -> dg.MaterializeResult:
     """Evaluate one checkpoint (or reuse an identical earlier evaluation) and log it."""
     suite = suite_hash()
     key_inputs = {
-        "model": model_hash, "suite": suite, "runtime": runtime_hash, "limit": settings.eval_limit,
+        "model": target.content_hash, "suite": suite, "runtime": runtime_hash, "limit": settings.eval_limit,
         "max_new_tokens": settings.eval_max_new_tokens, "base": base_eval and base_eval["key"],
         "reference": "hidden_states",
     }  # fmt: skip
@@ -63,16 +83,21 @@ def evaluate_checkpoint(
             record = EvalRecord.read(out_dir / "record.json").dump()
             reused_from = record["dagster_run_id"]
         else:
-            if artifact_id is not None:
-                verify_artifact(store, artifact_id)  # never evaluate bytes other than the recorded ones
+            if target.artifact_id is not None:
+                verify_artifact(store, target.artifact_id)  # never evaluate bytes other than the recorded ones
             with StageMeter() as load_meter:
-                model, tokenizer = load_model(Path(model_path), settings.trust_remote_code)
+                model, tokenizer = load_model(Path(target.path), settings.trust_remote_code)
             results, items, stats = run_suite(
-                model, tokenizer, label, settings.eval_limit, settings.eval_batch_size, settings.eval_max_new_tokens
+                model,
+                tokenizer,
+                target.label,
+                settings.eval_limit,
+                settings.eval_batch_size,
+                settings.eval_max_new_tokens,
             )
             stats.pop("request_texts")
             load_row = {
-                "model": label, "task": "qp_cost", "category": "cost", "metric": "load_peak_rss_mb",
+                "model": target.label, "task": "qp_cost", "category": "cost", "metric": "load_peak_rss_mb",
                 "value": round(load_meter.peak_rss_mb, 1), "stderr": float("nan"),
             }  # fmt: skip
             results = pd.concat([results, pd.DataFrame([load_row])], ignore_index=True)
@@ -86,7 +111,7 @@ def evaluate_checkpoint(
             else:
                 t0 = time.perf_counter()
                 base_model, _ = load_model(
-                    Path(base_path), settings.trust_remote_code
+                    Path(target.base_path), settings.trust_remote_code
                 )  # its output embeddings only: no forward pass
                 items = add_agreement(
                     items,
@@ -103,7 +128,9 @@ def evaluate_checkpoint(
                     [
                         results,
                         pd.DataFrame(
-                            aggregate_items(items[["task", "category", *AGREEMENT_METRICS]].assign(model=label), label)
+                            aggregate_items(
+                                items[["task", "category", *AGREEMENT_METRICS]].assign(model=target.label), target.label
+                            )
                         ),
                     ],
                     ignore_index=True,
@@ -112,8 +139,8 @@ def evaluate_checkpoint(
                 with atomic_file(out_dir / name) as tmp:
                     table.to_parquet(tmp)
             record = EvalRecord(
-                key=key, model_hash=model_hash, suite_hash=suite, runtime_hash=runtime_hash, limit=settings.eval_limit,
-                label=label, dagster_run_id=context.run.run_id, **stats,
+                key=key, model_hash=target.content_hash, suite_hash=suite, runtime_hash=runtime_hash,
+                limit=settings.eval_limit, label=target.label, dagster_run_id=context.run.run_id, **stats,
             )  # fmt: skip
             record.write(out_dir / "record.json")
             record = record.dump()
@@ -127,7 +154,9 @@ def evaluate_checkpoint(
         "perf": meter.metadata(),
     }
     with mlflow.stage_run(
-        model_name, f"{label}_eval_results", {"dagster_run_id": context.run.run_id, "suite_hash": suite, **tags}
+        target.model_name,
+        f"{target.label}_eval_results",
+        {"dagster_run_id": context.run.run_id, "suite_hash": suite, **target.tags},
     ) as run:
         run.log_params({"suite_hash": suite, "limit": settings.eval_limit, "reused_from_run": reused_from})
         run.log_metrics(
@@ -163,17 +192,7 @@ def base_eval_results(
     runtime_environment: dict,
 ) -> dg.MaterializeResult:
     """The suite on the full-precision base model: the reference every quantized variant is judged against."""
-    return evaluate_checkpoint(
-        context,
-        settings,
-        mlflow,
-        label="base",
-        model_name=base_checkpoint["model_name"],
-        model_path=base_checkpoint["path"],
-        model_hash=base_checkpoint["hash"],
-        runtime_hash=runtime_environment["hash"],
-        tags={"base_hash": base_checkpoint["hash"]},
-    )
+    return evaluate_checkpoint(context, settings, mlflow, EvalTarget.base(base_checkpoint), runtime_environment["hash"])
 
 
 @dg.asset(group_name="audit", kinds={"pandas", "parquet"})
@@ -186,17 +205,7 @@ def quantized_eval_results(
     runtime_environment: dict,
 ) -> dg.MaterializeResult:
     """The same suite on the quantized artifact (bytes verified first), plus its agreement with the base."""
+    target = EvalTarget.quantized(quantized_artifact)
     return evaluate_checkpoint(
-        context,
-        settings,
-        mlflow,
-        label="quantized",
-        model_name=quantized_artifact["model_name"],
-        model_path=quantized_artifact["path"],
-        model_hash=quantized_artifact["content_hash"],
-        runtime_hash=runtime_environment["hash"],
-        tags={"artifact_id": quantized_artifact["artifact_id"]},
-        base_eval=base_eval_results,
-        base_path=quantized_artifact["base_path"],
-        artifact_id=quantized_artifact["artifact_id"],
+        context, settings, mlflow, target, runtime_environment["hash"], base_eval=base_eval_results
     )

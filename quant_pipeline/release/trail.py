@@ -22,7 +22,10 @@ import hashlib
 import json
 from pathlib import Path
 
-from quant_pipeline.core.store import StoreError, append_line_locked, last_line, read_lines_locked
+from pydantic import ValidationError
+
+from quant_pipeline.core.records import TrailEntry
+from quant_pipeline.core.store import StoreError, append_line_locked, last_line, read_json_lines, read_lines_locked
 
 GENESIS_HASH = "0" * 64
 RESERVED = ("seq", "prev_hash", "hash")
@@ -78,19 +81,17 @@ def append_entry(path: Path, event: dict) -> dict:
 def read_entries(path: Path) -> list[dict]:
     """All entries in file order ([] when the trail does not exist yet).
 
-    Raises ValueError naming the line when one is not JSON; use `verify_trail` to audit a trail.
+    Each entry is validated as a `TrailEntry`; a line that is not one raises a one-line StoreError
+    naming the line (use `verify_trail` to audit a trail).
     """
-    path = Path(path)
-    if not path.exists():
-        return []
     entries = []
-    for number, line in enumerate(read_lines_locked(path), start=1):
-        if not line.strip():
-            continue
+    for number, obj in read_json_lines(path):
         try:
-            entries.append(json.loads(line))
-        except ValueError as e:
-            raise ValueError(f"{path} line {number}: not valid JSON ({e})") from e
+            TrailEntry.model_validate(obj)  # validated; the entry is kept exactly as stored (its hash covers it)
+        except ValidationError as e:
+            field = ".".join(str(p) for p in e.errors()[0]["loc"]) or "(top level)"
+            raise StoreError(f"{path} line {number}: not a trail entry (field `{field}`); run verify-trail") from None
+        entries.append(obj)
     return entries
 
 

@@ -19,7 +19,7 @@ from mlflow.entities import SpanType
 from mlflow.entities.span import NO_OP_SPAN_TRACE_ID
 
 from quant_pipeline.core.records import RequestLogEntry
-from quant_pipeline.core.store import ArtifactStore, append_line_locked, read_lines_locked
+from quant_pipeline.core.store import ArtifactStore, append_line_locked, read_json_lines
 from quant_pipeline.core.tracking import MlflowTracker
 from quant_pipeline.release.reference import ServingError
 
@@ -49,19 +49,10 @@ def append_request(path: Path, record: dict) -> None:
 def read_requests(store_dir: ArtifactStore | Path, model_name: str) -> list[dict]:
     """Every logged request, each validated as a `RequestLogEntry` (a torn line is skipped)."""
     path = requests_path(store_dir, model_name)
-    if not path.exists():
-        return []
-    out = []
-    for number, line in enumerate(read_lines_locked(path), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by a crash mid-write; every other line stands alone
+    lines = read_json_lines(path, skip_torn=True)  # a line cut by a crash mid-write; every other stands alone
+    for number, obj in lines:
         RequestLogEntry.parse_line(obj, f"{path} line {number}")
-        out.append(obj)
-    return out
+    return [obj for _, obj in lines]
 
 
 def find_request(store_dir: Path, model_name: str, request_id: str) -> dict:

@@ -42,6 +42,7 @@ def audited_once(tmp_path_factory, tiny_llama):
     (root / "policy.yaml").write_text(LENIENT)
     shutil.copy(DEFAULT_CALIBRATION, root / "calibration.jsonl")
     settings, tracker = audit_world(root, tiny_llama)
+    (root / "dagster").mkdir()
     with dg.instance_for_test(temp_dir=str(root / "dagster")) as instance:
         result = run_audit(settings, tracker, instance)
     assert result.success
