@@ -76,6 +76,14 @@ class ScaleSummary(BaseModel):
     per_layer: dict[str, dict[str, dict[str, float]]] = {}
 
 
+class SliceRef(BaseModel):
+    """One slice × metric of a delta report (the unit a verdict is given on)."""
+
+    model_config = ConfigDict(extra="forbid")
+    category: str
+    metric: str
+
+
 class TreeRecord(Record):
     """A record of a folder: its per-file hashes must add up to the tree hash it records."""
 
@@ -148,12 +156,6 @@ class EvalRecord(Record):
     agreement_reference_sha256: Sha256 | None = None
 
 
-class SliceRef(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    category: str
-    metric: str
-
-
 class DeltaReportRecord(Record):
     """The verdict of one artifact under one policy."""
 
@@ -207,10 +209,11 @@ class Decision(BaseModel):
     registry_version: Version
     by: str | None
     note: str = ""
-    content_hash: str | None = None
-    second_approver: str | None = None
+    # an approval's evidence: the bytes and the policy it was judged on; an override names two people
+    content_hash: Sha256 | None = None
+    policy_hash: Sha256 | None = None
     override: bool = False
-    policy_hash: str | None = None
+    second_approver: str | None = None
     dagster_run_id: str | None = None
 
 

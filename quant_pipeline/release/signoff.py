@@ -12,7 +12,7 @@ from pathlib import Path
 
 from quant_pipeline.core.artifacts import read_artifact_record, verify_artifact
 from quant_pipeline.core.errors import AuditInputError
-from quant_pipeline.core.records import ArtifactRecord, DeltaReportRecord
+from quant_pipeline.core.records import ArtifactRecord, Decision, DeltaReportRecord
 from quant_pipeline.core.store import ArtifactStore
 from quant_pipeline.core.tracking import APPROVED_ALIAS, MlflowTracker
 from quant_pipeline.release.trail import append_entry, read_entries
@@ -87,12 +87,12 @@ def approve(
     record = verify_artifact(ArtifactStore.of(store), artifact_id)
     model_name = record.model_name
     version = tracker.find_version(model_name, artifact_id)
-    entry = record_event(store, model_name, {
-        "event": "approved", "artifact_id": artifact_id, "registry_version": version,
-        "content_hash": record.content_hash, "by": by.strip(), "second_approver": second_approver.strip() or None,
-        "override": override, "note": note,
-        "policy_hash": report.policy_hash, "dagster_run_id": dagster_run_id,
-    })  # fmt: skip
+    decision = Decision(
+        event="approved", artifact_id=artifact_id, registry_version=version, content_hash=record.content_hash,
+        by=by.strip(), second_approver=second_approver.strip() or None, override=override, note=note,
+        policy_hash=report.policy_hash, dagster_run_id=dagster_run_id,
+    )  # fmt: skip
+    entry = record_event(store, model_name, decision.model_dump(mode="json"))
     label = "approved (override)" if override else "approved"
     tracker.set_version_tags(
         model_name,
@@ -115,17 +115,14 @@ def record_pending(
     record = artifact_record(store, artifact_id)
     version = tracker.find_version(record.model_name, artifact_id)
     tracker.set_version_tags(record.model_name, version, {"approval": "pending sign-off"})
-    return record_event(
-        store,
-        record.model_name,
-        {
-            "event": "pending sign-off",
-            "artifact_id": artifact_id,
-            "registry_version": version,
-            "by": None,
-            "dagster_run_id": dagster_run_id,
-        },
+    decision = Decision(
+        event="pending sign-off",
+        artifact_id=artifact_id,
+        registry_version=version,
+        by=None,
+        dagster_run_id=dagster_run_id,
     )
+    return record_event(store, record.model_name, decision.model_dump(mode="json"))
 
 
 def reject(store: ArtifactStore | Path, tracker: MlflowTracker, artifact_id: str, by: str, reason: str) -> dict:
@@ -138,11 +135,8 @@ def reject(store: ArtifactStore | Path, tracker: MlflowTracker, artifact_id: str
     )
     if tracker.alias_version(record.model_name, APPROVED_ALIAS) == version:
         tracker.client().delete_registered_model_alias(record.model_name, APPROVED_ALIAS)
-    return record_event(
-        store,
-        record.model_name,
-        {"event": "rejected", "artifact_id": artifact_id, "registry_version": version, "by": by, "note": reason},
-    )
+    decision = Decision(event="rejected", artifact_id=artifact_id, registry_version=version, by=by, note=reason)
+    return record_event(store, record.model_name, decision.model_dump(mode="json"))
 
 
 def is_approved(store: ArtifactStore | Path, model_name: str, artifact_id: str) -> bool:
