@@ -45,7 +45,7 @@ defs = dg.Definitions(
     jobs=[full_audit_job, periodic_reaudit_job],
     sensors=[base_model_sensor, calibration_data_sensor, runtime_sensor],
     schedules=[periodic_reaudit_schedule],
-    resources=build_resources(),
+    resources=build_resources(deferred=True),  # QP_* variables as dg.EnvVar, resolved per run
     # Model stages share two cores and gigabytes of weights: run them one after another in one process.
     executor=dg.in_process_executor,
 )

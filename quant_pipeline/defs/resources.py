@@ -17,6 +17,9 @@ from quant_pipeline.core.store import ArtifactStore
 from quant_pipeline.core.tracking import MlflowTracker
 from quant_pipeline.defs.preflight import preflight
 
+STR_ENV = {"model": "QP_MODEL", "calibration_file": "QP_CALIBRATION_FILE", "policy_file": "QP_POLICY_FILE",
+           "store_dir": "QP_STORE_DIR"}  # fmt: skip
+INT_ENV = {"eval_limit": "QP_EVAL_LIMIT", "eval_max_new_tokens": "QP_EVAL_MAX_NEW_TOKENS"}
 RECIPE_ENV = (
     ("bits", int),
     ("group_size", int),
@@ -56,30 +59,32 @@ class AuditSettings(dg.ConfigurableResource):
             context.log.warning(f"removed {path}, left by a process that no longer runs")
 
     @classmethod
-    def from_env(cls, **overrides) -> "AuditSettings":
-        """Settings from QP_* environment variables (what `make ui` and the CLI use)."""
-        env = {
-            "model": os.environ.get("QP_MODEL"),
-            "calibration_file": os.environ.get("QP_CALIBRATION_FILE"),
-            "policy_file": os.environ.get("QP_POLICY_FILE"),
-            "store_dir": os.environ.get("QP_STORE_DIR"),
-        }
-        kwargs: dict = {k: v for k, v in env.items() if v}
-        recipe = {f: cast(os.environ[f"QP_{f.upper()}"]) for f, cast in RECIPE_ENV if os.environ.get(f"QP_{f.upper()}")}
+    def from_env(cls, deferred: bool = False, **overrides) -> "AuditSettings":
+        """Settings from QP_* environment variables (what `make ui` and the CLI use).
+
+        ``deferred`` (the Definitions that `dagster dev` and the daemon load) passes each set variable
+        as a `dg.EnvVar`: Dagster resolves it when a run or tick starts and shows its name in the UI,
+        instead of a value frozen when the code location was loaded."""
+
+        def env(name: str, cast=str):
+            if deferred and cast in (str, int):
+                return dg.EnvVar(name) if cast is str else dg.EnvVar.int(name)
+            return cast(os.environ[name])
+
+        kwargs: dict = {field: env(name) for field, name in STR_ENV.items() if os.environ.get(name)}
+        kwargs |= {field: env(name, int) for field, name in INT_ENV.items() if os.environ.get(name)}
+        recipe = {f: env(f"QP_{f.upper()}", cast) for f, cast in RECIPE_ENV if os.environ.get(f"QP_{f.upper()}")}
         if recipe:
             kwargs["recipe"] = Recipe(**recipe)
-        if os.environ.get("QP_EVAL_LIMIT"):
-            kwargs["eval_limit"] = int(os.environ["QP_EVAL_LIMIT"])
-        if os.environ.get("QP_EVAL_MAX_NEW_TOKENS"):
-            kwargs["eval_max_new_tokens"] = int(os.environ["QP_EVAL_MAX_NEW_TOKENS"])
         kwargs.update(overrides)
         return cls(**kwargs)
 
 
-def build_resources(**settings_overrides) -> dict:
+def build_resources(deferred: bool = False, **settings_overrides) -> dict:
     """The resources every run uses: the audit's inputs and MLflow (a server where QP_MLFLOW_* say so)."""
-    tracker = {"tracking_uri": os.environ.get("QP_MLFLOW_TRACKING_URI"), "ui_url": os.environ.get("QP_MLFLOW_UI_URL")}
-    return {
-        "settings": AuditSettings.from_env(**settings_overrides),
-        "mlflow": MlflowTracker(**{k: v for k, v in tracker.items() if v}),
+    tracker = {
+        field: dg.EnvVar(name) if deferred else os.environ[name]
+        for field, name in (("tracking_uri", "QP_MLFLOW_TRACKING_URI"), ("ui_url", "QP_MLFLOW_UI_URL"))
+        if os.environ.get(name)
     }
+    return {"settings": AuditSettings.from_env(deferred, **settings_overrides), "mlflow": MlflowTracker(**tracker)}

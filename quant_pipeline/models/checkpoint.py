@@ -15,7 +15,7 @@ from quant_pipeline.core.errors import AuditInputError
 from quant_pipeline.core.hashing import RECORD_FILE, canonical_hash, file_hashes, hash_directory, sha256_file, tree_hash
 from quant_pipeline.core.paths import default_gguf_path
 from quant_pipeline.core.records import CheckpointRecord, RecordError
-from quant_pipeline.core.store import ArtifactStore, StoreError, atomic_directory, check_name
+from quant_pipeline.core.store import ArtifactStore, StoreError, atomic_directory, check_name, verify_tree
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -164,10 +164,12 @@ def verify_kept_baseline(target: Path) -> None:
         record = CheckpointRecord.read(record_path)
     except RecordError as e:
         raise AuditInputError(f"kept baseline {target}: {e}") from None
-    if tree_hash(file_hashes(target)) != record.hash:
+    problems = verify_tree(target, record.files)
+    if problems:
         raise AuditInputError(
-            f"kept baseline {target} no longer matches its recorded hash: it was modified. The pipeline never "
-            "overwrites a baseline; restore the original files, or move the directory away to re-create it"
+            f"kept baseline {target} no longer matches its recorded hash ({'; '.join(problems)}): it was modified. "
+            "The pipeline never overwrites a baseline; restore the original files, or move the directory away to "
+            "re-create it"
         )
 
 
