@@ -45,6 +45,7 @@ def deployment(tmp_path_factory, tiny_llama):
     store = root / "store"
     tracker = MlflowTracker(tracking_uri=f"sqlite:///{root}/mlflow.db", artifact_root=(root / "mlartifacts").as_uri())
     settings = AuditSettings(model=str(tiny_llama), store_dir=str(store), recipe=TINY_RECIPE)
+    (root / "dagster").mkdir()
     with dg.instance_for_test(temp_dir=str(root / "dagster")) as instance:
         result = dg.materialize(
             [base_checkpoint, calibration_set, runtime_environment, quantized_artifact],
