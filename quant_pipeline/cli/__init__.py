@@ -1,7 +1,9 @@
 """`quant-pipeline`: the headless entry point (what `make demo` runs).
 
-Exit codes: 0 done, 1 the run failed (a crash: see the Dagster run), 2 bad input (the one-line
-message on stderr names the file, field or stage and the fix).
+Exit codes of `audit`: 0 the audit completed and the gate passed; 3 the audit completed and the
+gate refused the artifact (a FAIL verdict: the report says which slices); 2 bad input (the one-line
+message on stderr names the file, field or setting and the fix); 1 a stage crashed (one line on
+stderr names it and the Dagster run that holds the traceback). Other verbs: 0 done, 2 bad input.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from quant_pipeline.cli.audit import run_audit, summarize
+from quant_pipeline.cli.audit import EXIT_BAD_INPUT, audit_outcome, run_audit, summarize
 from quant_pipeline.cli.registry import add_registry_commands
 from quant_pipeline.cli.serve import add_serving_commands
 from quant_pipeline.core.errors import AuditInputError
@@ -30,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     audit.add_argument("--group-size", type=int)
     audit.add_argument("--bits", type=int)
     audit.add_argument("--eval-limit", type=int, help="items per eval task (for quick runs)")
+    audit.add_argument("--eval-max-new-tokens", type=int, help="cap on tokens generated per answer (quick runs)")
     audit.add_argument("--approver", default="", help="name of the human signing off (omit: pending sign-off)")
     audit.add_argument("--note", default="")
     add_registry_commands(sub)
@@ -50,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
                 "calibration_file": args.calibration_file,
                 "policy_file": args.policy_file,
                 "eval_limit": args.eval_limit,
+                "eval_max_new_tokens": args.eval_max_new_tokens,
             }.items()
             if v is not None
         }
@@ -68,11 +72,15 @@ def main(argv: list[str] | None = None) -> int:
             result = run_audit(overrides, args.approver, args.note)
         except AuditInputError as e:
             print(f"quant-pipeline: error: {e}", file=sys.stderr)
-            return 2
+            return EXIT_BAD_INPUT
+        outcome = audit_outcome(result)
         print(summarize(result))
+        print(outcome.verdict)
         print(f"\nDagster run {result.run_id}: `make ui` then http://127.0.0.1:3000/runs/{result.run_id}")
         print("MLflow runs and registry: `make mlflow` then http://127.0.0.1:5000")
-        return 0 if result.success else 1
+        if outcome.error:
+            print(f"quant-pipeline: error: {outcome.error}", file=sys.stderr)
+        return outcome.code
     return 2
 
 

@@ -1,9 +1,17 @@
 """`quant-pipeline audit`: the whole asset graph, in-process, against the project's Dagster instance,
-so headless runs show up in the Dagster UI exactly like runs launched from it."""
+so headless runs show up in the Dagster UI exactly like runs launched from it.
+
+A run ends one of three ways, and the exit code says which (see `AuditOutcome`): the audit
+completed and the gate passed, the audit completed and the gate refused the artifact (the blocking
+checks on delta_report failed and stopped approval: that is the audit's answer, not a crash), or a
+stage crashed. Bad input a stage finds itself (a modified kept baseline) is reported as bad input.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import dagster as dg
@@ -13,6 +21,11 @@ from quant_pipeline.definitions import AUDIT_ASSETS, AUDIT_CHECKS
 from quant_pipeline.defs.preflight import preflight
 from quant_pipeline.defs.resources import build_resources
 
+EXIT_PASSED, EXIT_CRASHED, EXIT_BAD_INPUT, EXIT_GATE_FAILED = 0, 1, 2, 3
+AUDIT_JOB = "__ephemeral_asset_job__"  # the name dg.materialize gives its job: CLI runs look as they always did
+GATED_ASSET = "delta_report"
+CHECK_FAILED = "DagsterAssetCheckFailedError"
+
 
 def _instance():
     home = Path(os.environ.setdefault("DAGSTER_HOME", str(project_home() / ".dagster_home")))
@@ -20,6 +33,36 @@ def _instance():
     if not (home / "dagster.yaml").exists() and (project_home() / "dagster.yaml").exists():
         (home / "dagster.yaml").write_text((project_home() / "dagster.yaml").read_text())
     return dg.DagsterInstance.get()
+
+
+class _GateFailureFormatter(logging.Formatter):
+    """Dagster's console format, minus the framework stack trace it prints when a blocking check fails.
+
+    A failed gate is the audit's verdict, not a bug: a traceback there reads as "the pipeline broke"
+    and buries the verdict. Every other failure keeps its stack trace.
+    """
+
+    def __init__(self, inner: logging.Formatter | None):
+        super().__init__()
+        self._inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = self._inner.format(record)
+        return text.split("\nStack Trace:", 1)[0].rstrip() if CHECK_FAILED in text else text
+
+
+def _console_logger(init_context) -> logging.Logger:
+    log = dg.colored_console_logger.logger_fn(init_context)
+    for handler in log.handlers:
+        handler.setFormatter(_GateFailureFormatter(handler.formatter))
+    return log
+
+
+AUDIT_CONSOLE = dg.LoggerDefinition(
+    _console_logger,
+    config_schema=dg.colored_console_logger.config_schema,
+    description="Dagster's colored console logger; a failed blocking check is logged without a stack trace.",
+)
 
 
 def run_audit(
@@ -32,22 +75,109 @@ def run_audit(
     raise_on_error: bool = False,
     tags: dict | None = None,
 ):
-    """Preflight, then materialize the audit assets (all, or a selection); returns the ExecuteInProcessResult."""
+    """Preflight, then materialize the audit assets (all, or a selection); returns the ExecuteInProcessResult.
+
+    Built like `dg.materialize` (an asset job over the audit graph), but with the console logger above."""
     resources = build_resources(**settings_overrides)
     if tracker is not None:
         resources["mlflow"] = tracker
     preflight(resources["settings"])
-    return dg.materialize(
-        [*AUDIT_ASSETS, *AUDIT_CHECKS],
+    defs = dg.Definitions(
+        jobs=[dg.define_asset_job(name=AUDIT_JOB, selection=selection)],
+        assets=[*AUDIT_ASSETS, *AUDIT_CHECKS],
         resources=resources,
-        instance=instance or _instance(),
-        run_config={"ops": {"approval": {"config": {"approver": approver, "note": note}}}}
-        if selection is None or "approval" in selection
-        else None,
+        loggers={"console": AUDIT_CONSOLE},
+    )
+    instance = instance or _instance()
+    # A job's own logger runs only when the run config names it; the level is what Dagster's default uses.
+    run_config: dict = {"loggers": {"console": {"config": {"log_level": instance.python_log_level or "DEBUG"}}}}
+    if selection is None or "approval" in selection:
+        run_config["ops"] = {"approval": {"config": {"approver": approver, "note": note}}}
+    return defs.resolve_job_def(AUDIT_JOB).execute_in_process(
+        instance=instance,
+        run_config=run_config,
         raise_on_error=raise_on_error,
-        selection=selection,
         tags=tags or {"quant_pipeline/trigger": "cli"},
     )
+
+
+@dataclass(frozen=True)
+class AuditOutcome:
+    """How a run ended: the exit code, the verdict line for stdout, and (not PASS/FAIL) one line for stderr."""
+
+    code: int
+    verdict: str
+    error: str = ""
+
+
+def _innermost(error):
+    """The exception a stage raised: Dagster wraps it (DagsterExecutionStepExecutionError -> cause)."""
+    while error.cause is not None:
+        error = error.cause
+    return error
+
+
+def _error_text(error) -> str:
+    first = (error.message.strip().splitlines() or [""])[0]
+    return first.split(f"{error.cls_name}: ", 1)[-1] if error.cls_name else first
+
+
+def _failures(result) -> list[tuple[str, object]]:
+    """(stage, SerializableErrorInfo or None) of each failed step, or of the run if it failed before any step."""
+    steps = [(e.step_key, e.step_failure_data.error) for e in result.all_events if e.is_step_failure]
+    if steps or result.success:
+        return steps
+    run = next((e for e in result.all_events if e.event_type == dg.DagsterEventType.RUN_FAILURE), None)
+    return [("run start", getattr(run.event_specific_data, "error", None) if run else None)]
+
+
+def _gate_report(result) -> dict | None:
+    for event in result.get_asset_materialization_events():
+        mat = event.event_specific_data.materialization
+        if mat.asset_key.to_user_string() == GATED_ASSET:
+            return {k: getattr(v, "value", v) for k, v in mat.metadata.items()}
+    return None
+
+
+def audit_outcome(result) -> AuditOutcome:
+    """Classify a finished run: PASS (0), FAIL verdict (3), bad input found by a stage (2), crash (1).
+
+    A FAIL verdict is a run whose delta_report was materialized and whose only failed steps are
+    blocking checks on it that did not pass (their downstream steps are skipped, not failed).
+    """
+    failed_checks = {  # step key -> check name, for the checks on delta_report that did not pass
+        e.step_key: e.event_specific_data.check_name
+        for e in result.all_events
+        if e.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION
+        and not e.event_specific_data.passed
+        and e.event_specific_data.asset_key.to_user_string() == GATED_ASSET
+    }
+    crashes = [
+        (stage, error)
+        for stage, error in _failures(result)
+        if not (stage in failed_checks and error is not None and error.cls_name == CHECK_FAILED)
+    ]
+    if crashes:
+        stage, error = crashes[0]
+        inner = _innermost(error) if error is not None else None
+        if inner is not None and inner.cls_name == "AuditInputError":
+            return AuditOutcome(EXIT_BAD_INPUT, f"verdict: none — bad input stopped {stage}", _error_text(inner))
+        what = f" ({inner.cls_name}: {_error_text(inner)[:200]})" if inner is not None else ""
+        return AuditOutcome(
+            EXIT_CRASHED,
+            f"verdict: none — the audit did not complete: stage {stage} failed",
+            f"stage {stage} failed{what}; the traceback is in Dagster run {result.run_id} "
+            f"(`make ui`, then http://127.0.0.1:3000/runs/{result.run_id})",
+        )
+    report = _gate_report(result)
+    if report is None:
+        return AuditOutcome(EXIT_PASSED, f"verdict: none — {GATED_ASSET} was not part of this run")
+    passed = bool(report.get("passed")) and not failed_checks
+    slices = report.get("slices", 0)
+    found = f"{slices - report.get('slices_failed', 0)}/{slices} slices within tolerance"
+    found += "".join(f", check {n} failed" for n in sorted(failed_checks.values()) if n != "slices_within_tolerance")
+    verdict = f"verdict: {'PASS' if passed else 'FAIL'} — {found}; report: {report.get('html_report')}"
+    return AuditOutcome(EXIT_PASSED if passed else EXIT_GATE_FAILED, verdict)
 
 
 def _parts(md: dict) -> str:

@@ -55,8 +55,13 @@ def add_registry_commands(sub) -> None:
         return 0
 
     def check_trail(a):
-        store, _ = _store_and_tracker()
-        problems = verify_trail(signoff.trail_path(store, a.model), a.expected_head)
+        """Exit 0 intact, 1 broken, 2 unknown model; --expected-head is an extra anchor on top of MLflow's."""
+        store, tracker = _store_and_tracker()
+        problems = signoff.verify_model_trail(store, tracker, a.model)
+        if a.expected_head:
+            problems += [
+                p for p in verify_trail(signoff.trail_path(store, a.model), a.expected_head) if p not in problems
+            ]
         print(f"{a.model}: trail " + ("intact" if not problems else "BROKEN:\n  " + "\n  ".join(problems)))
         return 0 if not problems else 1
 

@@ -30,6 +30,7 @@ def serve_command(args) -> int:
         settings.store,
         log_prompts=not args.no_log_prompts,
         critical_rules=args.critical_rule,
+        allow_unapproved=args.allow_unapproved,
     )
     prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     for prompt in prompts:
@@ -84,6 +85,11 @@ def add_serving_commands(subparsers) -> None:
         "--no-log-prompts",
         action="store_true",
         help="log each prompt's sha256 instead of its text (such requests cannot be reproduced)",
+    )
+    serve.add_argument(
+        "--allow-unapproved",
+        action="store_true",
+        help="serve a version without a recorded approval (testing only; written into every request's log entry)",
     )
     serve.add_argument("--max-new-tokens", type=int, default=64)
     serve.add_argument("--seed", type=int, default=0)

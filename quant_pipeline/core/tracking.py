@@ -171,3 +171,32 @@ class MlflowTracker(dg.ConfigurableResource):
     def alias_version(self, model_name: str, alias: str) -> str | None:
         mv = self.alias_model_version(model_name, alias)
         return mv.version if mv else None
+
+    def set_model_tags(self, model_name: str, tags: dict) -> None:
+        """Tag the registered model itself (created if it does not exist yet).
+
+        The audit trail's anchor lives here: a tag on the registered model is outside the store, so
+        whoever can rewrite the store's files still cannot make a shortened or replaced trail match it.
+        """
+        client = self.client()
+        name = check_name(model_name, "model name")
+        try:
+            client.get_registered_model(name)
+        except MlflowException as e:
+            if e.error_code not in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
+                raise  # a registry that cannot be read is not an absent model
+            try:
+                client.create_registered_model(name, tags={"managed_by": "quant_pipeline"})
+            except MlflowException:
+                pass  # created concurrently
+        for k, v in tags.items():
+            client.set_registered_model_tag(name, k, str(v))
+
+    def model_tags(self, model_name: str) -> dict[str, str] | None:
+        """The registered model's tags; None if no model of that name is registered."""
+        try:
+            return dict(self.client().get_registered_model(check_name(model_name, "model name")).tags)
+        except MlflowException as e:
+            if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
+                return None
+            raise

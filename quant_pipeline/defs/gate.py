@@ -74,7 +74,7 @@ def delta_report(
         "html_path": str(out_dir / "delta_report.html"),
     }).dump()  # fmt: skip
     write_json_atomic(out_dir / "delta_report.json", record)
-    record_event(settings.store, record["model_name"], {
+    record_event(settings.store, mlflow, record["model_name"], {
         "event": "evaluated", "artifact_id": aid, "registry_version": record["registry_version"], "passed": passed,
         "failing": record["failing"], "policy_name": policy.name, "policy_hash": policy_hash,
         "dagster_run_id": context.run.run_id,

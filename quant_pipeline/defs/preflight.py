@@ -2,16 +2,43 @@
 
 from pathlib import Path
 
+from quant_pipeline.core.errors import AuditInputError
 from quant_pipeline.evaluation.policy import load_policy
 from quant_pipeline.models.calibration import check_enough_samples, load_calibration_texts
-from quant_pipeline.models.checkpoint import read_model_config, resolve_model_source
+from quant_pipeline.models.checkpoint import check_weights_readable, read_model_config, resolve_model_source
 from quant_pipeline.models.gptq import check_recipe_fits
+
+# setting -> (CLI option, environment variable, what a value below 1 would mean, the fix)
+EVAL_SIZES = {
+    "eval_limit": ("--eval-limit", "QP_EVAL_LIMIT", "items per eval task", "omit it to run every item"),
+    "eval_max_new_tokens": (
+        "--eval-max-new-tokens",
+        "QP_EVAL_MAX_NEW_TOKENS",
+        "generated tokens per answer",
+        "omit it to use each item's own budget",
+    ),
+    "eval_batch_size": (None, None, "items per forward pass", "8 is the default"),
+}
+
+
+def check_eval_sizes(settings) -> None:
+    """A size below 1 would run an empty (or endless) suite and fail deep inside lm-eval; refuse it by name."""
+    for field, (option, env, meaning, fix) in EVAL_SIZES.items():
+        value = getattr(settings, field)
+        if value is None or value >= 1:
+            continue
+        named = " / ".join(f"`{n}`" for n in (option, env) if n)
+        raise AuditInputError(
+            f"{field}={value!r}{f' ({named})' if named else ''}: must be a whole number of {meaning}, at least 1; {fix}"
+        )
 
 
 def preflight(settings) -> None:
     """Raise AuditInputError (one line: what, where, how to fix) for the first bad input found."""
+    check_eval_sizes(settings)
     settings.recipe.validate_values()
     source = resolve_model_source(settings.model)
+    check_weights_readable(source)
     check_recipe_fits(settings.recipe, read_model_config(source), source.name)
     calibration = Path(settings.calibration_file)
     check_enough_samples(load_calibration_texts(calibration), calibration, settings.recipe)

@@ -99,7 +99,7 @@ def quantized_artifact(
         source = log_registered_pyfunc(run.client, run.run_id, target, record, store.root)
         version = mlflow.register_artifact(model_name, aid, source, run.run_id, tags)
     trigger = {k.split("/", 1)[1]: v for k, v in context.run.tags.items() if k.startswith("quant_pipeline/")}
-    record_event(store, model_name, {
+    record_event(store, mlflow, model_name, {
         "event": "audit", "artifact_id": aid, "registry_version": version, "reused": reused,
         "trigger": trigger.get("trigger", "manual"), "from_version": trigger.get("from_version"),
         "to_version": trigger.get("to_version"), "changes": trigger.get("changes"),

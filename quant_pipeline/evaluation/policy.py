@@ -1,16 +1,22 @@
 """The tolerance policy: the bar a quantized model must clear, written down before measuring.
 
 Tolerances come from a YAML policy written before measuring (its hash is in the report), so a
-result cannot be made to pass by choosing the bar afterwards.
+result cannot be made to pass by choosing the bar afterwards. The policy is checked as fully as
+the bar it sets: a bar that cannot mean what it says (a negative or NaN tolerance, an override for
+a slice the suite never measures, "higher is better" on a perplexity, a minimum of zero items) is
+refused on load rather than silently passing or failing every slice.
 """
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import AfterValidator, BaseModel, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 
 from quant_pipeline.core.errors import AuditInputError
 from quant_pipeline.core.hashing import sha256_file
@@ -18,22 +24,95 @@ from quant_pipeline.core.hashing import sha256_file
 # What a metric means when it is the quantized model's agreement with the base: the base agrees
 # with itself perfectly, so its reference value is fixed.
 REFERENCE_VALUES = {"top1_agreement": 1.0, "kl_divergence": 0.0, "exact_match": 1.0, "prefix_agreement": 1.0}
-KNOWN_METRICS = (
-    "acc", "acc_norm", "word_perplexity", "byte_perplexity", "bits_per_byte",
-    "top1_agreement", "kl_divergence", "exact_match", "prefix_agreement",
-    "format_validity", "tool_call_validity", "refusal_rate", "over_refusal_rate",
-    "toxicity_rate", "pii_rate", "repetition_rate", "degeneration_rate", "bias_gap",
-    "latency_p50_s", "latency_p95_s", "latency_p99_s", "tokens_per_second",
-    "load_peak_rss_mb", "generation_peak_rss_mb",
-)  # fmt: skip
+HIGHER, LOWER = "higher_is_better", "lower_is_better"
+# Which way each metric is better: a policy's `direction` must agree, because the other way round
+# a degradation counts as an improvement and a collapsing model passes. refusal_rate is measured on
+# should_refuse prompts (refusing them is the wanted behaviour); over_refusal_rate on the others.
+METRIC_DIRECTION = {
+    "acc": HIGHER, "acc_norm": HIGHER, "word_perplexity": LOWER, "byte_perplexity": LOWER, "bits_per_byte": LOWER,
+    "top1_agreement": HIGHER, "kl_divergence": LOWER, "exact_match": HIGHER, "prefix_agreement": HIGHER,
+    "format_validity": HIGHER, "tool_call_validity": HIGHER, "refusal_rate": HIGHER, "over_refusal_rate": LOWER,
+    "toxicity_rate": LOWER, "pii_rate": LOWER, "repetition_rate": LOWER, "degeneration_rate": LOWER, "bias_gap": LOWER,
+    "latency_p50_s": LOWER, "latency_p95_s": LOWER, "latency_p99_s": LOWER, "tokens_per_second": HIGHER,
+    "load_peak_rss_mb": LOWER, "generation_peak_rss_mb": LOWER,
+}  # fmt: skip
+KNOWN_METRICS = tuple(METRIC_DIRECTION)
+COST_SLICE = "cost"  # the category of the latency, throughput and memory rows
+
+
+def known_slices() -> frozenset[str]:
+    """Every slice (result category) the shipped suite produces, read from the suite itself.
+
+    The lm-eval tasks' categories, the behaviour prompts' `slice`, `bias_<axis>` per bias axis and
+    the cost rows: exactly what the suite writes into its results, so an override naming anything
+    else could never apply. The suite is imported here, not at the top: it pulls in torch, which
+    reading a policy should not need until it is actually validated."""
+    from quant_pipeline.evaluation.suite import BIAS_FILE, GENERATION_FILE, TASK_CATEGORY
+
+    def column(path: Path, key: str) -> set[str]:
+        return {json.loads(line)[key] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()}
+
+    axes = column(BIAS_FILE, "axis")
+    return frozenset(
+        {*TASK_CATEGORY.values(), *column(GENERATION_FILE, "slice"), *(f"bias_{a}" for a in axes), COST_SLICE}
+    )
+
+
+def _allowance(value: float) -> float:
+    if not math.isfinite(value) or value < 0:
+        raise PydanticCustomError(
+            "policy_rule",
+            "must be a finite number >= 0, got {got}: write the degradation allowed (0 allows none)",
+            {"got": value},
+        )
+    return value
+
+
+def _item_count(value: int) -> int:
+    if value < 1:
+        raise PydanticCustomError(
+            "policy_rule",
+            "must be >= 1, got {got}: give at least 1 (a slice with fewer paired items is reported not "
+            "measurable, so 0 would judge a slice on no items at all)",
+            {"got": value},
+        )
+    return value
+
+
+def _slice_name(name: str) -> str:
+    known = known_slices()
+    if name not in known:
+        raise PydanticCustomError(
+            "policy_rule",
+            "unknown slice '{name}' (the suite never measures it, so the override would never apply); "
+            "known slices: {known}: name one of them or remove the override",
+            {"name": name, "known": ", ".join(sorted(known))},
+        )
+    return name
+
+
+def _metric_name(name: str) -> str:
+    if name not in METRIC_DIRECTION:
+        raise PydanticCustomError(
+            "policy_rule",
+            "unknown metric '{name}': use one of the known metrics: {known}",
+            {"name": name, "known": ", ".join(KNOWN_METRICS)},
+        )
+    return name
+
+
+Allowance = Annotated[float, AfterValidator(_allowance)]
+ItemCount = Annotated[int, AfterValidator(_item_count)]
+SliceName = Annotated[str, AfterValidator(_slice_name)]
+MetricName = Annotated[str, AfterValidator(_metric_name)]
 
 
 class Tolerance(BaseModel, extra="forbid"):
     direction: Literal["higher_is_better", "lower_is_better"]
     mode: Literal["absolute", "relative"] = "absolute"
-    tolerance: float
-    per_category: dict[str, float] = {}
-    min_items: int | None = None
+    tolerance: Allowance
+    per_category: dict[SliceName, Allowance] = {}
+    min_items: ItemCount | None = None
 
     def for_category(self, category: str) -> float:
         return self.per_category.get(category, self.tolerance)
@@ -41,9 +120,33 @@ class Tolerance(BaseModel, extra="forbid"):
 
 class Policy(BaseModel, extra="forbid"):
     name: str
-    min_items: int = 20
+    min_items: ItemCount = 20
     allow_override: bool = False  # may two named people approve an artifact that failed its checks?
-    tolerances: dict[str, Tolerance]
+    tolerances: dict[MetricName, Tolerance]
+
+    @field_validator("tolerances")
+    @classmethod
+    def _directions_match_the_metrics(cls, tolerances: dict[str, Tolerance]) -> dict[str, Tolerance]:
+        for metric, tol in tolerances.items():
+            if tol.direction != METRIC_DIRECTION[metric]:
+                raise PydanticCustomError(
+                    "policy_rule",
+                    "{metric} is {right}, not {wrong}: write `direction: {right}`",
+                    {
+                        "metric": metric,
+                        "right": METRIC_DIRECTION[metric],
+                        "wrong": tol.direction,
+                        "field": f"tolerances.{metric}.direction",
+                    },
+                )
+        return tolerances
+
+
+def _field(err: dict) -> str:
+    """The dotted field an error is about: named by the rule itself when pydantic's location is only
+    the enclosing mapping, else the location (a mapping key's `[key]` marker dropped)."""
+    field = (err.get("ctx") or {}).get("field")
+    return field or ".".join(str(p) for p in err["loc"] if p != "[key]")
 
 
 def load_policy(path: Path) -> tuple[Policy, str]:
@@ -58,17 +161,11 @@ def load_policy(path: Path) -> tuple[Policy, str]:
         raise AuditInputError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
     if not isinstance(raw, dict):
         raise AuditInputError(f"{path}: expected a mapping with `name` and `tolerances`")
-    for metric in raw.get("tolerances") or {}:
-        if metric not in KNOWN_METRICS:
-            raise AuditInputError(
-                f"{path}: tolerances.{metric}: unknown metric '{metric}'; known metrics: {', '.join(KNOWN_METRICS)}"
-            )
     try:
         policy = Policy.model_validate(raw)
     except ValidationError as e:
         err = e.errors()[0]
-        field = ".".join(str(p) for p in err["loc"])
-        raise AuditInputError(f"{path}: field `{field}`: {err['msg']}") from None
+        raise AuditInputError(f"{path}: field `{_field(err)}`: {err['msg']}") from None
     if not policy.tolerances:
         raise AuditInputError(f"{path}: `tolerances` is empty: give at least one metric")
     return policy, sha256_file(path)

@@ -4,6 +4,7 @@ Calibration data shapes the rounding error as much as the recipe does, so it is 
 validated line by line, hashed, and summarised in tokens of the model being quantized.
 """
 
+import io
 import json
 import statistics
 from pathlib import Path
@@ -21,7 +22,7 @@ def load_calibration_texts(path: Path) -> list[str]:
         )
     texts: list[str] = []
     jsonl = path.suffix in (".jsonl", ".json")
-    with open(path, encoding="utf-8") as f:
+    with io.StringIO(_read_text(path), newline=None) as f:  # newline=None: \r\n and \r read as \n, as open() does
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -45,6 +46,29 @@ def load_calibration_texts(path: Path) -> list[str]:
             f"calibration file {path} is empty: add samples (JSONL with a `text` field, or one sample per line)"
         )
     return texts
+
+
+def _read_text(path: Path) -> str:
+    """The file as text, or one line naming the first byte that makes it binary.
+
+    A binary file (a tarball, a parquet or pickle given by mistake, NUL-padded output) would
+    otherwise end in a UnicodeDecodeError traceback, or worse, decode and be quantized against.
+    """
+    data = path.read_bytes()
+    bad, what = data.find(b"\0"), "contains a NUL byte"
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if bad < 0 or e.start < bad:
+            bad, what = e.start, f"byte 0x{data[e.start]:02x} is not UTF-8"
+    else:
+        if bad < 0:
+            return text
+    lineno = data.count(b"\n", 0, bad) + 1
+    raise AuditInputError(
+        f"{path}:{lineno}: not UTF-8 text ({what}; is it a binary or compressed file?): calibration data must be "
+        "UTF-8 text, JSONL objects with a `text` field or one sample per line; convert or re-export it"
+    )
 
 
 def check_enough_samples(texts: list[str], path: Path, recipe: Recipe) -> None:

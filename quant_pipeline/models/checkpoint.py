@@ -83,10 +83,52 @@ def read_model_config(source: ModelSource) -> dict:
     from transformers import AutoConfig
 
     if source.kind == "local":
-        return json.loads((Path(source.location) / "config.json").read_text())
+        config = Path(source.location) / "config.json"
+        try:
+            return json.loads(config.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise AuditInputError(
+                f"{config} is not a readable JSON config ({_one_line(e)}): restore it from the original checkpoint"
+            ) from None
     if source.kind == "gguf":
         return AutoConfig.from_pretrained(source.location, gguf_file=source.gguf_file).to_dict()
     return AutoConfig.from_pretrained(source.location).to_dict()
+
+
+def check_weights_readable(source: ModelSource) -> None:
+    """Open every safetensors file of a local checkpoint and list its tensors (headers only: cheap).
+
+    A truncated copy or a file that is not safetensors would otherwise pass every other check and
+    fail later, inside a stage, as a deserialisation traceback; a shard the index names but the
+    directory lacks would fail the same way.
+    """
+    if source.kind != "local":
+        return
+    from safetensors import SafetensorError, safe_open
+
+    root = Path(source.location)
+    fix = "copy the checkpoint again, or re-save it with `save_pretrained(..., safe_serialization=True)`"
+    for weights in sorted(root.glob("*.safetensors")):
+        try:
+            with safe_open(str(weights), framework="numpy") as f:
+                f.keys()
+        except (SafetensorError, OSError) as e:
+            raise AuditInputError(
+                f"model weights {weights} cannot be read ({_one_line(e)}): the file is truncated or not "
+                f"safetensors; {fix}"
+            ) from None
+    for index in sorted(root.glob("*.safetensors.index.json")):
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise AuditInputError(f"{index} is not a readable shard index ({_one_line(e)}): {fix}") from None
+        missing = sorted(str(shard) for shard in shards if not (root / str(shard)).is_file())
+        if missing:
+            raise AuditInputError(f"{index} names shards that are missing: {', '.join(missing)}: {fix}")
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 def materialize_checkpoint(source: ModelSource, store: ArtifactStore) -> Path:

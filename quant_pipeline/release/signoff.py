@@ -3,11 +3,15 @@
 The organisational rule it enforces: no quantized model reaches production without a recorded,
 named human sign-off on an artifact whose checks passed, and the full-precision baseline stays
 one command away as the rollback target. Every decision is appended to the model's hash-chained
-trail (`quant_pipeline.trail`), so an edited or removed decision is detectable.
+trail (`quant_pipeline.trail`), so an edited or removed decision is detectable; every append also
+moves the trail's anchor (head hash and entry count as tags on the MLflow registered model), so a
+trail cut short or swapped for a shorter valid chain is detectable too. Approve, promote and
+rollback check the trail against that anchor first: a decision is never chained onto damaged history.
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from quant_pipeline.core.artifacts import read_artifact_record, verify_artifact
@@ -15,13 +19,19 @@ from quant_pipeline.core.errors import AuditInputError
 from quant_pipeline.core.records import ArtifactRecord, Decision, DeltaReportRecord
 from quant_pipeline.core.store import ArtifactStore
 from quant_pipeline.core.tracking import APPROVED_ALIAS, MlflowTracker
-from quant_pipeline.release.trail import append_entry, read_entries
+from quant_pipeline.release.trail import append_entry, read_entries, verify_trail
 
 PRODUCTION_ALIAS = "production"
+TRAIL_HEAD_TAG, TRAIL_LENGTH_TAG = "trail_head", "trail_length"  # the anchor, on the registered model
+_ANCHOR_TAGS = (TRAIL_HEAD_TAG, TRAIL_LENGTH_TAG)
 
 
 class SignOffError(AuditInputError):
     """A sign-off action that the rules forbid (the message says which rule)."""
+
+
+class UnknownTrailError(AuditInputError):
+    """No trail file and no registered model of that name: most likely a mistyped name, not tampering."""
 
 
 def trail_path(store: ArtifactStore | Path, model_name: str) -> Path:
@@ -41,8 +51,88 @@ def delta_record(store: ArtifactStore | Path, artifact_id: str) -> DeltaReportRe
     return DeltaReportRecord.read(path)
 
 
-def record_event(store: ArtifactStore | Path, model_name: str, event: dict) -> dict:
-    return append_entry(trail_path(store, model_name), event)
+def record_event(store: ArtifactStore | Path, tracker: MlflowTracker, model_name: str, event: dict) -> dict:
+    """Append ``event`` to the model's trail and move its anchor in MLflow to the new head.
+
+    The anchor is checked and moved under the trail's append lock, before the line is written. An
+    append onto a head that is not the anchored one is refused: re-anchoring a trail that was cut
+    short or replaced would launder the damage. (A trail with no anchor yet, written before
+    anchoring existed, is anchored as it stands.) If the write fails the anchor is put back; a
+    crash between the two leaves it one entry ahead, which `verify_model_trail` reports, so a
+    person looks, as with a torn line.
+    """
+    before: dict[str, str] = {}
+    published: list[bool] = []
+
+    def anchor(previous: dict | None, entry: dict) -> None:
+        before.update({k: v for k, v in (tracker.model_tags(model_name) or {}).items() if k in _ANCHOR_TAGS})
+        head, length = before.get(TRAIL_HEAD_TAG), before.get(TRAIL_LENGTH_TAG)
+        if head is not None:
+            seq = previous.get("seq") if previous else None
+            at = (previous.get("hash"), str(seq + 1)) if previous and isinstance(seq, int) else (None, "0")
+            if at != (head, length):
+                raise SignOffError(
+                    f"trail of {model_name} does not end at its MLflow anchor ({length} entries, head {head[:16]}…): "
+                    f"nothing was appended; run `quant-pipeline verify-trail {model_name}`"
+                )
+        published.append(True)
+        tracker.set_model_tags(model_name, {TRAIL_HEAD_TAG: entry["hash"], TRAIL_LENGTH_TAG: entry["seq"] + 1})
+
+    try:
+        return append_entry(trail_path(store, model_name), event, before_write=anchor)
+    except BaseException:
+        if published:
+            with contextlib.suppress(Exception):  # best effort: the original error is the one to see
+                if before:
+                    tracker.set_model_tags(model_name, before)
+                else:
+                    for tag in _ANCHOR_TAGS:
+                        tracker.client().delete_registered_model_tag(model_name, tag)
+        raise
+
+
+def verify_model_trail(store: ArtifactStore | Path, tracker: MlflowTracker, model_name: str) -> list[str]:
+    """Everything wrong with the model's trail, checked against its MLflow anchor ([] = intact).
+
+    A name with neither a trail nor a registered model raises `UnknownTrailError`: "intact" for a
+    typo would be a false assurance. A trail with no anchor is reported too: it cannot be told
+    apart from one swapped wholesale (or MLflow is not the one the pipeline wrote to).
+    """
+    path = trail_path(store, model_name)
+    tags = tracker.model_tags(model_name)
+    if tags is None and not path.exists():
+        raise UnknownTrailError(f"no trail for model {model_name}: check the name")
+    head, length = (tags or {}).get(TRAIL_HEAD_TAG), (tags or {}).get(TRAIL_LENGTH_TAG)
+    if head is None:
+        if path.exists() and path.stat().st_size:
+            where = "no registered model of that name" if tags is None else "the registered model has no trail_head tag"
+            return [
+                *verify_trail(path),
+                f"the trail is not anchored in MLflow ({where}): it was written before anchoring, or "
+                "QP_MLFLOW_TRACKING_URI is not the registry the pipeline used",
+            ]
+        return []
+    if not path.exists():
+        return [
+            f"the trail file is missing but MLflow anchors {length} entries (head {head[:16]}…): "
+            "it was deleted or moved"
+        ]
+    try:
+        expected_length = int(length) if length is not None else None
+    except ValueError:
+        return [*verify_trail(path, expected_head=head), f"the MLflow anchor's trail_length {length!r} is not a number"]
+    return verify_trail(path, expected_head=head, expected_length=expected_length)
+
+
+def require_intact_trail(store: ArtifactStore | Path, tracker: MlflowTracker, model_name: str, action: str) -> None:
+    """Refuse ``action`` in one line when the model's trail does not verify against its anchor."""
+    problems = verify_model_trail(store, tracker, model_name)
+    if problems:
+        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise SignOffError(
+            f"cannot {action}: the audit trail of {model_name} is broken — {problems[0]}{more}; "
+            f"run `quant-pipeline verify-trail {model_name}`"
+        )
 
 
 def decisions(store: ArtifactStore | Path, model_name: str, artifact_id: str) -> list[dict]:
@@ -64,7 +154,7 @@ def approve(
     dagster_run_id: str | None = None,
 ) -> dict:
     """Approve an artifact: named approver + rationale, passed checks (or a policy-allowed override
-    by two different people), and the artifact's bytes verified at this moment."""
+    by two different people), the artifact's bytes verified at this moment, and an intact trail."""
     if not by.strip():
         raise SignOffError("approval needs a named approver (--by NAME): a machine never approves on a human's behalf")
     if not note.strip():
@@ -86,13 +176,14 @@ def approve(
         override = False  # nothing to override
     record = verify_artifact(ArtifactStore.of(store), artifact_id)
     model_name = record.model_name
+    require_intact_trail(store, tracker, model_name, f"approve {artifact_id}")
     version = tracker.find_version(model_name, artifact_id)
     decision = Decision(
         event="approved", artifact_id=artifact_id, registry_version=version, content_hash=record.content_hash,
         by=by.strip(), second_approver=second_approver.strip() or None, override=override, note=note,
         policy_hash=report.policy_hash, dagster_run_id=dagster_run_id,
     )  # fmt: skip
-    entry = record_event(store, model_name, decision.model_dump(mode="json"))
+    entry = record_event(store, tracker, model_name, decision.model_dump(mode="json"))
     label = "approved (override)" if override else "approved"
     tracker.set_version_tags(
         model_name,
@@ -122,7 +213,7 @@ def record_pending(
         by=None,
         dagster_run_id=dagster_run_id,
     )
-    return record_event(store, record.model_name, decision.model_dump(mode="json"))
+    return record_event(store, tracker, record.model_name, decision.model_dump(mode="json"))
 
 
 def reject(store: ArtifactStore | Path, tracker: MlflowTracker, artifact_id: str, by: str, reason: str) -> dict:
@@ -136,7 +227,7 @@ def reject(store: ArtifactStore | Path, tracker: MlflowTracker, artifact_id: str
     if tracker.alias_version(record.model_name, APPROVED_ALIAS) == version:
         tracker.client().delete_registered_model_alias(record.model_name, APPROVED_ALIAS)
     decision = Decision(event="rejected", artifact_id=artifact_id, registry_version=version, by=by, note=reason)
-    return record_event(store, record.model_name, decision.model_dump(mode="json"))
+    return record_event(store, tracker, record.model_name, decision.model_dump(mode="json"))
 
 
 def is_approved(store: ArtifactStore | Path, model_name: str, artifact_id: str) -> bool:
@@ -146,11 +237,12 @@ def is_approved(store: ArtifactStore | Path, model_name: str, artifact_id: str) 
 
 
 def promote(store: ArtifactStore | Path, tracker: MlflowTracker, artifact_id: str, by: str, note: str = "") -> dict:
-    """Move `production` to an approved artifact (only approved ones)."""
+    """Move `production` to an approved artifact (only approved ones, on an intact trail)."""
     record = artifact_record(store, artifact_id)
     model_name = record.model_name
     if not by.strip():
         raise SignOffError("promotion needs a name (--by)")
+    require_intact_trail(store, tracker, model_name, f"promote {artifact_id}")
     if not is_approved(store, model_name, artifact_id):
         raise SignOffError(
             f"artifact {artifact_id} is not approved: only approved versions can be promoted to {PRODUCTION_ALIAS}"
@@ -160,6 +252,7 @@ def promote(store: ArtifactStore | Path, tracker: MlflowTracker, artifact_id: st
     tracker.set_alias(model_name, PRODUCTION_ALIAS, version)
     return record_event(
         store,
+        tracker,
         model_name,
         {
             "event": "promoted",
@@ -175,9 +268,12 @@ def promote(store: ArtifactStore | Path, tracker: MlflowTracker, artifact_id: st
 def rollback(
     store: ArtifactStore | Path, tracker: MlflowTracker, model_name: str, by: str, note: str, to_base: bool = False
 ) -> dict:
-    """Move `production` back to the previous approved version, or to the kept base model."""
+    """Move `production` back to the previous approved version, or to the kept base model.
+
+    The target is read from the trail, so a trail that fails its anchor check is refused first."""
     if not by.strip() or not note.strip():
         raise SignOffError("a rollback needs a name (--by) and a reason (--note)")
+    require_intact_trail(store, tracker, model_name, f"roll back {model_name}")
     current = tracker.alias_version(model_name, PRODUCTION_ALIAS)
     target = None
     if not to_base:
@@ -194,7 +290,7 @@ def rollback(
                 f"{model_name} has no earlier approved version and no registered base model to roll back to"
             )
     tracker.set_alias(model_name, PRODUCTION_ALIAS, target)
-    return record_event(store, model_name, {
+    return record_event(store, tracker, model_name, {
         "event": "rollback", "from_version": current, "registry_version": target,
         "artifact_id": version_artifact(tracker, model_name, target),
         "to_base": target == base_version(tracker, model_name), "by": by, "note": note,

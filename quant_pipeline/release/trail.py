@@ -5,9 +5,9 @@ reordered a decision after it was recorded. A plain JSONL file cannot show that,
 carries its position (`seq`), the hash of the entry before it (`prev_hash`) and its own `hash`
 (sha256 of its canonical JSON without `hash`). Editing an entry changes its hash; removing or
 reordering one breaks the link from the next entry. What a file alone cannot show is that its
-*last* entries were cut off (the shorter chain is still consistent), so the head hash should also
-be kept somewhere else (an MLflow tag, a ticket, a signed message) and passed to
-`verify_trail(path, expected_head=...)` as an anchor.
+*last* entries were cut off, or that the whole file was swapped for a shorter valid chain (both
+are still consistent), so the head hash and entry count are also kept somewhere else (the model's
+MLflow tags, see `release.signoff.record_event`) and passed to `verify_trail` as an anchor.
 
 Appends go through the store's locked append (`core.store.append_line_locked`): the lock spans
 reading the last entry and writing the new one, so concurrent appenders never fork the chain, and
@@ -20,12 +20,13 @@ import datetime as dt
 import fcntl
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from pydantic import ValidationError
 
 from quant_pipeline.core.records import TrailEntry
-from quant_pipeline.core.store import StoreError, append_line_locked, last_line, read_json_lines, read_lines_locked
+from quant_pipeline.core.store import StoreError, append_line_locked, last_line, read_json_lines
 
 GENESIS_HASH = "0" * 64
 RESERVED = ("seq", "prev_hash", "hash")
@@ -41,13 +42,18 @@ def entry_hash(entry: dict) -> str:
     return hashlib.sha256(_canonical(body).encode("utf-8")).hexdigest()
 
 
-def append_entry(path: Path, event: dict) -> dict:
+def append_entry(path: Path, event: dict, before_write: Callable[[dict | None, dict], None] | None = None) -> dict:
     """Append ``event`` as the next chained entry and return the entry exactly as stored.
 
     Adds `seq` (0-based), `at` (UTC ISO-8601 unless the event has one), `prev_hash` and `hash`.
     The event must not carry `seq`, `prev_hash` or `hash`: those are the chain's, not the caller's.
     Refuses to append to a trail whose last line is torn or not JSON (a crash mid-write or an
     edit): chaining onto a damaged head would hide the damage, so a person must look first.
+
+    ``before_write(previous, entry)`` runs under the append lock, after the entry is built and
+    before its line is written (`previous` is the entry before it, None for the first): the place
+    to check and move an anchor, so two appenders cannot publish their heads out of order. If it
+    raises, nothing is written.
     """
     clash = [k for k in RESERVED if k in event]
     if clash:
@@ -70,6 +76,8 @@ def append_entry(path: Path, event: dict) -> dict:
         # now is the hash an auditor recomputes from the line later.
         entry = json.loads(json.dumps(entry, default=str))
         entry["hash"] = entry_hash(entry)
+        if before_write is not None:
+            before_write(None if last is None else previous, entry)
         stored.append(entry)
         return _canonical(entry)
 
@@ -114,17 +122,32 @@ def head_hash(path: Path) -> str | None:
         return None
 
 
-def verify_trail(path: Path, expected_head: str | None = None) -> list[str]:
+def _read_locked(path: Path) -> bytes:
+    """The whole file under a shared flock (never a line an appender is half-way through)."""
+    with open(path, "rb") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_SH)
+        try:
+            return f.read()
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def verify_trail(path: Path, expected_head: str | None = None, expected_length: int | None = None) -> list[str]:
     """Everything wrong with the trail, in file order; an empty list means it is intact.
 
     Reports lines that are not JSON entries, entries whose content no longer matches their hash
     (edited), entries whose `prev_hash` does not match the entry before them (one was removed or
-    reordered), and gaps in `seq`. The file cannot show that entries were cut off its end; pass
-    the head hash recorded elsewhere as ``expected_head`` to catch that too.
+    reordered), gaps in `seq`, and a torn last line (no final newline: every append ends its line,
+    so only a crash mid-write or an edit leaves one, and appends are refused until it is repaired).
+    The file cannot show that entries were cut off its end or that it was swapped for a shorter
+    valid chain; pass the head hash and entry count recorded elsewhere as ``expected_head`` and
+    ``expected_length`` to catch that too.
     """
     path = Path(path)
     problems: list[str] = []
-    lines = read_lines_locked(path) if path.exists() else []
+    data = _read_locked(path) if path.exists() else b""
+    text = data.decode("utf-8", errors="replace")
+    lines = text.removesuffix("\n").split("\n") if text else []
     prev_hash: str | None = GENESIS_HASH  # None: the line before was unreadable, skip the link check
     expected_seq: int | None = 0
     head: str | None = None
@@ -153,10 +176,20 @@ def verify_trail(path: Path, expected_head: str | None = None) -> list[str]:
         prev_hash = stored if isinstance(stored, str) else None
         expected_seq = seq + 1 if isinstance(seq, int) else None
         head = stored if isinstance(stored, str) else None
+    if data and not data.endswith(b"\n"):
+        problems.append(
+            f"line {len(lines)}: torn — the file does not end in a newline (a crash mid-write, or an edit); "
+            "appends are refused until a person repairs it"
+        )
     if expected_head is not None and head != expected_head:
         problems.append(
             f"head hash differs from the anchor (anchor {expected_head[:16]}…, "
             f"trail {head[:16] + '…' if head else 'empty'}): "
             "entries were removed from the end, or the trail was replaced"
+        )
+    if expected_length is not None and len(lines) != expected_length:
+        problems.append(
+            f"the anchor records {expected_length} entries but the trail has {len(lines)}: "
+            "entries were removed or added outside the pipeline, or the trail was replaced"
         )
     return problems

@@ -27,7 +27,9 @@ class QuantizedLLM(mlflow.pyfunc.PythonModel):
     request with `request_id`, `output`, `artifact_id`, `served_by` (and the route and version).
     Environment: QP_STORE_DIR (where the request log goes; default the store the artifact lies in),
     QP_SERVE_REF (follow an alias such as `production` per request instead of this version),
-    QP_SERVE_LOG_PROMPTS=0 (log prompt hashes only), QP_SERVE_CRITICAL_RULES (JSON list of regexes)."""
+    QP_SERVE_LOG_PROMPTS=0 (log prompt hashes only), QP_SERVE_CRITICAL_RULES (JSON list of regexes).
+    Only an approved version (or the kept base) loads, exactly as `quant-pipeline serve` enforces it;
+    QP_SERVE_ALLOW_UNAPPROVED=1 is for testing and is written into every request it serves."""
 
     def load_context(self, context) -> None:
         ref = json.loads(Path(context.artifacts["artifact_ref"]).read_text())
@@ -57,6 +59,7 @@ class QuantizedLLM(mlflow.pyfunc.PythonModel):
             log_prompts=log_prompts,
             critical_rules=rules,
             known_refs=[ref],
+            allow_unapproved=os.environ.get("QP_SERVE_ALLOW_UNAPPROVED", "0").lower() in ("1", "true", "yes"),
         )  # fmt: skip  -- Server re-hashes every file against the reference before loading, or raises
 
     # Annotated as a DataFrame (what the scoring server passes) so MLflow infers no schema from the

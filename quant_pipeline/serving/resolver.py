@@ -22,6 +22,7 @@ from quant_pipeline.core.store import ArtifactStore, StoreError, check_name
 from quant_pipeline.core.tracking import MlflowTracker
 from quant_pipeline.models.checkpoint import load_model
 from quant_pipeline.release.reference import REF_FILE, ServingError, build_ref, verify_ref
+from quant_pipeline.release.signoff import decisions
 
 BASE_REF = "base"
 
@@ -167,6 +168,23 @@ class ModelResolver:
             **{k: v for k, v in record.items() if v is not None},
         }
         return build_ref(directory, record, self.store.root)
+
+
+def unapproved_reason(store: ArtifactStore, model_name: str, ref: dict) -> str | None:
+    """Why these bytes may not be served (None: they may): only the kept base, or an artifact whose
+    latest sign-off decision in the trail approved exactly this content hash, is served.
+
+    An alias is a pointer anyone with MLflow access can move; the trail is the record of sign-off,
+    so the alias target is checked against it every time it is resolved."""
+    if ref["kind"] == "base":
+        return None
+    decided = [e for e in decisions(store, model_name, ref["artifact_id"]) if e["event"] != "pending sign-off"]
+    if not decided or decided[-1]["event"] != "approved":
+        state = decided[-1]["event"] if decided else "never approved"
+        return f"{ref['artifact_id']} is not approved ({state} in the trail of {model_name})"
+    if decided[-1].get("content_hash") != ref["content_hash"]:
+        return f"{ref['artifact_id']}: the approved content hash differs from the bytes the registry names"
+    return None
 
 
 def load_verified(ref: dict):

@@ -25,7 +25,7 @@ from quant_pipeline.core.tracking import MlflowTracker
 from quant_pipeline.evaluation.generation import generate_greedy
 from quant_pipeline.release.reference import ServingError
 from quant_pipeline.serving.request_log import append_request, log_trace
-from quant_pipeline.serving.resolver import ModelResolver, Resolved, load_verified
+from quant_pipeline.serving.resolver import ModelResolver, Resolved, load_verified, unapproved_reason
 
 
 def greedy_generate(model, tokenizer, prompt: str, max_new_tokens: int, seed: int = 0) -> dict:
@@ -58,8 +58,10 @@ class Server:
         critical_rules: list[str] = (),
         *,
         known_refs: list[dict] = (),
+        allow_unapproved: bool = False,
     ):
         self.tracker, self.model_name, self.ref, self.log_prompts = tracker, model_name, ref, log_prompts
+        self.allow_unapproved = allow_unapproved  # for testing only: written into every request it serves
         self.store = ArtifactStore.of(store_dir if store_dir is not None else default_store_dir())
         try:
             self.rules = [re.compile(r) for r in critical_rules]
@@ -80,7 +82,18 @@ class Server:
     def current(self) -> Resolved:
         return self._current
 
+    def _admit(self, target: Resolved) -> None:
+        """Refuse bytes without a recorded sign-off, however the alias or ref came to name them."""
+        reason = unapproved_reason(self.store, self.model_name, target.ref)
+        if reason and not self.allow_unapproved:
+            via = f"alias `{self.alias}` -> v{target.version}" if self.alias else f"`{self.ref}`"
+            raise ServingError(
+                f"refusing to serve {via}: {reason}; serve an approved version, sign this one off "
+                "(`quant-pipeline approve`), or pass --allow-unapproved for testing"
+            )
+
     def _ensure_loaded(self, target: Resolved) -> _Loaded:
+        self._admit(target)
         aid = target.artifact_id
         with self._state:
             if aid in self._models:
@@ -228,6 +241,7 @@ class Server:
             "artifact_runtime_hash": ref.get("runtime_hash"),
             "runtime_hash": self.runtime_hash,
             "runtime": self.runtime,
+            "allow_unapproved": self.allow_unapproved,
         }
 
     def _write(self, record: dict, start_ns: int) -> None:

@@ -103,10 +103,10 @@ def test_named_approver_moves_the_approved_alias(tiny_settings, mlflow_tracker, 
 
 
 def test_failed_blocking_check_stops_approval(tiny_settings, mlflow_tracker, instance, tmp_path):
-    strict = tmp_path / "strict.yaml"  # negative tolerance: even a perfect copy fails every slice
+    strict = tmp_path / "strict.yaml"  # zero KL allowed: any drift of the GPTQ model from its base fails
     strict.write_text(
         "name: impossible\nmin_items: 1\ntolerances:\n"
-        "  acc: {direction: higher_is_better, mode: absolute, tolerance: -0.5}\n"
+        "  kl_divergence: {direction: lower_is_better, mode: absolute, tolerance: 0.0}\n"
     )
     settings = replace(tiny_settings, policy_file=str(strict))
     result = run_audit(settings, mlflow_tracker, instance, approver="Ada Lovelace")

@@ -1,5 +1,6 @@
 """Bad input stops the audit before heavy work with a one-line error, and leaves nothing behind."""
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,32 @@ def test_malformed_calibration_line_is_reported_with_its_number(tiny_settings, m
 def test_calibration_line_without_text_field_is_reported(tiny_settings, mlflow_tracker, instance, tmp_path):
     bad = write_jsonl(tmp_path / "notext.jsonl", [{"text": "ok"}, {"body": "wrong field"}])
     run_bad(replace(tiny_settings, calibration_file=str(bad)), mlflow_tracker, instance, f"{bad}:2: field `text`")
+
+
+def test_binary_calibration_file_is_refused_with_the_line_of_the_first_bad_byte(
+    tiny_settings, mlflow_tracker, instance, tmp_path
+):
+    binary = tmp_path / "calibration.jsonl"
+    binary.write_bytes(b'{"text": "fine"}\n{"text": "fine"}\n\x00\x01\x02\xff\xfe binary tail')
+    message = run_bad(replace(tiny_settings, calibration_file=str(binary)), mlflow_tracker, instance, f"{binary}:3")
+    assert "not UTF-8 text" in message and "NUL byte" in message
+
+
+def test_truncated_safetensors_weights_are_refused_before_loading(
+    tiny_settings, tiny_llama, mlflow_tracker, instance, tmp_path
+):
+    copy = Path(shutil.copytree(tiny_llama, tmp_path / "tiny_copy"))
+    weights = copy / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size // 3)
+    message = run_bad(replace(tiny_settings, model=str(copy)), mlflow_tracker, instance, str(weights))
+    assert "cannot be read" in message and "truncated" in message
+
+
+@pytest.mark.parametrize("field", ["eval_limit", "eval_max_new_tokens", "eval_batch_size"])
+def test_an_eval_size_of_zero_is_refused_by_its_name(tiny_settings, mlflow_tracker, instance, field):
+    message = run_bad(replace(tiny_settings, **{field: 0}), mlflow_tracker, instance, f"{field}=0")
+    assert "at least 1" in message
 
 
 def test_calibration_too_short_for_recipe(tiny_settings, mlflow_tracker, instance, tmp_path):

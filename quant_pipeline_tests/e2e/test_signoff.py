@@ -21,7 +21,7 @@ from quant_pipeline_tests.support import TINY_RECIPE, replace, run_audit
 LENIENT = "name: lenient\nmin_items: 1\ntolerances:\n  acc: {direction: higher_is_better, tolerance: 1.0}\n"
 IMPOSSIBLE = (
     "name: impossible\nmin_items: 1\nallow_override: {allow}\ntolerances:\n"
-    "  acc: {{direction: higher_is_better, tolerance: -0.5}}\n"
+    "  kl_divergence: {{direction: lower_is_better, mode: absolute, tolerance: 0.0}}\n"
 )
 
 

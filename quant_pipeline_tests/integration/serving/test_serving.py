@@ -24,34 +24,39 @@ from quant_pipeline.cli.serve import add_serving_commands as add_cli
 from quant_pipeline.core.artifacts import verify_artifact
 from quant_pipeline.core.runtime import fingerprint_hash
 from quant_pipeline.core.tracking import MlflowTracker
-from quant_pipeline.defs.inputs import base_checkpoint, calibration_set, runtime_environment
-from quant_pipeline.defs.quantize import quantized_artifact
 from quant_pipeline.defs.resources import AuditSettings
+from quant_pipeline.release import signoff
 from quant_pipeline.release.reference import base_artifact_id, log_registered_pyfunc
 from quant_pipeline.serving import Server, ServingError, find_request, find_trace, reproduce, requests_path
 from quant_pipeline.serving.request_log import append_request as append_jsonl
-from quant_pipeline_tests.support import TINY_RECIPE
+from quant_pipeline_tests.support import TINY_RECIPE, run_audit
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 BIN_DIR = Path(sys.executable).parent
 TOKENS = 8  # small budgets keep the suite fast
+LENIENT = (
+    "name: lenient-test\ntolerances:\n  acc: {direction: higher_is_better, mode: absolute, tolerance: 1.0}\n"
+    "  word_perplexity: {direction: lower_is_better, mode: relative, tolerance: 10.0}\n"
+)
 
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory, tiny_llama):
-    """The base checkpoint and a GPTQ artifact of the tiny Llama, built and registered by the real
-    assets (reference-only pyfuncs, one run per version); `production` points at the quantized version."""
+    """The base checkpoint and a GPTQ artifact of the tiny Llama, built, evaluated, registered and signed
+    off by the real audit (reference-only pyfuncs, one run per version), then promoted to `production`."""
     root = tmp_path_factory.mktemp("serving")
     store = root / "store"
     tracker = MlflowTracker(tracking_uri=f"sqlite:///{root}/mlflow.db", artifact_root=(root / "mlartifacts").as_uri())
-    settings = AuditSettings(model=str(tiny_llama), store_dir=str(store), recipe=TINY_RECIPE)
+    policy = root / "lenient.yaml"
+    policy.write_text(LENIENT)
+    settings = AuditSettings(
+        model=str(tiny_llama), store_dir=str(store), recipe=TINY_RECIPE, eval_limit=4, eval_max_new_tokens=16,
+        policy_file=str(policy),
+    )  # fmt: skip
     (root / "dagster").mkdir()
     with dg.instance_for_test(temp_dir=str(root / "dagster")) as instance:
-        result = dg.materialize(
-            [base_checkpoint, calibration_set, runtime_environment, quantized_artifact],
-            resources={"settings": settings, "mlflow": tracker},
-            instance=instance,
-        )
+        result = run_audit(settings, tracker, instance, approver="Ada Lovelace", note="serving tests")
+    assert result.success
     base, artifact = result.output_for_node("base_checkpoint"), result.output_for_node("quantized_artifact")
     model_name, aid = artifact["model_name"], artifact["artifact_id"]
     record = verify_artifact(settings.store, aid).dump()
@@ -60,7 +65,7 @@ def deployment(tmp_path_factory, tiny_llama):
         with pytest.raises(ServingError, match="already holds a model"):
             log_registered_pyfunc(run.client, run.run_id, settings.store.artifact_dir(aid), record)
     quant_version = str(artifact["registry_version"])
-    tracker.set_alias(model_name, "production", quant_version)
+    signoff.promote(settings.store, tracker, aid, by="Ada Lovelace", note="serving tests")
     return SimpleNamespace(
         tracker=tracker, store=store, model_name=model_name, aid=aid, artifact_dir=settings.store.artifact_dir(aid),
         record=record, base_aid=base_artifact_id(base["hash"]), base_hash=base["hash"], quant_version=quant_version,

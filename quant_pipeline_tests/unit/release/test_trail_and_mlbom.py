@@ -111,6 +111,41 @@ def test_truncated_last_entry_is_caught_only_with_the_anchor(tmp_path):
     assert len(problems) == 1 and problems[0].startswith("head hash differs from the anchor")
 
 
+def test_missing_final_newline_is_reported_as_torn(tmp_path):
+    path = _trail(tmp_path, 3)
+    anchor = head_hash(path)
+    path.write_bytes(path.read_bytes().rstrip(b"\n"))
+    problems = verify_trail(path, expected_head=anchor, expected_length=3)
+    assert len(problems) == 1 and problems[0].startswith("line 3: torn — the file does not end in a newline")
+
+
+def test_anchored_length_catches_a_count_mismatch(tmp_path):
+    path = _trail(tmp_path, 3)
+    assert verify_trail(path, expected_length=3) == []
+    problems = verify_trail(path, expected_length=4)
+    assert problems == [
+        "the anchor records 4 entries but the trail has 3: "
+        "entries were removed or added outside the pipeline, or the trail was replaced"
+    ]
+
+
+def test_before_write_hook_sees_the_chain_and_can_veto_the_append(tmp_path):
+    path = _trail(tmp_path, 2)
+    seen = []
+    entry = append_entry(path, {"decision": "approved"}, before_write=lambda prev, new: seen.append((prev, new)))
+    assert seen == [(read_entries(path)[1], entry)]
+
+    def veto(prev, new):
+        raise ValueError("anchor moved")
+
+    with pytest.raises(ValueError, match="anchor moved"):
+        append_entry(path, {"decision": "approved"}, before_write=veto)
+    assert len(read_entries(path)) == 3 and verify_trail(path) == []
+    first = []
+    append_entry(tmp_path / "new.jsonl", {"decision": "x"}, before_write=lambda prev, new: first.append(prev))
+    assert first == [None]
+
+
 def test_append_refuses_a_torn_last_line(tmp_path):
     path = _trail(tmp_path, 2)
     with open(path, "a") as f:
