@@ -5,6 +5,7 @@ runs through gptqmodel, lm-eval scores the shipped tasks, MLflow writes to SQLit
 """
 
 import os
+import shutil
 from pathlib import Path
 
 import dagster as dg
@@ -15,10 +16,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("QP_REAUDIT_SCHEDULE", "off")  # the weekly schedule stays off in tests
 
-from quant_pipeline.core.paths import default_gguf_path  # noqa: E402
+from quant_pipeline.core.paths import DEFAULT_CALIBRATION, default_gguf_path  # noqa: E402
 from quant_pipeline.core.tracking import MlflowTracker  # noqa: E402
 from quant_pipeline.defs.resources import AuditSettings  # noqa: E402
-from quant_pipeline_tests.support import TINY_RECIPE  # noqa: E402
+from quant_pipeline_tests.support import LENIENT, TINY_RECIPE, audit_world, run_audit  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -90,3 +91,28 @@ def instance(tmp_path):
     (tmp_path / "dagster_home").mkdir()
     with dg.instance_for_test(temp_dir=str(tmp_path / "dagster_home")) as inst:
         yield inst
+
+
+@pytest.fixture(scope="module")
+def audited_once(tmp_path_factory, tiny_llama):
+    """One pending audit of the tiny model under a lenient policy, run once for the whole module."""
+    root = tmp_path_factory.mktemp("audited")
+    (root / "policy.yaml").write_text(LENIENT)
+    shutil.copy(DEFAULT_CALIBRATION, root / "calibration.jsonl")
+    settings, tracker = audit_world(root, tiny_llama)
+    (root / "dagster").mkdir()
+    with dg.instance_for_test(temp_dir=str(root / "dagster")) as instance:
+        result = run_audit(settings, tracker, instance)
+    assert result.success
+    return root, result.output_for_node("quantized_artifact")
+
+
+@pytest.fixture
+def audited(audited_once, tmp_path, tiny_llama):
+    """A private copy of the shared audit (store, MLflow database, Dagster storage), for a test to change."""
+    root, artifact = audited_once
+    copy = Path(shutil.copytree(root, tmp_path / "audited", symlinks=True))
+    settings, tracker = audit_world(copy, tiny_llama)
+    artifact = {**artifact, "path": str(settings.store.artifact_dir(artifact["artifact_id"]))}
+    with dg.instance_for_test(temp_dir=str(copy / "dagster")) as instance:
+        yield settings, artifact, tracker, instance

@@ -11,6 +11,7 @@ from quant_pipeline.definitions import AUDIT_ASSETS, AUDIT_CHECKS
 from quant_pipeline.defs.resources import AuditSettings
 
 TINY_RECIPE = Recipe(bits=4, group_size=64, calibration_samples=8, seq_len=64)
+LENIENT = "name: lenient\nmin_items: 1\ntolerances:\n  acc: {direction: higher_is_better, tolerance: 1.0}\n"
 
 
 def run_audit(
@@ -44,3 +45,13 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 def replace(settings: AuditSettings, **changes) -> AuditSettings:
     """A new settings resource with some fields changed (a resource's `model_copy` keeps its old config)."""
     return AuditSettings(**{**{name: getattr(settings, name) for name in AuditSettings.model_fields}, **changes})
+
+
+def audit_world(root: Path, tiny_llama: Path):
+    """Settings and tracker of an audit whose every file (store, MLflow, Dagster, inputs) lies under root."""
+    settings = AuditSettings(
+        model=str(tiny_llama), store_dir=str(root / "store"), recipe=TINY_RECIPE, eval_limit=4, eval_max_new_tokens=16,
+        policy_file=str(root / "policy.yaml"), calibration_file=str(root / "calibration.jsonl"),
+    )  # fmt: skip
+    tracker = MlflowTracker(tracking_uri=f"sqlite:///{root}/mlflow.db", artifact_root=(root / "mlartifacts").as_uri())
+    return settings, tracker

@@ -14,6 +14,7 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 
+from quant_pipeline.core.hashing import sha256_file
 from quant_pipeline.core.records import DeltaReportRecord
 from quant_pipeline.core.store import atomic_file, write_json_atomic, write_text_atomic
 from quant_pipeline.core.tracking import APPROVED_ALIAS, MlflowTracker
@@ -76,6 +77,7 @@ def delta_report(
     write_json_atomic(out_dir / "delta_report.json", record)
     record_event(settings.store, mlflow, record["model_name"], {
         "event": "evaluated", "artifact_id": aid, "registry_version": record["registry_version"], "passed": passed,
+        "report_sha256": sha256_file(out_dir / "delta_report.json"),  # what approve trusts, not the file itself
         "failing": record["failing"], "policy_name": policy.name, "policy_hash": policy_hash,
         "dagster_run_id": context.run.run_id,
         "deltas": deltas[deltas["status"] != UNGATED][
@@ -181,7 +183,7 @@ def approval(
         decision = APPROVED
     else:
         entry = signoff.record_pending(settings.store, mlflow, aid, context.run.run_id)
-        decision = PENDING
+        decision = APPROVED if entry["event"] == "approved" else PENDING  # an approval that stands
     model_name, version = quantized_artifact["model_name"], quantized_artifact["registry_version"]
     entry = {**entry, "decision": decision, "approver": entry.get("by")}
     with mlflow.stage_run(

@@ -14,11 +14,12 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from quant_pipeline.core.artifacts import read_artifact_record, verify_artifact
+from quant_pipeline.core.artifacts import read_artifact_record
 from quant_pipeline.core.errors import AuditInputError
-from quant_pipeline.core.records import ArtifactRecord, Decision, DeltaReportRecord
+from quant_pipeline.core.records import ArtifactRecord, Decision
 from quant_pipeline.core.store import ArtifactStore
 from quant_pipeline.core.tracking import APPROVED_ALIAS, MlflowTracker
+from quant_pipeline.release.evidence import judged_report, recorded_model, verified_bytes
 from quant_pipeline.release.trail import append_entry, read_entries, verify_trail
 
 PRODUCTION_ALIAS = "production"
@@ -40,15 +41,6 @@ def trail_path(store: ArtifactStore | Path, model_name: str) -> Path:
 
 def artifact_record(store: ArtifactStore | Path, artifact_id: str) -> ArtifactRecord:
     return read_artifact_record(ArtifactStore.of(store), artifact_id)
-
-
-def delta_record(store: ArtifactStore | Path, artifact_id: str) -> DeltaReportRecord:
-    path = ArtifactStore.of(store).report_dir(artifact_id) / "delta_report.json"
-    if not path.exists():
-        raise SignOffError(
-            f"artifact {artifact_id} has no delta report: run the audit (delta_report) before signing off"
-        )
-    return DeltaReportRecord.read(path)
 
 
 def record_event(store: ArtifactStore | Path, tracker: MlflowTracker, model_name: str, event: dict) -> dict:
@@ -159,7 +151,10 @@ def approve(
         raise SignOffError("approval needs a named approver (--by NAME): a machine never approves on a human's behalf")
     if not note.strip():
         raise SignOffError("approval needs a rationale (--note TEXT)")
-    report = delta_record(store, artifact_id)
+    store = ArtifactStore.of(store)
+    model_name = recorded_model(store, artifact_id)
+    require_intact_trail(store, tracker, model_name, f"approve {artifact_id}")
+    report = judged_report(store, model_name, artifact_id)
     if not report.passed:
         if not override:
             failing = ", ".join(f"{f.metric}/{f.category}" for f in report.failing) or "checks"
@@ -174,9 +169,7 @@ def approve(
             )
     elif override:
         override = False  # nothing to override
-    record = verify_artifact(ArtifactStore.of(store), artifact_id)
-    model_name = record.model_name
-    require_intact_trail(store, tracker, model_name, f"approve {artifact_id}")
+    record = verified_bytes(store, tracker, artifact_id)
     version = tracker.find_version(model_name, artifact_id)
     decision = Decision(
         event="approved", artifact_id=artifact_id, registry_version=version, content_hash=record.content_hash,
@@ -204,6 +197,9 @@ def record_pending(
     store: ArtifactStore | Path, tracker: MlflowTracker, artifact_id: str, dagster_run_id: str | None = None
 ) -> dict:
     record = artifact_record(store, artifact_id)
+    if is_approved(store, record.model_name, artifact_id):
+        # a re-run that passed again (e.g. a policy-only re-judge) leaves a standing approval standing
+        return [e for e in decisions(store, record.model_name, artifact_id) if e["event"] == "approved"][-1]
     version = tracker.find_version(record.model_name, artifact_id)
     tracker.set_version_tags(record.model_name, version, {"approval": "pending sign-off"})
     decision = Decision(
@@ -243,6 +239,7 @@ def promote(store: ArtifactStore | Path, tracker: MlflowTracker, artifact_id: st
     if not by.strip():
         raise SignOffError("promotion needs a name (--by)")
     require_intact_trail(store, tracker, model_name, f"promote {artifact_id}")
+    verified_bytes(ArtifactStore.of(store), tracker, artifact_id)  # the bytes the registry and the trail name
     if not is_approved(store, model_name, artifact_id):
         raise SignOffError(
             f"artifact {artifact_id} is not approved: only approved versions can be promoted to {PRODUCTION_ALIAS}"

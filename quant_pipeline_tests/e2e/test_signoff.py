@@ -1,63 +1,23 @@
 """Sign-off, promotion, rollback and the living audit trail, over a scripted release history."""
 
 import json
-import shutil
 from pathlib import Path
 
-import dagster as dg
 import pytest
 
 from quant_pipeline.core.errors import AuditInputError
-from quant_pipeline.core.paths import DEFAULT_CALIBRATION
-from quant_pipeline.core.tracking import APPROVED_ALIAS, MlflowTracker
+from quant_pipeline.core.tracking import APPROVED_ALIAS
 from quant_pipeline.defs.automation import CALIBRATION_STAGES
-from quant_pipeline.defs.resources import AuditSettings
 from quant_pipeline.release import registry, signoff
 from quant_pipeline.release.mlbom import validate_mlbom
 from quant_pipeline.release.report import write_report
 from quant_pipeline.release.trail import verify_trail
-from quant_pipeline_tests.support import TINY_RECIPE, replace, run_audit
+from quant_pipeline_tests.support import replace, run_audit
 
-LENIENT = "name: lenient\nmin_items: 1\ntolerances:\n  acc: {direction: higher_is_better, tolerance: 1.0}\n"
 IMPOSSIBLE = (
     "name: impossible\nmin_items: 1\nallow_override: {allow}\ntolerances:\n"
     "  kl_divergence: {{direction: lower_is_better, mode: absolute, tolerance: 0.0}}\n"
 )
-
-
-def audit_world(root: Path, tiny_llama: Path):
-    """Settings and tracker of an audit whose every file (store, MLflow, Dagster, inputs) lies under root."""
-    settings = AuditSettings(
-        model=str(tiny_llama), store_dir=str(root / "store"), recipe=TINY_RECIPE, eval_limit=4, eval_max_new_tokens=16,
-        policy_file=str(root / "policy.yaml"), calibration_file=str(root / "calibration.jsonl"),
-    )  # fmt: skip
-    tracker = MlflowTracker(tracking_uri=f"sqlite:///{root}/mlflow.db", artifact_root=(root / "mlartifacts").as_uri())
-    return settings, tracker
-
-
-@pytest.fixture(scope="module")
-def audited_once(tmp_path_factory, tiny_llama):
-    """One pending audit of the tiny model under a lenient policy, run once for the whole module."""
-    root = tmp_path_factory.mktemp("audited")
-    (root / "policy.yaml").write_text(LENIENT)
-    shutil.copy(DEFAULT_CALIBRATION, root / "calibration.jsonl")
-    settings, tracker = audit_world(root, tiny_llama)
-    (root / "dagster").mkdir()
-    with dg.instance_for_test(temp_dir=str(root / "dagster")) as instance:
-        result = run_audit(settings, tracker, instance)
-    assert result.success
-    return root, result.output_for_node("quantized_artifact")
-
-
-@pytest.fixture
-def audited(audited_once, tmp_path, tiny_llama):
-    """A private copy of the shared audit (store, MLflow database, Dagster storage), for a test to change."""
-    root, artifact = audited_once
-    copy = Path(shutil.copytree(root, tmp_path / "audited", symlinks=True))
-    settings, tracker = audit_world(copy, tiny_llama)
-    artifact = {**artifact, "path": str(settings.store.artifact_dir(artifact["artifact_id"]))}
-    with dg.instance_for_test(temp_dir=str(copy / "dagster")) as instance:
-        yield settings, artifact, tracker, instance
 
 
 def failed_audit(tiny_settings, tracker, instance, tmp_path, allow_override: bool):
