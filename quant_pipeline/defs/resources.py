@@ -16,6 +16,7 @@ from quant_pipeline.core.recipe import Recipe
 from quant_pipeline.core.store import ArtifactStore
 from quant_pipeline.core.tracking import MlflowTracker
 from quant_pipeline.defs.preflight import preflight
+from quant_pipeline.defs.recovery import fail_orphaned_runs, process_tags
 
 STR_ENV = {"model": "QP_MODEL", "calibration_file": "QP_CALIBRATION_FILE", "policy_file": "QP_POLICY_FILE",
            "store_dir": "QP_STORE_DIR"}  # fmt: skip
@@ -54,6 +55,9 @@ class AuditSettings(dg.ConfigurableResource):
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         if context.run is None:  # a sensor tick or a schedule evaluation, not a run
             return
+        context.instance.add_run_tags(context.run.run_id, process_tags())
+        for run_id in fail_orphaned_runs(context.instance, context.run.run_id):
+            context.log.warning(f"marked run {run_id} failed: its process died before it finished")
         preflight(self)
         for path in self.store.sweep_stale():  # temp files of a run that was killed mid-write
             context.log.warning(f"removed {path}, left by a process that no longer runs")
