@@ -177,6 +177,8 @@ def audit_outcome(result) -> AuditOutcome:
     found = f"{slices - report.get('slices_failed', 0)}/{slices} slices within tolerance"
     found += "".join(f", check {n} failed" for n in sorted(failed_checks.values()) if n != "slices_within_tolerance")
     verdict = f"verdict: {'PASS' if passed else 'FAIL'} — {found}; report: {report.get('html_report')}"
+    if report.get("approval_revoked") not in (None, "", "no"):
+        verdict += f"\napproval REVOKED: {report['approval_revoked']}"
     return AuditOutcome(EXIT_PASSED if passed else EXIT_GATE_FAILED, verdict)
 
 

@@ -204,7 +204,7 @@ class Decision(BaseModel):
     """A sign-off decision as it is appended to the trail."""
 
     model_config = ConfigDict(extra="forbid")
-    event: Literal["approved", "rejected", "pending sign-off"]
+    event: Literal["approved", "rejected", "pending sign-off", "revoked"]
     artifact_id: str
     registry_version: Version
     by: str | None

@@ -23,6 +23,7 @@ from quant_pipeline.evaluation.delta import NOT_MEASURABLE, REGRESSION, UNGATED,
 from quant_pipeline.evaluation.delta_html import render_html, render_markdown
 from quant_pipeline.evaluation.policy import load_policy
 from quant_pipeline.release import signoff
+from quant_pipeline.release.revocation import revoke
 from quant_pipeline.release.signoff import record_event
 
 
@@ -103,8 +104,14 @@ def delta_report(
         quantized_artifact["registry_version"],
         {"delta_passed": passed, "policy_hash": policy_hash},
     )
+    revoked = None
+    if not passed:  # an approval stands only while the artifact keeps passing its audits
+        failing = ", ".join(f"{f['metric']}/{f['category']}" for f in record["failing"]) or "a gated metric"
+        reason = f"re-audit did not pass under policy {policy.name} ({policy_hash[:12]}): {failing}"
+        revoked = revoke(settings.store, mlflow, aid, reason, context.run.run_id)
+    revocation = f"{revoked['note']}; aliases {revoked['aliases_moved'] or 'unchanged'}" if revoked else ""
     return dg.MaterializeResult(
-        value=record,
+        value={**record, "approval_revoked": revocation},
         metadata={
             "report": dg.MetadataValue.md(markdown),
             "html_report": dg.MetadataValue.path(record["html_path"]),
@@ -113,6 +120,7 @@ def delta_report(
             "slices_failed": len(record["failing"]),
             "slices_not_measurable": len(record["not_measurable"]),
             "policy_hash": policy_hash,
+            "approval_revoked": revocation or "no",
             **run.metadata(),
         },
     )
@@ -130,6 +138,7 @@ def slices_within_tolerance(delta_report: dict) -> dg.AssetCheckResult:
         metadata={
             "failing_slices": ", ".join(f"{f['metric']}/{f['category']}" for f in failing) or "none",
             "not_measurable": len(delta_report.get("not_measurable", [])),
+            "approval_revoked": delta_report.get("approval_revoked") or "no",
         },
     )
 

@@ -127,12 +127,16 @@ def require_intact_trail(store: ArtifactStore | Path, tracker: MlflowTracker, mo
         )
 
 
+DECISIONS = ("approved", "rejected", "pending sign-off", "revoked")
+
+
+def decisions_of_model(store: ArtifactStore | Path, model_name: str) -> list[dict]:
+    """Every sign-off decision in the model's trail, oldest first."""
+    return [e for e in read_entries(trail_path(store, model_name)) if e.get("event") in DECISIONS]
+
+
 def decisions(store: ArtifactStore | Path, model_name: str, artifact_id: str) -> list[dict]:
-    return [
-        e
-        for e in read_entries(trail_path(store, model_name))
-        if e.get("artifact_id") == artifact_id and e["event"] in ("approved", "rejected", "pending sign-off")
-    ]
+    return [e for e in decisions_of_model(store, model_name) if e.get("artifact_id") == artifact_id]
 
 
 def approve(

@@ -69,3 +69,23 @@ def test_a_policy_only_rerun_keeps_a_standing_approval(audited):
     assert rerun.success and rerun.output_for_node("approval")["decision"] == "approved"
     version = tracker.model_version(artifact["model_name"], aid)
     assert version.tags["approval"] == "approved" and tracker.alias_version(artifact["model_name"], APPROVED_ALIAS)
+
+
+def test_a_failing_re_audit_revokes_the_approval_and_moves_production_back(audited):
+    settings, artifact, tracker, instance = audited
+    aid, name = artifact["artifact_id"], artifact["model_name"]
+    signoff.approve(settings.store, tracker, aid, by="Ada", note="reviewed")
+    signoff.promote(settings.store, tracker, aid, by="Ada", note="go live")
+    Path(settings.policy_file).write_text(FAILS)  # a stricter bar at the next periodic re-audit
+    rerun = run_audit(settings, tracker, instance, selection=["delta_report", "approval"])
+    assert not rerun.success
+    checks = {c.check_name: c for c in rerun.get_asset_check_evaluations()}
+    revoked = checks["slices_within_tolerance"].metadata["approval_revoked"].value
+    assert not checks["slices_within_tolerance"].passed and "kl_divergence" in revoked and "production" in revoked
+    assert not signoff.is_approved(settings.store, name, aid)
+    assert tracker.alias_version(name, APPROVED_ALIAS) is None
+    production = tracker.client().get_model_version(name, tracker.alias_version(name, signoff.PRODUCTION_ALIAS))
+    assert production.tags["kind"] == "base"  # no other approved version: the kept base serves
+    assert tracker.model_version(name, aid).tags["approval"] == "revoked"
+    with pytest.raises(Exception, match="not approved"):
+        signoff.promote(settings.store, tracker, aid, by="Ada")
