@@ -212,7 +212,8 @@ def read_json_lines(path: Path, skip_torn: bool = False) -> list[tuple[int, obje
     return out
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this id runs on this machine (a permission error means it does)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -301,7 +302,7 @@ class ArtifactStore:
         for tmp in self.root.rglob(f"{TMP_PREFIX}*"):
             parts = tmp.name.rsplit("-", 2)
             pid = int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
-            if pid is not None and _pid_alive(pid):
+            if pid is not None and pid_alive(pid):
                 continue
             shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
             removed.append(tmp)

@@ -13,6 +13,8 @@ import socket
 
 import dagster as dg
 
+from quant_pipeline.core.store import pid_alive
+
 PID_TAG = "quant_pipeline/pid"
 HOST_TAG = "quant_pipeline/host"
 UNFINISHED = [dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING]
@@ -22,16 +24,6 @@ def process_tags() -> dict[str, str]:
     return {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def fail_orphaned_runs(instance: dg.DagsterInstance, current_run_id: str | None = None) -> list[str]:
     """Mark failed every unfinished run of this host whose process no longer exists; return their IDs."""
     host, failed = socket.gethostname(), []
@@ -39,7 +31,7 @@ def fail_orphaned_runs(instance: dg.DagsterInstance, current_run_id: str | None 
         pid = run.tags.get(PID_TAG)
         if run.run_id == current_run_id or run.tags.get(HOST_TAG) != host or not (pid or "").isdigit():
             continue
-        if int(pid) == os.getpid() or _alive(int(pid)):
+        if int(pid) == os.getpid() or pid_alive(int(pid)):
             continue
         instance.report_run_failed(run, f"the process running it (pid {pid}) died before the run finished")
         failed.append(run.run_id)
