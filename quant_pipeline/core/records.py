@@ -191,6 +191,7 @@ class TrailEntry(BaseModel):
     at: str
     artifact_id: str | None = None
     registry_version: Version = None
+    schema_version: Literal[1] = 1  # entries written before the field existed read as version 1
 
     def get(self, key: str, default: object = None) -> object:
         return (
@@ -212,6 +213,7 @@ class Decision(BaseModel):
     # an approval's evidence: the bytes and the policy it was judged on; an override names two people
     content_hash: Sha256 | None = None
     policy_hash: Sha256 | None = None
+    report_sha256: Sha256 | None = None  # the exact delta report an approval rests on
     override: bool = False
     second_approver: str | None = None
     dagster_run_id: str | None = None
@@ -235,6 +237,7 @@ class RequestLogEntry(BaseModel):
     output: str | None = None
     output_ids: list[int] | None = None
     latency_s: float | None = None
+    schema_version: Literal[1] = 1  # entries written before the field existed read as version 1
 
     @classmethod
     def parse_line(cls, data: object, source: str) -> RequestLogEntry:

@@ -16,10 +16,11 @@ from pathlib import Path
 
 from quant_pipeline.core.artifacts import read_artifact_record
 from quant_pipeline.core.errors import AuditInputError
+from quant_pipeline.core.hashing import sha256_file
 from quant_pipeline.core.records import ArtifactRecord, Decision
 from quant_pipeline.core.store import ArtifactStore
 from quant_pipeline.core.tracking import APPROVED_ALIAS, MlflowTracker
-from quant_pipeline.release.evidence import judged_report, recorded_model, verified_bytes
+from quant_pipeline.release.evidence import judged_report, recorded_model, report_path, verified_bytes
 from quant_pipeline.release.trail import append_entry, read_entries, verify_trail
 
 PRODUCTION_ALIAS = "production"
@@ -178,7 +179,8 @@ def approve(
     decision = Decision(
         event="approved", artifact_id=artifact_id, registry_version=version, content_hash=record.content_hash,
         by=by.strip(), second_approver=second_approver.strip() or None, override=override, note=note,
-        policy_hash=report.policy_hash, dagster_run_id=dagster_run_id,
+        policy_hash=report.policy_hash, report_sha256=sha256_file(report_path(store, artifact_id)),
+        dagster_run_id=dagster_run_id,
     )  # fmt: skip
     entry = record_event(store, tracker, model_name, decision.model_dump(mode="json"))
     label = "approved (override)" if override else "approved"

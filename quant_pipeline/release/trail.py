@@ -25,7 +25,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from quant_pipeline.core.records import TrailEntry
+from quant_pipeline.core.records import SCHEMA_VERSION, TrailEntry
 from quant_pipeline.core.store import StoreError, append_line_locked, last_line, read_json_lines
 
 GENESIS_HASH = "0" * 64
@@ -72,6 +72,7 @@ def append_entry(path: Path, event: dict, before_write: Callable[[dict | None, d
                 ) from None
         entry = {**event, "seq": seq, "prev_hash": prev}
         entry.setdefault("at", dt.datetime.now(dt.UTC).isoformat())
+        entry.setdefault("schema_version", SCHEMA_VERSION)
         # Store what JSON can represent (Path -> str, tuples -> lists) so that the hash computed
         # now is the hash an auditor recomputes from the line later.
         entry = json.loads(json.dumps(entry, default=str))

@@ -19,6 +19,7 @@ import torch
 
 from quant_pipeline.core.hashing import sha256_text
 from quant_pipeline.core.paths import default_store_dir
+from quant_pipeline.core.records import SCHEMA_VERSION
 from quant_pipeline.core.runtime import fingerprint_hash, runtime_fingerprint
 from quant_pipeline.core.store import ArtifactStore
 from quant_pipeline.core.tracking import MlflowTracker
@@ -179,6 +180,7 @@ class Server:
             "model_name": self.model_name,
             "ref": self.ref,
             "status": "ok",
+            "schema_version": SCHEMA_VERSION,
         }
         if not isinstance(prompt, str) or not prompt.strip():
             raise ServingError("a request needs a non-empty prompt")
