@@ -8,7 +8,6 @@ path and the field at fault instead of surfacing later as a KeyError. Each carri
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Self
 
@@ -28,6 +27,12 @@ class RecordError(AuditInputError):
     """A record on disk that cannot be read as what it claims to be."""
 
 
+def first_error(error: ValidationError) -> tuple[str, str]:
+    """(dotted field, message) of a validation error's first problem: what a one-line refusal names."""
+    first = error.errors()[0]
+    return ".".join(str(p) for p in first["loc"]) or "(top level)", first["msg"]
+
+
 class Record(BaseModel):
     model_config = ConfigDict(extra="forbid")
     schema_version: int = SCHEMA_VERSION
@@ -45,10 +50,9 @@ class Record(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as e:
-            first = e.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+            where, msg = first_error(e)
             raise RecordError(
-                f"{source}: field `{where}`: {first['msg']}; restore the file from the run that wrote it"
+                f"{source}: field `{where}`: {msg}; restore the file from the run that wrote it"
             ) from None
 
     @classmethod
@@ -193,13 +197,6 @@ class TrailEntry(BaseModel):
     registry_version: Version = None
     schema_version: Literal[1] = 1  # entries written before the field existed read as version 1
 
-    def get(self, key: str, default: object = None) -> object:
-        return (
-            getattr(self, key, default)
-            if key in type(self).model_fields or key in (self.model_extra or {})
-            else default
-        )
-
 
 class Decision(BaseModel):
     """A sign-off decision as it is appended to the trail."""
@@ -244,11 +241,5 @@ class RequestLogEntry(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as e:
-            first = e.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "(top level)"
-            raise RecordError(f"{source}: field `{where}`: {first['msg']}: the request log was altered") from None
-
-
-def finite_or_none(value: object) -> float | None:
-    """JSON has no NaN: a missing measurement is written as null."""
-    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+            where, msg = first_error(e)
+            raise RecordError(f"{source}: field `{where}`: {msg}: the request log was altered") from None

@@ -234,7 +234,6 @@ class StoreBackend(Protocol):
     def report_dir(self, name: str) -> Path: ...
     def trail_path(self, model_name: str) -> Path: ...
     def requests_path(self, model_name: str) -> Path: ...
-    def verify_tree(self, directory: Path, files: dict[str, str]) -> list[str]: ...
     def sweep_stale(self) -> list[Path]: ...
 
 
@@ -289,9 +288,6 @@ class ArtifactStore:
 
     def contains(self, path: Path) -> bool:
         return self.root in Path(path).resolve().parents
-
-    def verify_tree(self, directory: Path, files: dict[str, str]) -> list[str]:
-        return verify_tree(directory, files)
 
     # -- crash recovery --------------------------------------------------------------------------
     def sweep_stale(self) -> list[Path]:

@@ -9,7 +9,7 @@ trail's audit entry hold.
 
 from __future__ import annotations
 
-from quant_pipeline.core.artifacts import read_artifact_record, verify_artifact
+from quant_pipeline.core.artifacts import verify_artifact
 from quant_pipeline.core.errors import AuditInputError
 from quant_pipeline.core.hashing import sha256_file
 from quant_pipeline.core.records import ArtifactRecord, DeltaReportRecord
@@ -73,7 +73,3 @@ def verified_bytes(store: ArtifactStore, tracker: MlflowTracker, artifact_id: st
                 f"{(digest or 'nothing')[:12]}: its files and record were rewritten; rebuild it with the audit"
             )
     return record
-
-
-def recorded_model(store: ArtifactStore, artifact_id: str) -> str:
-    return read_artifact_record(store, artifact_id).model_name

@@ -20,7 +20,7 @@ from quant_pipeline.core.hashing import sha256_file
 from quant_pipeline.core.records import ArtifactRecord, Decision
 from quant_pipeline.core.store import ArtifactStore
 from quant_pipeline.core.tracking import APPROVED_ALIAS, MlflowTracker
-from quant_pipeline.release.evidence import judged_report, recorded_model, report_path, verified_bytes
+from quant_pipeline.release.evidence import judged_report, report_path, verified_bytes
 from quant_pipeline.release.trail import append_entry, read_entries, verify_trail
 
 PRODUCTION_ALIAS = "production"
@@ -157,7 +157,7 @@ def approve(
     if not note.strip():
         raise SignOffError("approval needs a rationale (--note TEXT)")
     store = ArtifactStore.of(store)
-    model_name = recorded_model(store, artifact_id)
+    model_name = artifact_record(store, artifact_id).model_name
     require_intact_trail(store, tracker, model_name, f"approve {artifact_id}")
     report = judged_report(store, model_name, artifact_id)
     if not report.passed:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from quant_pipeline.core.records import SCHEMA_VERSION, TrailEntry
+from quant_pipeline.core.records import SCHEMA_VERSION, TrailEntry, first_error
 from quant_pipeline.core.store import StoreError, append_line_locked, last_line, read_json_lines
 
 GENESIS_HASH = "0" * 64
@@ -98,7 +98,7 @@ def read_entries(path: Path) -> list[dict]:
         try:
             TrailEntry.model_validate(obj)  # validated; the entry is kept exactly as stored (its hash covers it)
         except ValidationError as e:
-            field = ".".join(str(p) for p in e.errors()[0]["loc"]) or "(top level)"
+            field, _ = first_error(e)
             raise StoreError(f"{path} line {number}: not a trail entry (field `{field}`); run verify-trail") from None
         entries.append(obj)
     return entries
