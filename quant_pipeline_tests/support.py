@@ -1,11 +1,14 @@
 """Helpers shared by the tests (fixtures live in conftest.py)."""
 
+import contextlib
 import json
 from pathlib import Path
 
 import dagster as dg
+import pytest
 
 from quant_pipeline.core.recipe import Recipe
+from quant_pipeline.core.store import ArtifactStore
 from quant_pipeline.core.tracking import MlflowTracker
 from quant_pipeline.definitions import AUDIT_ASSETS, AUDIT_CHECKS
 from quant_pipeline.defs.resources import AuditSettings
@@ -55,3 +58,16 @@ def audit_world(root: Path, tiny_llama: Path):
     )  # fmt: skip
     tracker = MlflowTracker(tracking_uri=f"sqlite:///{root}/mlflow.db", artifact_root=(root / "mlartifacts").as_uri())
     return settings, tracker
+
+
+@contextlib.contextmanager
+def cli_home(home: Path):
+    """The environment `quant-pipeline` reads, pointed at an empty store and MLflow registry under ``home``
+    (the MLflow tables created first: MLflow logs that on stderr, where the CLI's refusals are read)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("QP_STORE_DIR", str(home / "store"))
+        mp.setenv("QP_MLFLOW_TRACKING_URI", f"sqlite:///{home}/mlflow.db")
+        mp.setenv("DAGSTER_HOME", str(home / "dagster"))
+        tracker = MlflowTracker(tracking_uri=f"sqlite:///{home}/mlflow.db")
+        tracker.client().search_experiments()
+        yield ArtifactStore(home / "store"), tracker

@@ -13,10 +13,9 @@ import pytest
 from quant_pipeline.cli import main
 from quant_pipeline.core.hashing import sha256_file, tree_hash
 from quant_pipeline.core.records import ArtifactRecord, DeltaReportRecord
-from quant_pipeline.core.store import ArtifactStore
-from quant_pipeline.core.tracking import MlflowTracker
 from quant_pipeline.release import signoff
 from quant_pipeline.release.trail import append_entry, entry_hash, head_hash, verify_trail
+from quant_pipeline_tests.support import cli_home
 
 H = "a" * 64
 
@@ -24,14 +23,8 @@ H = "a" * 64
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """One store and one MLflow registry for the module (each test uses its own model name)."""
-    home = tmp_path_factory.mktemp("red_team")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("QP_STORE_DIR", str(home / "store"))
-        mp.setenv("QP_MLFLOW_TRACKING_URI", f"sqlite:///{home}/mlflow.db")
-        mp.setenv("DAGSTER_HOME", str(home / "dagster"))
-        tracker = MlflowTracker(tracking_uri=f"sqlite:///{home}/mlflow.db")
-        tracker.client().search_experiments()  # create the tables now: MLflow logs that on stderr
-        yield ArtifactStore(home / "store"), tracker
+    with cli_home(tmp_path_factory.mktemp("red_team")) as world:
+        yield world
 
 
 def build_trail(world, model: str, n: int = 4):

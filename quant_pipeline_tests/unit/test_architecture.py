@@ -24,7 +24,7 @@ def modules() -> dict[str, Path]:
     return {module_name(p): p for p in PACKAGE.rglob("*.py") if "evals" not in p.parts}
 
 
-def imports_of(path: Path, name: str) -> set[str]:
+def imports_of(path: Path, name: str, known: dict[str, Path]) -> set[str]:
     """Every quant_pipeline module this module imports, at any depth of the file (functions too)."""
     found = set()
     package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
@@ -38,7 +38,6 @@ def imports_of(path: Path, name: str) -> set[str]:
                     package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
                 )
             if base.startswith("quant_pipeline"):
-                known = modules()
                 for alias in node.names:
                     sub = f"{base}.{alias.name}"
                     found.add(sub if sub in known else base)
@@ -50,7 +49,7 @@ def graph() -> dict[str, set[str]]:
     edges = {}
     for name, path in known.items():
         targets = set()
-        for target in imports_of(path, name):
+        for target in imports_of(path, name, known):
             # importing a.b.c runs a/__init__ and a/b/__init__ too
             # (except its own ancestors, which are already running when it does)
             parts = target.split(".")

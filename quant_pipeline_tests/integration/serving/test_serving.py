@@ -7,9 +7,6 @@ import argparse
 import hashlib
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import time
 import urllib.request
@@ -29,9 +26,9 @@ from quant_pipeline.release import signoff
 from quant_pipeline.release.reference import base_artifact_id, log_registered_pyfunc
 from quant_pipeline.serving import Server, ServingError, find_request, find_trace, reproduce, requests_path
 from quant_pipeline.serving.request_log import append_request as append_jsonl
+from quant_pipeline_tests.servers import free_port, start_server, stop_process_group
 from quant_pipeline_tests.support import TINY_RECIPE, run_audit
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
 BIN_DIR = Path(sys.executable).parent
 TOKENS = 8  # small budgets keep the suite fast
 LENIENT = (
@@ -399,25 +396,6 @@ def test_cli_serve_then_reproduce(deployment, monkeypatch, capsys):
 
 
 # -- mlflow models serve ----------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def stop_process_group(proc: subprocess.Popen, timeout: float = 30.0) -> None:
-    try:
-        os.killpg(os.getpgid(proc.pid), signal.SIGTERM)
-        proc.wait(timeout=timeout)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    proc.wait(timeout=timeout)
-
-
 def test_mlflow_models_serve_answers_and_logs_each_request(deployment, tmp_path):
     d = deployment
     port, log = free_port(), tmp_path / "models_serve.log"
@@ -441,16 +419,7 @@ def test_mlflow_models_serve_answers_and_logs_each_request(deployment, tmp_path)
         "-w",
         "1",
     ]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            cmd,
-            cwd=REPO_ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+    proc = start_server(cmd, log, env)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 240

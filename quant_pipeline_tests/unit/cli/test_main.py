@@ -4,7 +4,7 @@ and no name from the command line reaches a path or an MLflow filter unchecked."
 import pytest
 
 from quant_pipeline.cli import main
-from quant_pipeline.core.tracking import MlflowTracker
+from quant_pipeline_tests.support import cli_home
 
 UNSAFE = ["../trail", "..", "a/b", "x' OR name LIKE '%", "/etc/passwd"]
 VERBS = {
@@ -28,11 +28,7 @@ VERBS = {
 def cli_env(tmp_path_factory):
     """An empty store and MLflow registry, as a fresh clone has them."""
     home = tmp_path_factory.mktemp("cli")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("QP_STORE_DIR", str(home / "store"))
-        mp.setenv("QP_MLFLOW_TRACKING_URI", f"sqlite:///{home}/mlflow.db")
-        mp.setenv("DAGSTER_HOME", str(home / "dagster"))
-        MlflowTracker().client().search_experiments()  # create the tables now: MLflow logs that on stderr
+    with cli_home(home):
         yield home
 
 
