@@ -15,11 +15,17 @@ from quant_pipeline.defs.automation import (
     runtime_sensor,
 )
 from quant_pipeline.defs.evaluate import base_eval_results, quantized_eval_results
-from quant_pipeline.defs.gate import approval, delta_report, policy_metrics_measured, slices_within_tolerance
+from quant_pipeline.defs.gate import (
+    delta_report,
+    every_gated_slice_informative,
+    policy_metrics_measured,
+    slices_within_tolerance,
+)
 from quant_pipeline.defs.inputs import base_checkpoint, calibration_set, runtime_environment
 from quant_pipeline.defs.quantize import quantized_artifact
 from quant_pipeline.defs.release import audit_report
 from quant_pipeline.defs.resources import build_resources
+from quant_pipeline.defs.signoff import approval
 
 AUDIT_ASSETS = [
     # inputs
@@ -33,11 +39,12 @@ AUDIT_ASSETS = [
     quantized_eval_results,
     # gate
     delta_report,
+    # sign-off
     approval,
     # release
     audit_report,
 ]
-AUDIT_CHECKS = [slices_within_tolerance, policy_metrics_measured]
+AUDIT_CHECKS = [slices_within_tolerance, every_gated_slice_informative, policy_metrics_measured]
 
 defs = dg.Definitions(
     assets=AUDIT_ASSETS,

@@ -14,7 +14,9 @@ from quant_pipeline.definitions import AUDIT_ASSETS, AUDIT_CHECKS
 from quant_pipeline.defs.resources import AuditSettings
 
 TINY_RECIPE = Recipe(bits=4, group_size=64, calibration_samples=8, seq_len=64)
-LENIENT = "name: lenient\nmin_items: 1\ntolerances:\n  acc: {direction: higher_is_better, tolerance: 1.0}\n"
+# A random tiny model has no skill to lose: its accuracy is at chance (uninformative, so INCOMPLETE). Its
+# agreement with its own base is always informative, so a lenient bar on that lets the gate PASS.
+LENIENT = "name: lenient\nmin_items: 1\ntolerances:\n  top1_agreement: {direction: higher_is_better, tolerance: 1.0}\n"
 
 
 def run_audit(

@@ -1,7 +1,7 @@
 """`quant-pipeline`: the headless entry point (what `make demo` runs).
 
-Exit codes of `audit`: 0 the audit completed and the gate passed; 3 the audit completed and the
-gate refused the artifact (a FAIL verdict: the report says which slices); 2 bad input (the one-line
+Exit codes of `audit`: 0 the audit completed with verdict PASS; 3 the audit completed with verdict
+FAIL or INCOMPLETE (the report says which slices, and why); 2 bad input (the one-line
 message on stderr names the file, field or setting and the fix); 1 a stage crashed (one line on
 stderr names it and the Dagster run that holds the traceback). Other verbs: 0 done, 2 bad input.
 """
@@ -75,9 +75,9 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_BAD_INPUT
         outcome = audit_outcome(result)
         print(summarize(result))
-        print(outcome.verdict)
         print(f"\nDagster run {result.run_id}: `make ui` then http://127.0.0.1:3000/runs/{result.run_id}")
-        print("MLflow runs and registry: `make mlflow` then http://127.0.0.1:5000")
+        print("MLflow runs and registry: `make mlflow` then http://127.0.0.1:5000\n")
+        print(outcome.verdict, flush=True)  # last: the verdict and where the report is
         if outcome.error:
             print(f"quant-pipeline: error: {outcome.error}", file=sys.stderr)
         return outcome.code

@@ -1,10 +1,10 @@
 """`quant-pipeline audit`: the whole asset graph, in-process, against the project's Dagster instance,
 so headless runs show up in the Dagster UI exactly like runs launched from it.
 
-A run ends one of three ways, and the exit code says which (see `AuditOutcome`): the audit
-completed and the gate passed, the audit completed and the gate refused the artifact (the blocking
-checks on delta_report failed and stopped approval: that is the audit's answer, not a crash), or a
-stage crashed. Bad input a stage finds itself (a modified kept baseline) is reported as bad input.
+A run ends one of these ways, and the exit code says which (see `AuditOutcome`): the audit
+completed with verdict PASS (0); it completed with verdict FAIL or INCOMPLETE (3: that is the
+audit's answer, recorded in full — the gate's rejection, the audit report, the ML-BOM — not a
+crash); bad input stopped a stage (2); or a stage crashed (1).
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from quant_pipeline.defs.resources import build_resources
 EXIT_PASSED, EXIT_CRASHED, EXIT_BAD_INPUT, EXIT_GATE_FAILED = 0, 1, 2, 3
 AUDIT_JOB = "__ephemeral_asset_job__"  # the name dg.materialize gives its job: CLI runs look as they always did
 GATED_ASSET = "delta_report"
-CHECK_FAILED = "DagsterAssetCheckFailedError"
+# Refusals a stage raises for input a person can fix (a policy that is not the pinned one included)
+BAD_INPUT_ERRORS = ("AuditInputError", "PolicyNotPinnedError", "SignOffError", "EvidenceError", "RecordError")
 
 
 def _instance():
@@ -35,11 +36,12 @@ def _instance():
     return dg.DagsterInstance.get()
 
 
-class _GateFailureFormatter(logging.Formatter):
-    """Dagster's console format, minus the framework stack trace it prints when a blocking check fails.
+class _KnownFailureFormatter(logging.Formatter):
+    """Dagster's console format, minus the framework stack trace when a stage refused bad input.
 
-    A failed gate is the audit's verdict, not a bug: a traceback there reads as "the pipeline broke"
-    and buries the verdict. Every other failure keeps its stack trace.
+    A refusal the message already explains (a policy that is not the pinned one, a tampered file) is
+    an answer, not a bug: a traceback there reads as "the pipeline broke" and buries the one line
+    that says what to fix. Every other failure keeps its stack trace.
     """
 
     def __init__(self, inner: logging.Formatter | None):
@@ -48,20 +50,21 @@ class _GateFailureFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         text = self._inner.format(record)
-        return text.split("\nStack Trace:", 1)[0].rstrip() if CHECK_FAILED in text else text
+        known = any(f"{name}:" in text for name in BAD_INPUT_ERRORS)
+        return text.split("\nStack Trace:", 1)[0].rstrip() if known else text
 
 
 def _console_logger(init_context) -> logging.Logger:
     log = dg.colored_console_logger.logger_fn(init_context)
     for handler in log.handlers:
-        handler.setFormatter(_GateFailureFormatter(handler.formatter))
+        handler.setFormatter(_KnownFailureFormatter(handler.formatter))
     return log
 
 
 AUDIT_CONSOLE = dg.LoggerDefinition(
     _console_logger,
     config_schema=dg.colored_console_logger.config_schema,
-    description="Dagster's colored console logger; a failed blocking check is logged without a stack trace.",
+    description="Dagster's colored console logger; a refused bad input is logged without a stack trace.",
 )
 
 
@@ -131,36 +134,22 @@ def _failures(result) -> list[tuple[str, object]]:
     return [("run start", getattr(run.event_specific_data, "error", None) if run else None)]
 
 
-def _gate_report(result) -> dict | None:
+def _materialized(result, asset: str) -> dict | None:
+    """The metadata of ``asset``'s materialization in this run (None if it was not materialized)."""
     for event in result.get_asset_materialization_events():
         mat = event.event_specific_data.materialization
-        if mat.asset_key.to_user_string() == GATED_ASSET:
+        if mat.asset_key.to_user_string() == asset:
             return {k: getattr(v, "value", v) for k, v in mat.metadata.items()}
     return None
 
 
 def audit_outcome(result) -> AuditOutcome:
-    """Classify a finished run: PASS (0), FAIL verdict (3), bad input found by a stage (2), crash (1).
-
-    A FAIL verdict is a run whose delta_report was materialized and whose only failed steps are
-    blocking checks on it that did not pass (their downstream steps are skipped, not failed).
-    """
-    failed_checks = {  # step key -> check name, for the checks on delta_report that did not pass
-        e.step_key: e.event_specific_data.check_name
-        for e in result.all_events
-        if e.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION
-        and not e.event_specific_data.passed
-        and e.event_specific_data.asset_key.to_user_string() == GATED_ASSET
-    }
-    crashes = [
-        (stage, error)
-        for stage, error in _failures(result)
-        if not (stage in failed_checks and error is not None and error.cls_name == CHECK_FAILED)
-    ]
+    """Classify a finished run: PASS (0), FAIL or INCOMPLETE verdict (3), bad input (2), crash (1)."""
+    crashes = _failures(result)
     if crashes:
         stage, error = crashes[0]
         inner = _innermost(error) if error is not None else None
-        if inner is not None and inner.cls_name == "AuditInputError":
+        if inner is not None and inner.cls_name in BAD_INPUT_ERRORS:
             return AuditOutcome(EXIT_BAD_INPUT, f"verdict: none — bad input stopped {stage}", _error_text(inner))
         what = f" ({inner.cls_name}: {_error_text(inner)[:200]})" if inner is not None else ""
         return AuditOutcome(
@@ -169,17 +158,22 @@ def audit_outcome(result) -> AuditOutcome:
             f"stage {stage} failed{what}; the traceback is in Dagster run {result.run_id} "
             f"(`make ui`, then http://127.0.0.1:3000/runs/{result.run_id})",
         )
-    report = _gate_report(result)
+    report = _materialized(result, GATED_ASSET)
     if report is None:
         return AuditOutcome(EXIT_PASSED, f"verdict: none — {GATED_ASSET} was not part of this run")
-    passed = bool(report.get("passed")) and not failed_checks
+    verdict = report.get("verdict") or "INCOMPLETE"
     slices = report.get("slices", 0)
-    found = f"{slices - report.get('slices_failed', 0)}/{slices} slices within tolerance"
-    found += "".join(f", check {n} failed" for n in sorted(failed_checks.values()) if n != "slices_within_tolerance")
-    verdict = f"verdict: {'PASS' if passed else 'FAIL'} — {found}; report: {report.get('html_report')}"
+    found = (
+        f"{slices - report.get('slices_failed', 0) - report.get('slices_incomplete', 0)}/{slices} gated slices "
+        f"within tolerance or waived, {report.get('slices_failed', 0)} regressed, "
+        f"{report.get('slices_incomplete', 0)} could not show a regression"
+    )
+    decision = (_materialized(result, "approval") or {}).get("decision")
+    line = f"verdict: {verdict} — {found}" + (f"; decision: {decision}" if decision else "")
+    line += f"\nreport: {report.get('html_report')}"
     if report.get("approval_revoked") not in (None, "", "no"):
-        verdict += f"\napproval REVOKED: {report['approval_revoked']}"
-    return AuditOutcome(EXIT_PASSED if passed else EXIT_GATE_FAILED, verdict)
+        line = f"approval REVOKED: {report['approval_revoked']}\n{line}"
+    return AuditOutcome(EXIT_PASSED if verdict == "PASS" else EXIT_GATE_FAILED, line)
 
 
 def _parts(md: dict) -> str:
@@ -204,8 +198,10 @@ def stage_finding(stage: str, md: dict) -> str:
     if stage in ("base_eval_results", "quantized_eval_results"):
         return f"{md.get('rows')} metrics, {md.get('eval_tokens_per_second')} tok/s; {_parts(md)}"
     if stage == "delta_report":
-        within = md.get("slices") - md.get("slices_failed")
-        return f"{'PASS' if md.get('passed') else 'FAIL'}: {within}/{md.get('slices')} slices within tolerance"
+        return (
+            f"{md.get('verdict')}: {md.get('slices_failed')} regressed, {md.get('slices_incomplete')} incomplete, "
+            f"{md.get('slices_waived')} waived of {md.get('slices')} gated slices"
+        )
     if stage == "approval":
         return f"{md.get('decision')} ({md.get('registry')})"
     if stage == "audit_report":

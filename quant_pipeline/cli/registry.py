@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from quant_pipeline.defs.resources import build_resources
-from quant_pipeline.release import registry, report, signoff
+from quant_pipeline.release import governing, registry, report, signoff
 from quant_pipeline.release.trail import verify_trail
 
 
@@ -76,6 +77,29 @@ def add_registry_commands(sub) -> None:
         print(f"wrote {registry.write_bom(store, a.artifact_id)} (validated against CycloneDX 1.6)")
         return 0
 
+    def pin_policy(a):
+        store, tracker = _store_and_tracker()
+        entry = governing.pin_policy(store, tracker, a.model, Path(a.file), a.by, a.reason)
+        print(
+            f"{a.model}: governed by policy {entry['policy_name']} ({entry['policy_hash'][:12]}) from now on, "
+            f"pinned by {entry['by']}; re-run the audit to judge its artifacts under it"
+        )
+        return 0
+
+    def show_policy(a):
+        store, tracker = _store_and_tracker()
+        signoff.require_intact_trail(store, tracker, a.model, f"read the policy of {a.model}")
+        entry = signoff.governing_policy(store, a.model)
+        if entry is None:
+            print(f"{a.model}: no policy pinned yet (the first judged audit pins the one it runs under)")
+            return 0
+        copy = governing.pinned_policy_file(store, entry["policy_hash"])
+        print(
+            f"{a.model}: policy {entry['policy_name']} ({entry['policy_hash'][:12]}), pinned by {entry['by']} "
+            f"at {entry['at']}: {entry['reason']}\n{copy}\n\n{copy.read_text()}"
+        )
+        return 0
+
     def delete_base(a):
         store, _ = _store_and_tracker()
         registry.delete_base(store, a.model)
@@ -102,6 +126,13 @@ def add_registry_commands(sub) -> None:
         ("verify-trail", check_trail, "check the model's hash-chained audit trail", ["model", "--expected-head"]),
         ("audit-report", audit_report, "write the model's audit report (HTML + Markdown)", ["model"]),
         ("bom", bom, "write an artifact's CycloneDX 1.6 ML-BOM", ["artifact_id"]),
+        (
+            "pin-policy",
+            pin_policy,
+            "change the policy that governs a model (a trail event with your name and a reason)",
+            ["model", "--file", "--by", "--reason"],
+        ),
+        ("show-policy", show_policy, "print the policy that governs a model, as pinned in its trail", ["model"]),
         ("delete-base", delete_base, "delete a kept base checkpoint (refused while artifacts depend on it)", ["model"]),
     ):
         p = sub.add_parser(name, help=help_text)
@@ -109,7 +140,9 @@ def add_registry_commands(sub) -> None:
             if arg in ("--override", "--to-base"):
                 p.add_argument(arg, action="store_true")
             elif arg.startswith("--"):
-                p.add_argument(arg, default="" if arg != "--expected-head" else None, required=arg in ("--by",))
+                p.add_argument(
+                    arg, default="" if arg != "--expected-head" else None, required=arg in ("--by", "--file")
+                )
             else:
                 p.add_argument(arg)
         p.set_defaults(func=func)

@@ -88,6 +88,13 @@ class SliceRef(BaseModel):
     metric: str
 
 
+class SliceNote(SliceRef):
+    """A slice x metric that did not count as a pass or a failure, and why (not measurable, uninformative, waived)."""
+
+    status: str
+    reason: str
+
+
 class TreeRecord(Record):
     """A record of a folder: its per-file hashes must add up to the tree hash it records."""
 
@@ -161,7 +168,7 @@ class EvalRecord(Record):
 
 
 class DeltaReportRecord(Record):
-    """The verdict of one artifact under one policy."""
+    """The verdict of one artifact under one policy on one evaluation (the three key its folder)."""
 
     artifact_id: str
     model_name: str
@@ -170,9 +177,15 @@ class DeltaReportRecord(Record):
     policy_hash: Sha256
     policy_name: str
     allow_override: bool
-    passed: bool
+    # the evaluations judged: the quantized one's key names the base's too
+    base_eval_key: str
+    eval_key: str
+    verdict: Literal["PASS", "FAIL", "INCOMPLETE"]
+    passed: bool  # verdict == PASS: the one verdict that can be approved
+    reasons: list[str]  # why the verdict is not PASS, one line each
     failing: list[SliceRef]
-    not_measurable: list[SliceRef]
+    incomplete: list[SliceNote]
+    waived: list[SliceNote]
     measured_metrics: list[str]
     policy_metrics: list[str]
     categories: list[str]
@@ -180,8 +193,25 @@ class DeltaReportRecord(Record):
     markdown_path: str
     html_path: str
 
+    @model_validator(mode="after")
+    def _verdict_consistent(self) -> Self:
+        if self.passed != (self.verdict == "PASS") or (self.verdict == "FAIL") != bool(self.failing):
+            raise ValueError(f"verdict {self.verdict} disagrees with passed/failing")
+        return self
 
-TrailEvent = Literal["audit", "evaluated", "approved", "rejected", "pending sign-off", "promoted", "rollback"]
+
+TrailEvent = Literal[
+    "audit",
+    "policy pinned",
+    "evaluated",
+    "approved",
+    "rejected",
+    "incomplete",
+    "pending sign-off",
+    "revoked",
+    "promoted",
+    "rollback",
+]
 
 
 class TrailEntry(BaseModel):
@@ -202,7 +232,7 @@ class Decision(BaseModel):
     """A sign-off decision as it is appended to the trail."""
 
     model_config = ConfigDict(extra="forbid")
-    event: Literal["approved", "rejected", "pending sign-off", "revoked"]
+    event: Literal["approved", "rejected", "incomplete", "pending sign-off", "revoked"]
     artifact_id: str
     registry_version: Version
     by: str | None

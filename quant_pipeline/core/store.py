@@ -232,6 +232,8 @@ class StoreBackend(Protocol):
     def checkpoint_dir(self, model_name: str) -> Path: ...
     def eval_dir(self, key: str) -> Path: ...
     def report_dir(self, name: str) -> Path: ...
+    def delta_report_dir(self, artifact_id: str, key: str) -> Path: ...
+    def policy_path(self, policy_hash: str) -> Path: ...
     def trail_path(self, model_name: str) -> Path: ...
     def requests_path(self, model_name: str) -> Path: ...
     def sweep_stale(self) -> list[Path]: ...
@@ -277,8 +279,17 @@ class ArtifactStore:
         return self.root / "evals" / check_name(key, "eval key")
 
     def report_dir(self, name: str) -> Path:
-        """Reports of one artifact (delta report, ML-BOM) or one model (audit report)."""
+        """Reports of one artifact (its ML-BOM, its delta reports) or one model (audit report)."""
         return self.root / "reports" / check_name(name, "report name")
+
+    def delta_report_dir(self, artifact_id: str, key: str) -> Path:
+        """One verdict: an artifact judged under one policy on one evaluation (the key names both), so a
+        re-judgement under another policy is a new report beside the old one, never a rewrite of it."""
+        return self.report_dir(artifact_id) / "delta" / check_name(key, "delta report key")
+
+    def policy_path(self, policy_hash: str) -> Path:
+        """A copy of a policy a model was governed by, named by its sha256 (verified when read back)."""
+        return self.root / "policies" / f"{check_name(policy_hash, 'policy hash')}.yaml"
 
     def trail_path(self, model_name: str) -> Path:
         return self.root / "trail" / f"{check_name(model_name, 'model name')}.jsonl"

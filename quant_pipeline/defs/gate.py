@@ -1,12 +1,12 @@
-"""The gate: per-slice deltas against the policy, two blocking checks, and the recorded sign-off decision.
+"""The gate: per-slice deltas judged against the pinned policy, a verdict of PASS, FAIL or INCOMPLETE.
 
 - delta_report: quantized vs base, per slice and metric, with paired intervals, judged against the
-  pre-committed policy (its hash is in the report).
-- checks: no slice regressed beyond tolerance; every metric the policy names was measured.
-- approval: runs only after the blocking checks passed in the same run, and re-reads the report's
-  verdict itself, so no path (a later run, a selection that skips the checks) can approve a failed
-  artifact. Without a named approver the decision is "pending sign-off": a machine never approves
-  on a human's behalf.
+  policy pinned in the model's trail (a different policy file is refused: changing the bar is a
+  named, recorded event). The report is written once per artifact x policy x evaluation and never
+  rewritten; its sha256, the eval tables' and the policy's go into the trail.
+- checks: no slice regressed beyond tolerance; every gated slice could show a regression; every
+  metric the policy names was measured. They report, they do not block: a FAIL is the audit's
+  answer, so the run goes on to record the gate's rejection (approval) and the audit report.
 """
 
 from pathlib import Path
@@ -14,17 +14,98 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 
-from quant_pipeline.core.hashing import sha256_file
+from quant_pipeline.core.hashing import canonical_hash, sha256_file
 from quant_pipeline.core.records import DeltaReportRecord
-from quant_pipeline.core.store import atomic_file, write_json_atomic, write_text_atomic
-from quant_pipeline.core.tracking import APPROVED_ALIAS, MlflowTracker
+from quant_pipeline.core.store import ArtifactStore, atomic_directory
+from quant_pipeline.core.tracking import MlflowTracker
 from quant_pipeline.defs.resources import AuditSettings
-from quant_pipeline.evaluation.delta import NOT_MEASURABLE, REGRESSION, UNGATED, compute_deltas, item_table
+from quant_pipeline.evaluation.delta import (
+    INCOMPLETE_STATUSES,
+    PASS,
+    REGRESSION,
+    UNGATED,
+    WAIVED,
+    compute_deltas,
+    item_table,
+    verdict,
+)
 from quant_pipeline.evaluation.delta_html import render_html, render_markdown
-from quant_pipeline.evaluation.policy import load_policy
-from quant_pipeline.release import signoff
+from quant_pipeline.evaluation.policy import Policy, load_policy
+from quant_pipeline.release.evidence import eval_table_hashes
+from quant_pipeline.release.governing import require_governing
 from quant_pipeline.release.revocation import revoke
 from quant_pipeline.release.signoff import record_event
+from quant_pipeline.release.trail import read_entries
+
+REPORT_FILES = ("delta_report.md", "delta_report.parquet", "delta_report.json", "delta_report.html")
+
+
+def _notes(deltas: pd.DataFrame, statuses: tuple[str, ...]) -> list[dict]:
+    part = deltas[deltas["status"].isin(statuses)] if len(deltas) else deltas
+    return [
+        {"category": r.category, "metric": r.metric, "status": r.status, "reason": r.reason} for r in part.itertuples()
+    ]
+
+
+def _recorded(store: ArtifactStore, model_name: str, report_json: Path) -> bool:
+    """Whether this exact report file is the one an `evaluated` trail entry names (then it is kept as is)."""
+    if not report_json.exists():
+        return False
+    digest = sha256_file(report_json)
+    return any(e.get("report_sha256") == digest for e in read_entries(store.trail_path(model_name)))
+
+
+def judge(
+    store: ArtifactStore,
+    artifact: dict,
+    base_eval: dict,
+    quant_eval: dict,
+    policy: Policy,
+    policy_path: Path,
+    policy_hash: str,
+) -> tuple[DeltaReportRecord, pd.DataFrame, pd.DataFrame, str]:
+    """Compute (or read back, if already recorded) the report of one artifact x policy x evaluation.
+
+    Returns the record, the deltas, the per-item table and the report's folder key."""
+    tables = eval_table_hashes(store, base_eval["key"], quant_eval["key"])
+    key = f"{policy_hash[:16]}-{quant_eval['key']}-{canonical_hash(tables)[:12]}"  # same key, same inputs
+    out_dir = store.delta_report_dir(artifact["artifact_id"], key)
+    base_items, quant_items = pd.read_parquet(base_eval["items_path"]), pd.read_parquet(quant_eval["items_path"])
+    if _recorded(store, artifact["model_name"], out_dir / "delta_report.json"):
+        return (
+            DeltaReportRecord.read(out_dir / "delta_report.json"),
+            pd.read_parquet(out_dir / "delta_report.parquet"),
+            item_table(base_items, quant_items),
+            key,
+        )
+    base_results, quant_results = (
+        pd.read_parquet(base_eval["results_path"]),
+        pd.read_parquet(quant_eval["results_path"]),
+    )
+    deltas = compute_deltas(base_results, quant_results, policy, base_items, quant_items)
+    outcome, reasons = verdict(deltas, policy)
+    aid = artifact["artifact_id"]
+    record = DeltaReportRecord.parse({
+        "artifact_id": aid, "model_name": artifact["model_name"], "registry_version": artifact["registry_version"],
+        "policy_path": str(policy_path.resolve()), "policy_hash": policy_hash, "policy_name": policy.name,
+        "allow_override": policy.allow_override, "base_eval_key": base_eval["key"], "eval_key": quant_eval["key"],
+        "verdict": outcome, "passed": outcome == PASS, "reasons": reasons,
+        "failing": deltas.loc[deltas["status"] == REGRESSION, ["category", "metric"]].to_dict("records"),
+        "incomplete": _notes(deltas, INCOMPLETE_STATUSES), "waived": _notes(deltas, (WAIVED,)),
+        "measured_metrics": sorted(deltas["metric"].unique()) if len(deltas) else [],
+        "policy_metrics": sorted(policy.tolerances),
+        "categories": sorted(deltas["category"].unique()) if len(deltas) else [],
+        "path": str(out_dir / "delta_report.parquet"), "markdown_path": str(out_dir / "delta_report.md"),
+        "html_path": str(out_dir / "delta_report.html"),
+    })  # fmt: skip
+    markdown = render_markdown(deltas, policy, policy_hash, aid, outcome, reasons)
+    sizes = {"base_mb": artifact.get("base_size_bytes", 0) / 2**20, "quantized_mb": artifact["size_bytes"] / 2**20}
+    with atomic_directory(out_dir) as tmp:  # an unrecorded leftover (a crashed run's) is replaced whole
+        deltas.to_parquet(tmp / "delta_report.parquet")
+        (tmp / "delta_report.md").write_text(markdown)
+        (tmp / "delta_report.html").write_text(render_html(deltas, markdown, base_results, quant_results, sizes))
+        record.write(tmp / "delta_report.json")
+    return record, deltas, item_table(base_items, quant_items), key
 
 
 @dg.asset(group_name="audit", kinds={"pandas", "html"})
@@ -36,89 +117,64 @@ def delta_report(
     base_eval_results: dict,
     quantized_eval_results: dict,
 ) -> dg.MaterializeResult:
-    """Per-slice quantized-vs-base deltas with paired intervals, judged against the pre-committed policy."""
+    """Per-slice quantized-vs-base deltas with paired intervals, judged against the model's pinned policy."""
+    store, aid, model_name = settings.store, quantized_artifact["artifact_id"], quantized_artifact["model_name"]
     policy_path = Path(settings.policy_file)
     policy, policy_hash = load_policy(policy_path)
-    base_results, quant_results = (
-        pd.read_parquet(base_eval_results["results_path"]),
-        pd.read_parquet(quantized_eval_results["results_path"]),
+    require_governing(store, mlflow, model_name, policy_path, policy_hash, context.run.run_id)
+    record, deltas, items, key = judge(
+        store, quantized_artifact, base_eval_results, quantized_eval_results, policy, policy_path, policy_hash
     )
-    base_items, quant_items = (
-        pd.read_parquet(base_eval_results["items_path"]),
-        pd.read_parquet(quantized_eval_results["items_path"]),
-    )
-    deltas = compute_deltas(base_results, quant_results, policy, base_items, quant_items)
-    aid = quantized_artifact["artifact_id"]
-    markdown = render_markdown(deltas, policy, policy_hash, aid)
-    out_dir = settings.store.report_dir(aid)
-    with atomic_file(out_dir / "delta_report.parquet") as tmp:
-        deltas.to_parquet(tmp)
-    write_text_atomic(out_dir / "delta_report.md", markdown)
-    sizes = {
-        "base_mb": quantized_artifact.get("base_size_bytes", 0) / 2**20,
-        "quantized_mb": quantized_artifact["size_bytes"] / 2**20,
-    }
-    write_text_atomic(out_dir / "delta_report.html", render_html(deltas, markdown, base_results, quant_results, sizes))
+    report_json = Path(record.path).with_name("delta_report.json")
     gated = deltas[deltas["status"] != UNGATED]
-    passed = bool(len(gated) and gated["passed"].all())
-    record = DeltaReportRecord.parse({
-        "artifact_id": aid, "model_name": quantized_artifact["model_name"],
-        "registry_version": quantized_artifact["registry_version"],
-        "policy_path": str(policy_path.resolve()), "policy_hash": policy_hash, "policy_name": policy.name,
-        "allow_override": policy.allow_override,
-        "passed": passed,
-        "failing": deltas.loc[deltas["status"] == REGRESSION, ["category", "metric"]].to_dict("records"),
-        "not_measurable": deltas.loc[deltas["status"] == NOT_MEASURABLE, ["category", "metric"]].to_dict("records"),
-        "measured_metrics": sorted(deltas["metric"].unique()) if len(deltas) else [],
-        "policy_metrics": sorted(policy.tolerances),
-        "categories": sorted(deltas["category"].unique()) if len(deltas) else [],
-        "path": str(out_dir / "delta_report.parquet"), "markdown_path": str(out_dir / "delta_report.md"),
-        "html_path": str(out_dir / "delta_report.html"),
-    }).dump()  # fmt: skip
-    write_json_atomic(out_dir / "delta_report.json", record)
-    record_event(settings.store, mlflow, record["model_name"], {
-        "event": "evaluated", "artifact_id": aid, "registry_version": record["registry_version"], "passed": passed,
-        "report_sha256": sha256_file(out_dir / "delta_report.json"),  # what approve trusts, not the file itself
-        "failing": record["failing"], "policy_name": policy.name, "policy_hash": policy_hash,
-        "dagster_run_id": context.run.run_id,
-        "deltas": deltas[deltas["status"] != UNGATED][
-            ["category", "metric", "base", "quantized", "delta", "ci_low", "ci_high", "tolerance", "status"]
+    record_event(store, mlflow, model_name, {
+        "event": "evaluated", "artifact_id": aid, "registry_version": record.registry_version,
+        "verdict": record.verdict, "passed": record.passed, "reasons": record.reasons,
+        "report_key": key, "report_sha256": sha256_file(report_json),  # what approve trusts, not the file itself
+        "eval_tables": eval_table_hashes(store, record.base_eval_key, record.eval_key),
+        "failing": [f.model_dump() for f in record.failing], "waived": [w.model_dump() for w in record.waived],
+        "policy_name": policy.name, "policy_hash": policy_hash, "dagster_run_id": context.run.run_id,
+        "deltas": gated[
+            ["category", "metric", "base", "quantized", "delta", "ci_low", "ci_high", "tolerance", "status", "reason"]
         ].to_dict("records"),
     })  # fmt: skip
     with mlflow.stage_run(
-        record["model_name"],
+        model_name,
         "delta_report",
         {"dagster_run_id": context.run.run_id, "artifact_id": aid, "policy_hash": policy_hash},
     ) as run:
-        run.log_params({"policy_name": policy.name, "policy_hash": policy_hash, "passed": passed})
+        run.log_params({"policy_name": policy.name, "policy_hash": policy_hash, "verdict": record.verdict})
         run.log_metrics(
             {f"delta/{r.metric}/{r.category}": r.delta for r in deltas.itertuples()}
-            | {"slices_failed": len(record["failing"]), "slices_not_measurable": len(record["not_measurable"])}
+            | {"slices_failed": len(record.failing), "slices_incomplete": len(record.incomplete)}
         )
-        for name in ("delta_report.md", "delta_report.parquet", "delta_report.json", "delta_report.html"):
-            run.log_file(out_dir / name)
+        for name in REPORT_FILES:
+            run.log_file(report_json.with_name(name))
         run.log_file(policy_path, "policy")
-        run.client.log_table(run.run_id, data=item_table(base_items, quant_items), artifact_file="eval_items.json")
+        run.client.log_table(run.run_id, data=items, artifact_file="eval_items.json")
     mlflow.set_version_tags(
-        record["model_name"],
-        quantized_artifact["registry_version"],
-        {"delta_passed": passed, "policy_hash": policy_hash},
+        model_name,
+        record.registry_version,
+        {"verdict": record.verdict, "delta_passed": record.passed, "policy_hash": policy_hash},
     )
     revoked = None
-    if not passed:  # an approval stands only while the artifact keeps passing its audits
-        failing = ", ".join(f"{f['metric']}/{f['category']}" for f in record["failing"]) or "a gated metric"
-        reason = f"re-audit did not pass under policy {policy.name} ({policy_hash[:12]}): {failing}"
-        revoked = revoke(settings.store, mlflow, aid, reason, context.run.run_id)
+    if not record.passed:  # an approval stands only while the artifact keeps passing its audits
+        why = "; ".join(record.reasons[:5]) + (f" (+{len(record.reasons) - 5} more)" if len(record.reasons) > 5 else "")
+        reason = f"re-audit verdict {record.verdict} under policy {policy.name} ({policy_hash[:12]}): {why}"
+        revoked = revoke(store, mlflow, aid, reason, context.run.run_id)
     revocation = f"{revoked['note']}; aliases {revoked['aliases_moved'] or 'unchanged'}" if revoked else ""
     return dg.MaterializeResult(
-        value={**record, "approval_revoked": revocation},
+        value={**record.dump(), "report_sha256": sha256_file(report_json), "approval_revoked": revocation},
         metadata={
-            "report": dg.MetadataValue.md(markdown),
-            "html_report": dg.MetadataValue.path(record["html_path"]),
-            "passed": passed,
+            "verdict": record.verdict,
+            "report": dg.MetadataValue.md(report_json.with_name("delta_report.md").read_text()),
+            "html_report": dg.MetadataValue.path(record.html_path),
+            "passed": record.passed,
             "slices": len(gated),
-            "slices_failed": len(record["failing"]),
-            "slices_not_measurable": len(record["not_measurable"]),
+            "slices_failed": len(record.failing),
+            "slices_incomplete": len(record.incomplete),
+            "slices_waived": len(record.waived),
+            "reasons": dg.MetadataValue.md("\n".join(f"- {r}" for r in record.reasons) or "none"),
             "policy_hash": policy_hash,
             "approval_revoked": revocation or "no",
             **run.metadata(),
@@ -126,18 +182,13 @@ def delta_report(
     )
 
 
-@dg.asset_check(
-    asset=delta_report,
-    blocking=True,
-    description="No slice regressed beyond the policy's tolerance (one bad slice fails the gate).",
-)
+@dg.asset_check(asset=delta_report, description="No slice regressed beyond the policy's tolerance (FAIL otherwise).")
 def slices_within_tolerance(delta_report: dict) -> dg.AssetCheckResult:
     failing = delta_report["failing"]
     return dg.AssetCheckResult(
-        passed=delta_report["passed"],
+        passed=not failing,
         metadata={
             "failing_slices": ", ".join(f"{f['metric']}/{f['category']}" for f in failing) or "none",
-            "not_measurable": len(delta_report.get("not_measurable", [])),
             "approval_revoked": delta_report.get("approval_revoked") or "no",
         },
     )
@@ -145,77 +196,23 @@ def slices_within_tolerance(delta_report: dict) -> dg.AssetCheckResult:
 
 @dg.asset_check(
     asset=delta_report,
-    blocking=True,
-    description="Every metric the policy names was measured on both models (no silent gaps).",
+    description="Every gated slice could show a regression: enough items, a value, a base above floor and chance "
+    "(INCOMPLETE otherwise; waived slices are listed, not counted).",
 )
+def every_gated_slice_informative(delta_report: dict) -> dg.AssetCheckResult:
+    notes = delta_report["incomplete"]
+    return dg.AssetCheckResult(
+        passed=not notes and delta_report["verdict"] != "INCOMPLETE",
+        metadata={
+            "incomplete": dg.MetadataValue.md(
+                "\n".join(f"- {n['metric']}/{n['category']}: {n['status']} ({n['reason']})" for n in notes) or "none"
+            ),
+            "waived": ", ".join(f"{w['metric']}/{w['category']}" for w in delta_report["waived"]) or "none",
+        },
+    )
+
+
+@dg.asset_check(asset=delta_report, description="Every metric the policy names was measured on both models.")
 def policy_metrics_measured(delta_report: dict) -> dg.AssetCheckResult:
     missing = sorted(set(delta_report["policy_metrics"]) - set(delta_report["measured_metrics"]))
     return dg.AssetCheckResult(passed=not missing, metadata={"missing_metrics": ", ".join(missing) or "none"})
-
-
-APPROVED, PENDING = "approved", "pending sign-off"
-
-
-class ApprovalConfig(dg.Config):
-    """Set in the Dagster launchpad (or `quant-pipeline audit --approver NAME --note TEXT`)."""
-
-    approver: str = ""
-    note: str = ""
-    second_approver: str = ""  # only for an override of failed checks, where the policy allows one
-    override: bool = False
-
-
-@dg.asset(group_name="audit", kinds={"mlflow"})
-def approval(
-    context: dg.AssetExecutionContext,
-    config: ApprovalConfig,
-    settings: AuditSettings,
-    mlflow: MlflowTracker,
-    quantized_artifact: dict,
-    delta_report: dict,
-) -> dg.MaterializeResult:
-    """The sign-off decision for this artifact; an approved version gets the MLflow alias `approved`."""
-    aid = quantized_artifact["artifact_id"]
-    if not delta_report["passed"] and not config.override:
-        raise dg.Failure(f"delta report for {aid} failed its checks: this artifact cannot be approved")
-    if config.approver.strip():
-        entry = signoff.approve(
-            settings.store,
-            mlflow,
-            aid,
-            config.approver,
-            config.note,
-            config.second_approver,
-            config.override,
-            context.run.run_id,
-        )
-        decision = APPROVED
-    else:
-        entry = signoff.record_pending(settings.store, mlflow, aid, context.run.run_id)
-        decision = APPROVED if entry["event"] == "approved" else PENDING  # an approval that stands
-    model_name, version = quantized_artifact["model_name"], quantized_artifact["registry_version"]
-    entry = {**entry, "decision": decision, "approver": entry.get("by")}
-    with mlflow.stage_run(
-        model_name, "approval", {"dagster_run_id": context.run.run_id, "artifact_id": aid, "decision": decision}
-    ) as run:
-        run.log_params(
-            {
-                "decision": decision,
-                "approver": entry["approver"],
-                "note": config.note,
-                "content_hash": quantized_artifact["content_hash"],
-            }
-        )
-        run.log_json(entry, "approval.json")
-    return dg.MaterializeResult(
-        value=entry,
-        metadata={
-            "decision": decision + (" (override)" if entry.get("override") else ""),
-            "approver": entry["approver"] or "(none: pending sign-off)",
-            "note": config.note,
-            "artifact_id": aid,
-            "trail_entry": entry["hash"],
-            "registry": f"{model_name} v{version}" + (f" @{APPROVED_ALIAS}" if decision == APPROVED else ""),
-            **run.metadata(),
-        },
-    )

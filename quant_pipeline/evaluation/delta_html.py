@@ -9,7 +9,7 @@ import io
 import numpy as np
 import pandas as pd
 
-from quant_pipeline.evaluation.delta import NOT_MEASURABLE, REGRESSION, UNGATED, WITHIN
+from quant_pipeline.evaluation.delta import NOT_MEASURABLE, REGRESSION, UNGATED, UNINFORMATIVE, WAIVED, WITHIN
 from quant_pipeline.evaluation.policy import Policy
 
 
@@ -17,34 +17,40 @@ def _fmt(x) -> str:
     return "–" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.4f}"
 
 
-def render_markdown(deltas: pd.DataFrame, policy: Policy, policy_hash: str, artifact_id: str) -> str:
+def render_markdown(
+    deltas: pd.DataFrame, policy: Policy, policy_hash: str, artifact_id: str, outcome: str, reasons: list[str]
+) -> str:
     gated = deltas[deltas["status"] != UNGATED]
-    verdict = "PASS" if len(gated) and gated["passed"].all() else "FAIL"
     counts = gated["status"].value_counts().to_dict()
     lines = [
-        f"## Delta report — {artifact_id}: **{verdict}**",
+        f"## Delta report — {artifact_id}: **{outcome}**",
         f"Policy `{policy.name}` (sha256 `{policy_hash[:16]}`): "
-        f"{counts.get(REGRESSION, 0)} regression(s) beyond tolerance, "
-        f"{counts.get(WITHIN, 0)} within tolerance, "
-        f"{counts.get(NOT_MEASURABLE, 0)} not measurable (< {policy.min_items} items).",
+        + ", ".join(f"{counts.get(s, 0)} {s}" for s in (REGRESSION, WITHIN, NOT_MEASURABLE, UNINFORMATIVE, WAIVED))
+        + ".",
+        "",
+        *([f"**Why not PASS** ({len(reasons)}):", "", *(f"- {r}" for r in reasons), ""] if reasons else []),
+        "A slice that cannot show a regression is never a pass: fewer paired items than the policy's "
+        f"`min_items` ({policy.min_items}), no value, or a base at the metric's worst value or not above chance "
+        "(its 95% interval reaches chance) make it INCOMPLETE; only a waiver in the policy, with a reason, sets "
+        "it aside.",
         "",
     ]
-    for status in (REGRESSION, WITHIN, NOT_MEASURABLE, UNGATED):
+    for status in (REGRESSION, NOT_MEASURABLE, UNINFORMATIVE, WAIVED, WITHIN, UNGATED):
         part = deltas[deltas["status"] == status]
         if not len(part):
             continue
         lines += [
             f"### {status.capitalize()} ({len(part)})",
             "",
-            "| slice | metric | n | base | quantized | delta [95% CI] | tolerance |",
-            "|---|---|---:|---:|---:|---|---:|",
+            "| slice | metric | n | base | quantized | delta [95% CI] | tolerance | why |",
+            "|---|---|---:|---:|---:|---|---:|---|",
         ]
         for r in part.itertuples():
             ci = f" [{_fmt(r.ci_low)}, {_fmt(r.ci_high)}]" if r.n_items else ""
             tol = f"{_fmt(r.tolerance)}{' rel' if r.mode == 'relative' else ''}" if r.mode else "–"
             lines.append(
                 f"| {r.category} | {r.metric} | {r.n_items if r.n_items else '–'} | {_fmt(r.base)} | "
-                f"{_fmt(r.quantized)} | {r.delta:+.4f}{ci}{' *' if r.significant else ''} | {tol} |"
+                f"{_fmt(r.quantized)} | {r.delta:+.4f}{ci}{' *' if r.significant else ''} | {tol} | {r.reason} |"
             )
         lines.append("")
     lines.append("`*` the 95% paired bootstrap interval excludes zero.")
@@ -70,7 +76,8 @@ def render_html(
     fig, ax = plt.subplots(figsize=(8, max(2.5, 0.28 * len(with_ci))))
     labels = [f"{r.metric} / {r.category}" for r in with_ci.itertuples()]
     colors = [
-        "#c0392b" if s == REGRESSION else "#7f8c8d" if s == NOT_MEASURABLE else "#27ae60" for s in with_ci["status"]
+        "#c0392b" if s == REGRESSION else "#7f8c8d" if s in (NOT_MEASURABLE, UNINFORMATIVE, WAIVED) else "#27ae60"
+        for s in with_ci["status"]
     ]
     y = np.arange(len(with_ci))
     ax.errorbar(

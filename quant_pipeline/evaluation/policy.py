@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from quant_pipeline.core.errors import AuditInputError
@@ -38,6 +38,18 @@ METRIC_DIRECTION = {
 }  # fmt: skip
 KNOWN_METRICS = tuple(METRIC_DIRECTION)
 COST_SLICE = "cost"  # the category of the latency, throughput and memory rows
+# The worst value a bounded metric can take. A base model already there cannot get worse, so a
+# regression on that slice cannot show: the slice is uninformative, and the audit INCOMPLETE, not
+# passed. (The worst end is the floor of a higher-is-better rate and the ceiling of a lower-is-better
+# one; a base at its best end can still lose it, so that is measured.) Agreement metrics compare the
+# quantized model with the base itself and are never uninformative; perplexities are unbounded.
+WORST_VALUE = {
+    "acc": 0.0, "acc_norm": 0.0, "format_validity": 0.0, "tool_call_validity": 0.0, "refusal_rate": 0.0,
+    "over_refusal_rate": 1.0, "toxicity_rate": 1.0, "pii_rate": 1.0, "repetition_rate": 1.0, "degeneration_rate": 1.0,
+}  # fmt: skip
+# Multiple-choice metrics also have a chance level (1 / number of choices, read per slice from the
+# suite's data): a base whose 95% interval reaches down to chance shows no skill that could be lost.
+CHANCE_METRICS = ("acc", "acc_norm")
 
 
 def known_slices() -> frozenset[str]:
@@ -56,6 +68,18 @@ def known_slices() -> frozenset[str]:
     return frozenset(
         {*TASK_CATEGORY.values(), *column(GENERATION_FILE, "slice"), *(f"bias_{a}" for a in axes), COST_SLICE}
     )
+
+
+def chance_levels() -> dict[str, float]:
+    """Per multiple-choice slice, the accuracy of guessing: the mean of 1 / (number of choices)."""
+    from quant_pipeline.evaluation.suite import GOLDEN_FILE
+
+    choices: dict[str, list[float]] = {}
+    for line in GOLDEN_FILE.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            item = json.loads(line)
+            choices.setdefault(item["category"], []).append(1.0 / len(item["choices"]))
+    return {category: sum(v) / len(v) for category, v in choices.items()}
 
 
 def _allowance(value: float) -> float:
@@ -118,11 +142,44 @@ class Tolerance(BaseModel, extra="forbid"):
         return self.per_category.get(category, self.tolerance)
 
 
+def _reason(text: str) -> str:
+    if not text.strip():
+        raise PydanticCustomError("policy_rule", "a waiver needs a reason: say why this slice cannot gate", {})
+    return text.strip()
+
+
+class Waiver(BaseModel, extra="forbid"):
+    """One slice x metric the policy explicitly does not gate, and why (shown in the report and the trail)."""
+
+    slice: SliceName
+    metric: MetricName
+    reason: Annotated[str, AfterValidator(_reason)]
+
+
 class Policy(BaseModel, extra="forbid"):
     name: str
     min_items: ItemCount = 20
     allow_override: bool = False  # may two named people approve an artifact that failed its checks?
     tolerances: dict[MetricName, Tolerance]
+    waivers: list[Waiver] = []
+
+    def waiver(self, category: str, metric: str) -> Waiver | None:
+        return next((w for w in self.waivers if w.slice == category and w.metric == metric), None)
+
+    @model_validator(mode="after")
+    def _waivers_name_gated_metrics(self) -> Policy:
+        for i, waiver in enumerate(self.waivers):
+            if waiver.metric not in self.tolerances:
+                raise PydanticCustomError(
+                    "policy_rule",
+                    "waiver of {metric} on {slice}: the policy does not gate {metric}, so there is nothing to waive; "
+                    "remove the waiver",
+                    {"metric": waiver.metric, "slice": waiver.slice, "field": f"waivers.{i}.metric"},
+                )
+        seen = [(w.slice, w.metric) for w in self.waivers]
+        if len(seen) != len(set(seen)):
+            raise PydanticCustomError("policy_rule", "a slice x metric is waived twice: keep one waiver", {})
+        return self
 
     @field_validator("tolerances")
     @classmethod

@@ -62,3 +62,16 @@ def paired_bootstrap_ci(
         means[start : start + size] = diff[idx].mean(axis=1)
     low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
     return delta, float(low), float(high)
+
+
+def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion: sound at small n and at 0 or 1, unlike the normal one.
+
+    Used to ask whether a base model's multiple-choice accuracy is distinguishable from chance."""
+    if n <= 0:
+        raise ValueError("wilson_interval needs at least one item")
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))

@@ -46,6 +46,7 @@ TASK_CATEGORY = {
     "qp_heldout_ppl": "heldout",
 }
 RESULT_COLUMNS = ["model", "task", "category", "metric", "value", "stderr"]
+GOLDEN_FILE = EVALS_DIR / "golden_v1.jsonl"  # the multiple-choice items (read by qp_tasks.load_golden)
 GENERATION_FILE = EVALS_DIR / "generation_v1.jsonl"
 BIAS_FILE = EVALS_DIR / "bias_pairs_v1.jsonl"
 LATENCY_REQUESTS = 16

@@ -9,6 +9,8 @@ trail's audit entry hold.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from quant_pipeline.core.artifacts import verify_artifact
 from quant_pipeline.core.errors import AuditInputError
 from quant_pipeline.core.hashing import sha256_file
@@ -30,29 +32,65 @@ def _entries(store: ArtifactStore, model_name: str, event: str, artifact_id: str
     ]
 
 
-def report_path(store: ArtifactStore, artifact_id: str):
-    return store.report_dir(artifact_id) / "delta_report.json"
+EVAL_TABLES = ("results.parquet", "items.parquet")
 
 
-def judged_report(store: ArtifactStore, model_name: str, artifact_id: str) -> DeltaReportRecord:
-    """The delta report as the gate judged it: its bytes must hash to what the latest evaluation in the
-    trail recorded, so a `"passed": true` typed into the file is refused, not believed."""
+def eval_table_hashes(store: ArtifactStore, base_key: str, quantized_key: str) -> dict[str, str]:
+    """sha256 of each eval table a verdict was computed from, named `<label>/<file>` (what the trail holds)."""
+    keys = {"base": base_key, "quantized": quantized_key}
+    return {
+        f"{label}/{name}": sha256_file(store.eval_dir(key) / name)
+        for label, key in keys.items()
+        for name in EVAL_TABLES
+    }
+
+
+def latest_evaluation(store: ArtifactStore, model_name: str, artifact_id: str) -> dict:
     evaluated = _entries(store, model_name, "evaluated", artifact_id)
     if not evaluated:
         raise EvidenceError(f"artifact {artifact_id} has no evaluation in the trail of {model_name}: run the audit")
-    path = report_path(store, artifact_id)
-    recorded = evaluated[-1].get("report_sha256")
-    if recorded is None:
+    return evaluated[-1]
+
+
+def gate_failures(store: ArtifactStore, model_name: str, artifact_id: str) -> list[dict]:
+    """Every evaluation of the artifact the gate judged FAIL: one is enough to make it unapprovable."""
+    return [
+        e
+        for e in _entries(store, model_name, "evaluated", artifact_id)
+        if e.get("verdict", "PASS" if e.get("passed") else "FAIL") == "FAIL"
+    ]
+
+
+def report_path(store: ArtifactStore, model_name: str, artifact_id: str) -> Path:
+    """The delta report of the artifact's latest evaluation in the trail."""
+    entry = latest_evaluation(store, model_name, artifact_id)
+    if not entry.get("report_key") or not entry.get("report_sha256"):
         raise EvidenceError(
-            f"the trail's evaluation of {artifact_id} names no report hash (written before reports were hashed): "
-            "re-run delta_report"
+            f"the trail's evaluation of {artifact_id} names no report key or hash (written by an older version): "
+            "re-run the audit"
         )
-    if not path.exists() or sha256_file(path) != recorded:
+    return store.delta_report_dir(artifact_id, entry["report_key"]) / "delta_report.json"
+
+
+def judged_report(store: ArtifactStore, model_name: str, artifact_id: str) -> DeltaReportRecord:
+    """The delta report as the gate judged it: its bytes, and the eval tables it was computed from, must
+    hash to what the latest evaluation in the trail recorded, so a `"passed": true` typed into the file
+    (or a doctored results table) is refused, not believed."""
+    entry = latest_evaluation(store, model_name, artifact_id)
+    path = report_path(store, model_name, artifact_id)
+    if not path.exists() or sha256_file(path) != entry["report_sha256"]:
         raise EvidenceError(
-            f"{path} is not the report the gate judged (sha256 {recorded[:12]} in the trail): it was edited or "
-            "removed; re-run delta_report"
+            f"{path} is not the report the gate judged (sha256 {entry['report_sha256'][:12]} in the trail): "
+            "it was edited or removed; re-run the audit"
         )
-    return DeltaReportRecord.read(path)
+    record = DeltaReportRecord.read(path)
+    held = entry.get("eval_tables") or {}
+    now = eval_table_hashes(store, record.base_eval_key, record.eval_key) if held else {}
+    changed = sorted(name for name, digest in held.items() if now.get(name) != digest)
+    if not held or changed:
+        what = f"eval table(s) {', '.join(changed)} changed since" if changed else "no eval table hashes for"
+        raise EvidenceError(f"{what} the verdict on {artifact_id} was recorded: re-run the audit")
+    return record
 
 
 def verified_bytes(store: ArtifactStore, tracker: MlflowTracker, artifact_id: str) -> ArtifactRecord:

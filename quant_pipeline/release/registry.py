@@ -21,8 +21,18 @@ from quant_pipeline.core.store import ArtifactStore, verify_tree
 from quant_pipeline.core.tracking import MlflowTracker
 from quant_pipeline.evaluation.suite import suite_hash
 from quant_pipeline.models.checkpoint import describe_checkpoint
+from quant_pipeline.release.evidence import EvidenceError, report_path
 from quant_pipeline.release.mlbom import build_mlbom, validate_mlbom, write_mlbom
 from quant_pipeline.release.signoff import decisions
+
+
+def latest_report(store: ArtifactStore, model_name: str, artifact_id: str) -> Path | None:
+    """The delta report of the artifact's latest evaluation in the trail (None before its first one)."""
+    try:
+        path = report_path(store, model_name, artifact_id)
+    except EvidenceError:
+        return None
+    return path if path.exists() else None
 
 
 def all_records(store: ArtifactStore | Path) -> list[dict]:
@@ -36,7 +46,7 @@ def show(store: ArtifactStore | Path, tracker: MlflowTracker, artifact_id: str) 
     record = read_artifact_record(store, artifact_id)
     version = tracker.find_version(record.model_name, artifact_id)
     mv = tracker.client().get_model_version(record.model_name, version) if version else None
-    report_path = store.report_dir(artifact_id) / "delta_report.json"
+    report = latest_report(store, record.model_name, artifact_id)
     return {
         "artifact_id": artifact_id,
         "record": record.model_dump(mode="json", exclude={"scales", "files"}),
@@ -48,7 +58,7 @@ def show(store: ArtifactStore | Path, tracker: MlflowTracker, artifact_id: str) 
             "tags": dict(mv.tags) if mv else {},
             "aliases": list(mv.aliases) if mv else [],
         },
-        "delta_report": DeltaReportRecord.read(report_path).dump() if report_path.exists() else None,
+        "delta_report": DeltaReportRecord.read(report).dump() if report is not None else None,
         "decisions": decisions(store, record.model_name, artifact_id),
     }
 
@@ -100,8 +110,8 @@ def write_bom(store: ArtifactStore | Path, artifact_id: str) -> Path:
         "suite_hash": suite_hash(),
         "files": file_hashes(EVALS_DIR),
     }
-    report = store.report_dir(artifact_id) / "delta_report.parquet"
-    deltas = pd.read_parquet(report).to_dict("records") if report.exists() else []
+    report = latest_report(store, record["model_name"], artifact_id)
+    deltas = pd.read_parquet(report.with_name("delta_report.parquet")).to_dict("records") if report else []
     doc = build_mlbom(record, base, calibration, suite, deltas, decisions(store, record["model_name"], artifact_id))
     validate_mlbom(doc)
     return write_mlbom(doc, store.report_dir(artifact_id) / "mlbom.cdx.json")

@@ -28,11 +28,24 @@ def describe(entry: dict) -> str:
             f"recipe {json.dumps(entry.get('recipe'), sort_keys=True)}"
         )
     if e == "evaluated":
-        failing = ", ".join(f"{f['metric']}/{f['category']}" for f in entry.get("failing", [])) or "none"
+        verdict = entry.get("verdict") or ("PASS" if entry.get("passed") else "FAIL")
+        reasons = entry.get("reasons") or []
+        why = "; ".join(reasons[:3]) + (f" (+{len(reasons) - 3} more)" if len(reasons) > 3 else "")
+        waived = ", ".join(f"{w['metric']}/{w['category']}" for w in entry.get("waived") or [])
         return (
-            f"{'PASS' if entry.get('passed') else 'FAIL'} under policy {entry.get('policy_name')} "
-            f"({str(entry.get('policy_hash'))[:12]}); failing: {failing}"
+            f"{verdict} under policy {entry.get('policy_name')} ({str(entry.get('policy_hash'))[:12]})"
+            f"{f': {why}' if why else ''}{f'; waived: {waived}' if waived else ''}; "
+            f"report sha256 {str(entry.get('report_sha256'))[:12]}"
         )
+    if e == "policy pinned":
+        was = entry.get("previous_policy_hash")
+        change = f"changed from {was[:12]}" if was else "first pin"
+        return (
+            f"policy {entry.get('policy_name')} ({str(entry.get('policy_hash'))[:12]}) pinned by {entry.get('by')} "
+            f"({change}): {entry.get('reason')}"
+        )
+    if e == "incomplete":
+        return f"not approvable (audit INCOMPLETE), recorded by {entry['by']}: {entry.get('note', '')}"
     if e == "approved":
         extra = f" with {entry['second_approver']} (OVERRIDE of failed checks)" if entry.get("override") else ""
         return (

@@ -20,7 +20,7 @@ from quant_pipeline.core.hashing import sha256_file
 from quant_pipeline.core.records import ArtifactRecord, Decision
 from quant_pipeline.core.store import ArtifactStore
 from quant_pipeline.core.tracking import APPROVED_ALIAS, MlflowTracker
-from quant_pipeline.release.evidence import judged_report, report_path, verified_bytes
+from quant_pipeline.release.evidence import gate_failures, judged_report, report_path, verified_bytes
 from quant_pipeline.release.trail import append_entry, read_entries, verify_trail
 
 PRODUCTION_ALIAS = "production"
@@ -128,7 +128,9 @@ def require_intact_trail(store: ArtifactStore | Path, tracker: MlflowTracker, mo
         )
 
 
-DECISIONS = ("approved", "rejected", "pending sign-off", "revoked")
+DECISIONS = ("approved", "rejected", "incomplete", "pending sign-off", "revoked")
+PINNED = "policy pinned"  # the trail event that sets the policy governing a model (release/governing.py)
+GATE = "the gate"  # who records a FAIL or INCOMPLETE verdict's decision: no person is needed to refuse
 
 
 def decisions_of_model(store: ArtifactStore | Path, model_name: str) -> list[dict]:
@@ -160,10 +162,26 @@ def approve(
     model_name = artifact_record(store, artifact_id).model_name
     require_intact_trail(store, tracker, model_name, f"approve {artifact_id}")
     report = judged_report(store, model_name, artifact_id)
-    if not report.passed:
-        if not override:
-            failing = ", ".join(f"{f.metric}/{f.category}" for f in report.failing) or "checks"
-            raise SignOffError(f"artifact {artifact_id} failed its checks ({failing}): it cannot be approved")
+    governing = (governing_policy(store, model_name) or {}).get("policy_hash")
+    if report.policy_hash != governing:
+        raise SignOffError(
+            f"artifact {artifact_id} was last judged under policy {report.policy_name} ({report.policy_hash[:12]}), "
+            f"but {model_name} is governed by {str(governing)[:12]}: re-run the audit under the pinned policy"
+        )
+    if report.verdict == "INCOMPLETE":
+        raise SignOffError(
+            f"artifact {artifact_id}'s audit is INCOMPLETE ({report.reasons[0] if report.reasons else 'see report'}"
+            f"{f'; +{len(report.reasons) - 1} more' if len(report.reasons) > 1 else ''}): only a PASS can be approved; "
+            "measure more items (--eval-limit) or waive the slice in the policy with a reason"
+        )
+    failures = gate_failures(store, model_name, artifact_id)
+    if failures and not override:
+        failing = ", ".join(f"{f['metric']}/{f['category']}" for f in failures[-1].get("failing") or []) or "checks"
+        raise SignOffError(
+            f"artifact {artifact_id} was rejected by the gate ({failing} under policy "
+            f"{failures[-1].get('policy_name')}): a failed artifact cannot be approved later; quantize a new candidate"
+        )
+    if failures:
         if not report.allow_override:
             raise SignOffError(
                 f"policy {report.policy_name} does not allow overrides: artifact {artifact_id} cannot be approved"
@@ -172,14 +190,13 @@ def approve(
             raise SignOffError(
                 "an override needs a second named approver, different from the first (--second-approver NAME)"
             )
-    elif override:
-        override = False  # nothing to override
+    override = bool(failures) and override  # nothing to override on an artifact that never failed
     record = verified_bytes(store, tracker, artifact_id)
     version = tracker.find_version(model_name, artifact_id)
     decision = Decision(
         event="approved", artifact_id=artifact_id, registry_version=version, content_hash=record.content_hash,
         by=by.strip(), second_approver=second_approver.strip() or None, override=override, note=note,
-        policy_hash=report.policy_hash, report_sha256=sha256_file(report_path(store, artifact_id)),
+        policy_hash=report.policy_hash, report_sha256=sha256_file(report_path(store, model_name, artifact_id)),
         dagster_run_id=dagster_run_id,
     )  # fmt: skip
     entry = record_event(store, tracker, model_name, decision.model_dump(mode="json"))
@@ -206,6 +223,16 @@ def record_pending(
     if is_approved(store, record.model_name, artifact_id):
         # a re-run that passed again (e.g. a policy-only re-judge) leaves a standing approval standing
         return [e for e in decisions(store, record.model_name, artifact_id) if e["event"] == "approved"][-1]
+    failed = gate_failures(ArtifactStore.of(store), record.model_name, artifact_id)
+    if failed:  # a PASS after a FAIL (under a policy changed since) does not reopen the gate's rejection
+        standing = [e for e in decisions(store, record.model_name, artifact_id) if e["event"] == "rejected"]
+        if standing:
+            return standing[-1]
+        version = tracker.find_version(record.model_name, artifact_id)
+        note = f"FAIL under policy {failed[-1].get('policy_name')} recorded at {failed[-1].get('at')}"
+        decision = Decision(event="rejected", artifact_id=artifact_id, registry_version=version, by=GATE, note=note)
+        tracker.set_version_tags(record.model_name, version, {"approval": "rejected", "rejected_by": GATE})
+        return record_event(store, tracker, record.model_name, decision.model_dump(mode="json"))
     version = tracker.find_version(record.model_name, artifact_id)
     tracker.set_version_tags(record.model_name, version, {"approval": "pending sign-off"})
     decision = Decision(
@@ -216,6 +243,42 @@ def record_pending(
         dagster_run_id=dagster_run_id,
     )
     return record_event(store, tracker, record.model_name, decision.model_dump(mode="json"))
+
+
+def governing_policy(store: ArtifactStore | Path, model_name: str) -> dict | None:
+    """The model's latest `policy pinned` trail entry (None before its first judged audit); see governing.py."""
+    path = trail_path(store, model_name)
+    pins = [e for e in read_entries(path) if e.get("event") == PINNED] if path.exists() else []
+    return pins[-1] if pins else None
+
+
+def record_gate_decision(
+    store: ArtifactStore | Path, tracker: MlflowTracker, artifact_id: str, dagster_run_id: str | None = None
+) -> dict:
+    """The decision the gate itself records when the verdict is not PASS: "rejected" for a FAIL (final:
+    nothing approves the artifact later), "incomplete" for an INCOMPLETE (a fuller audit may still
+    PASS). Read from the trail-verified report, not from what the caller passes along."""
+    store = ArtifactStore.of(store)
+    model_name = artifact_record(store, artifact_id).model_name
+    report = judged_report(store, model_name, artifact_id)
+    if report.verdict == "PASS":
+        raise SignOffError(f"artifact {artifact_id} passed its audit: the gate has nothing to refuse")
+    event = "rejected" if report.verdict == "FAIL" else "incomplete"
+    why = "; ".join(report.reasons[:8]) + (f" (+{len(report.reasons) - 8} more)" if len(report.reasons) > 8 else "")
+    note = f"{report.verdict} under policy {report.policy_name} ({report.policy_hash[:12]}): {why}"
+    version = tracker.find_version(model_name, artifact_id)
+    label = "rejected" if event == "rejected" else "incomplete (not approvable)"
+    tracker.set_version_tags(
+        model_name, version, {"approval": label, "rejected_by": GATE, "rejection_reason": note[:4000]}
+    )
+    if str(tracker.alias_version(model_name, APPROVED_ALIAS)) == str(version):
+        tracker.client().delete_registered_model_alias(model_name, APPROVED_ALIAS)
+    decision = Decision(
+        event=event, artifact_id=artifact_id, registry_version=version, by=GATE, note=note,
+        policy_hash=report.policy_hash, report_sha256=sha256_file(report_path(store, model_name, artifact_id)),
+        dagster_run_id=dagster_run_id,
+    )  # fmt: skip
+    return record_event(store, tracker, model_name, decision.model_dump(mode="json"))
 
 
 def reject(store: ArtifactStore | Path, tracker: MlflowTracker, artifact_id: str, by: str, reason: str) -> dict:
