@@ -73,3 +73,11 @@ def cli_home(home: Path):
         tracker = MlflowTracker(tracking_uri=f"sqlite:///{home}/mlflow.db")
         tracker.client().search_experiments()
         yield ArtifactStore(home / "store"), tracker
+
+
+def change_policy(settings: AuditSettings, tracker: MlflowTracker, model_name: str, text: str) -> dict:
+    """Rewrite the audit's policy file and pin it for the model, on the record, as a policy owner would."""
+    from quant_pipeline.release.governing import pin_policy
+
+    Path(settings.policy_file).write_text(text)
+    return pin_policy(settings.store, tracker, model_name, Path(settings.policy_file), "Policy Owner", "new bar")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from quant_pipeline.core.errors import AuditInputError
 from quant_pipeline.core.paths import project_home
 from quant_pipeline.definitions import AUDIT_ASSETS, AUDIT_CHECKS
 from quant_pipeline.defs.preflight import preflight
@@ -24,8 +25,18 @@ from quant_pipeline.defs.resources import build_resources
 EXIT_PASSED, EXIT_CRASHED, EXIT_BAD_INPUT, EXIT_GATE_FAILED = 0, 1, 2, 3
 AUDIT_JOB = "__ephemeral_asset_job__"  # the name dg.materialize gives its job: CLI runs look as they always did
 GATED_ASSET = "delta_report"
-# Refusals a stage raises for input a person can fix (a policy that is not the pinned one included)
-BAD_INPUT_ERRORS = ("AuditInputError", "PolicyNotPinnedError", "SignOffError", "EvidenceError", "RecordError")
+
+
+def _input_error_names() -> frozenset[str]:
+    """AuditInputError and every subclass (a policy that is not the pinned one, a tampered record, ...):
+    the refusals a stage raises for input a person can fix. Dagster keeps only the class name of an
+    error, so the names are what is matched."""
+    names, todo = set(), [AuditInputError]
+    while todo:
+        cls = todo.pop()
+        names.add(cls.__name__)
+        todo += cls.__subclasses__()
+    return frozenset(names)
 
 
 def _instance():
@@ -50,7 +61,7 @@ class _KnownFailureFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         text = self._inner.format(record)
-        known = any(f"{name}:" in text for name in BAD_INPUT_ERRORS)
+        known = any(f"{name}:" in text for name in _input_error_names())
         return text.split("\nStack Trace:", 1)[0].rstrip() if known else text
 
 
@@ -149,7 +160,7 @@ def audit_outcome(result) -> AuditOutcome:
     if crashes:
         stage, error = crashes[0]
         inner = _innermost(error) if error is not None else None
-        if inner is not None and inner.cls_name in BAD_INPUT_ERRORS:
+        if inner is not None and inner.cls_name in _input_error_names():
             return AuditOutcome(EXIT_BAD_INPUT, f"verdict: none — bad input stopped {stage}", _error_text(inner))
         what = f" ({inner.cls_name}: {_error_text(inner)[:200]})" if inner is not None else ""
         return AuditOutcome(

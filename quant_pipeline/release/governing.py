@@ -4,7 +4,7 @@ A tolerance policy is only a commitment if it cannot be swapped after the result
 first audit of a model pins the policy it ran under as a trail entry (hash-chained and anchored in
 MLflow like every decision); every later audit must run under the pinned policy, and pointing
 `QP_POLICY_FILE` at a laxer file is refused, not silently judged. Changing the policy is itself a
-release event (`quant-pipeline policy pin`), with a name and a reason, that a reviewer sees in the
+release event (`quant-pipeline pin-policy`), with a name and a reason, that a reviewer sees in the
 trail and the audit report. A copy of each pinned policy is kept in the store under its sha256, so
 the exact bar a verdict was judged against can be read back and checked years later.
 """
@@ -98,6 +98,6 @@ def require_governing(
             f"policy file {policy_file} (sha256 {policy_hash[:12]}) is not the policy governing {model_name} "
             f"({current.get('policy_name')}, sha256 {str(current.get('policy_hash'))[:12]}, pinned by "
             f"{current.get('by')}): point QP_POLICY_FILE at that policy, or change it on the record with "
-            f"`quant-pipeline policy pin {model_name} --file {policy_file} --by NAME --reason TEXT`"
+            f"`quant-pipeline pin-policy {model_name} --file {policy_file} --by NAME --reason TEXT`"
         )
     return current

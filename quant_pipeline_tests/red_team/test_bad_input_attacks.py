@@ -16,6 +16,8 @@ from quant_pipeline.cli import main
 from quant_pipeline.cli.audit import AUDIT_CONSOLE, audit_outcome
 from quant_pipeline.core.errors import AuditInputError
 from quant_pipeline.core.tracking import MlflowTracker
+from quant_pipeline.release.evidence import EvidenceError
+from quant_pipeline.release.governing import PolicyNotPinnedError
 
 JSONL = b'{"text": "a calibration sample"}\n'
 NOT_TEXT = {
@@ -109,7 +111,7 @@ def test_an_eval_size_below_one_is_refused_by_name(cli_home, capsys, tiny_llama,
 # The exit code of a finished run, on a toy graph shaped like the gate (seconds, no model work).
 
 
-def gate_graph(delta_passed: bool = True, crash: Exception | None = None):
+def gate_graph(verdict: str = "PASS", crash: Exception | None = None):
     @dg.asset
     def quantized_artifact() -> int:
         if crash is not None:
@@ -118,17 +120,20 @@ def gate_graph(delta_passed: bool = True, crash: Exception | None = None):
 
     @dg.asset
     def delta_report(quantized_artifact: int) -> dg.MaterializeResult:
-        metadata = {"passed": delta_passed, "slices": 4, "slices_failed": 0 if delta_passed else 3}
+        failed, incomplete = (3 if verdict == "FAIL" else 0), (2 if verdict == "INCOMPLETE" else 0)
+        metadata = {"verdict": verdict, "slices": 4, "slices_failed": failed, "slices_incomplete": incomplete}
         return dg.MaterializeResult(
-            value={"passed": delta_passed}, metadata={**metadata, "html_report": dg.MetadataValue.path("/r.html")}
+            value={"passed": verdict == "PASS"}, metadata={**metadata, "html_report": dg.MetadataValue.path("/r.html")}
         )
 
-    @dg.asset_check(asset=delta_report, blocking=True)
+    @dg.asset_check(asset=delta_report)
     def slices_within_tolerance(delta_report: dict) -> dg.AssetCheckResult:
         return dg.AssetCheckResult(passed=delta_report["passed"])
 
-    @dg.asset
-    def approval(delta_report: dict) -> None: ...
+    @dg.asset(deps=[delta_report])
+    def approval() -> dg.MaterializeResult:
+        decision = {"PASS": "pending sign-off", "FAIL": "rejected by the gate"}.get(verdict, "incomplete")
+        return dg.MaterializeResult(metadata={"decision": decision})
 
     return [quantized_artifact, delta_report, approval, slices_within_tolerance]
 
@@ -146,18 +151,28 @@ def run_graph(graph, tmp_path):
 def test_a_passing_gate_exits_0_with_a_pass_verdict(tmp_path):
     outcome = audit_outcome(run_graph(gate_graph(), tmp_path))
     assert (outcome.code, outcome.error) == (0, "")
-    assert outcome.verdict == "verdict: PASS — 4/4 slices within tolerance; report: /r.html"
+    assert outcome.verdict == (
+        "verdict: PASS — 4/4 gated slices within tolerance or waived, 0 regressed, 0 could not show a regression; "
+        "decision: pending sign-off\nreport: /r.html"
+    )
 
 
-def test_a_failed_gate_is_a_verdict_exit_3_and_dagster_logs_no_stack_trace(tmp_path, capsys):
-    result = run_graph(gate_graph(delta_passed=False), tmp_path)
+@pytest.mark.parametrize(
+    ("verdict", "found", "decision"),
+    [
+        ("FAIL", "1/4 gated slices within tolerance or waived, 3 regressed", "rejected by the gate"),
+        ("INCOMPLETE", "2/4 gated slices within tolerance or waived, 0 regressed, 2 could not", "incomplete"),
+    ],
+)
+def test_a_fail_or_incomplete_verdict_completes_the_run_and_exits_3(tmp_path, capsys, verdict, found, decision):
+    result = run_graph(gate_graph(verdict), tmp_path)
     err = capsys.readouterr().err
-    assert not result.success  # the blocking check failed and approval was skipped
+    assert result.success  # the check failed, the run did not: approval recorded the gate's decision
     outcome = audit_outcome(result)
     assert (outcome.code, outcome.error) == (3, "")
-    assert outcome.verdict == "verdict: FAIL — 1/4 slices within tolerance; report: /r.html"
-    assert "DagsterAssetCheckFailedError" in err  # Dagster's own ERROR line stays ...
-    assert "Stack Trace" not in err and "Traceback" not in err and 'File "' not in err  # ... without a trace
+    assert outcome.verdict.startswith(f"verdict: {verdict} — {found}")
+    assert f"decision: {decision}\nreport: /r.html" in outcome.verdict
+    assert "Stack Trace" not in err and "Traceback" not in err
 
 
 def test_a_crashed_stage_exits_1_naming_the_stage_and_the_run(tmp_path, capsys):
@@ -170,8 +185,11 @@ def test_a_crashed_stage_exits_1_naming_the_stage_and_the_run(tmp_path, capsys):
     assert result.run_id in outcome.error
 
 
-def test_bad_input_found_inside_a_stage_exits_2_with_its_own_line(tmp_path):
-    outcome = audit_outcome(run_graph(gate_graph(crash=AuditInputError("kept baseline /x was modified")), tmp_path))
+@pytest.mark.parametrize("error", [AuditInputError, PolicyNotPinnedError, EvidenceError])
+def test_bad_input_found_inside_a_stage_exits_2_with_its_own_line_and_no_trace(tmp_path, capsys, error):
+    result = run_graph(gate_graph(crash=error("kept baseline /x was modified")), tmp_path)
+    assert "Stack Trace" not in capsys.readouterr().err
+    outcome = audit_outcome(result)
     assert (outcome.code, outcome.error) == (2, "kept baseline /x was modified")
 
 
@@ -185,11 +203,9 @@ def test_a_completed_audit_with_a_failing_gate_exits_3_with_the_verdict(cli_home
     out, err = capfd.readouterr()
     assert code == 3, err[-3000:]
     lines = out.rstrip("\n").splitlines()
-    verdict = next(i for i, line in enumerate(lines) if line.startswith("verdict: "))
-    assert lines[verdict].startswith("verdict: FAIL — ") and "slices within tolerance; report: " in lines[verdict]
-    assert [line for line in lines[verdict + 1 :] if line.strip()][0].startswith("Dagster run ")  # then the links
-    assert len([line for line in lines[verdict + 1 :] if line.strip()]) == 2
-    report = Path(lines[verdict].rsplit("; report: ", 1)[1])
+    assert lines[-2].startswith("verdict: FAIL — ") and "decision: rejected by the gate" in lines[-2]
+    assert lines[-1].startswith("report: ")  # the summary ends with the verdict and where the report is
+    report = Path(lines[-1].removeprefix("report: "))
     assert report.name == "delta_report.html" and report.is_file()
     assert "Traceback" not in out + err and "Stack Trace" not in err
     assert "quant-pipeline: error" not in err

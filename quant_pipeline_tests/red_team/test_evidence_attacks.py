@@ -3,15 +3,15 @@ store's folders — the report hash in the anchored trail, the content hash in t
 editing the files a decision reads, together with the record beside them, gets a one-line refusal."""
 
 import json
-from pathlib import Path
 
 import pytest
 
 from quant_pipeline.core.hashing import file_hashes, tree_hash
 from quant_pipeline.core.tracking import APPROVED_ALIAS
 from quant_pipeline.release import signoff
-from quant_pipeline.release.evidence import EvidenceError
-from quant_pipeline_tests.support import replace, run_audit
+from quant_pipeline.release.evidence import EvidenceError, report_path
+from quant_pipeline.release.trail import read_entries
+from quant_pipeline_tests.support import change_policy, replace, run_audit
 
 FAILS = (
     "name: always-fails\nmin_items: 1\n"
@@ -21,12 +21,12 @@ FAILS = (
 
 def test_a_failed_report_edited_to_passed_is_refused(audited):
     settings, artifact, tracker, instance = audited
-    Path(settings.policy_file).write_text(FAILS)
+    change_policy(settings, tracker, artifact["model_name"], FAILS)
     result = run_audit(settings, tracker, instance, selection=["delta_report"])
     assert result.output_for_node("delta_report")["passed"] is False
-    report = settings.store.report_dir(artifact["artifact_id"]) / "delta_report.json"
+    report = report_path(settings.store, artifact["model_name"], artifact["artifact_id"])
     doc = json.loads(report.read_text())
-    report.write_text(json.dumps({**doc, "passed": True, "failing": []}))  # the attack
+    report.write_text(json.dumps({**doc, "verdict": "PASS", "passed": True, "failing": [], "reasons": []}))
     with pytest.raises(EvidenceError, match="not the report the gate judged") as refused:
         signoff.approve(settings.store, tracker, artifact["artifact_id"], by="Mallory", note="looks fine to me")
     assert "\n" not in str(refused.value)
@@ -76,9 +76,9 @@ def test_a_failing_re_audit_revokes_the_approval_and_moves_production_back(audit
     aid, name = artifact["artifact_id"], artifact["model_name"]
     signoff.approve(settings.store, tracker, aid, by="Ada", note="reviewed")
     signoff.promote(settings.store, tracker, aid, by="Ada", note="go live")
-    Path(settings.policy_file).write_text(FAILS)  # a stricter bar at the next periodic re-audit
+    change_policy(settings, tracker, name, FAILS)  # a stricter bar at the next periodic re-audit
     rerun = run_audit(settings, tracker, instance, selection=["delta_report", "approval"])
-    assert not rerun.success
+    assert rerun.success  # a FAIL is recorded, not crashed on
     checks = {c.check_name: c for c in rerun.get_asset_check_evaluations()}
     revoked = checks["slices_within_tolerance"].metadata["approval_revoked"].value
     assert not checks["slices_within_tolerance"].passed and "kl_divergence" in revoked and "production" in revoked
@@ -86,6 +86,8 @@ def test_a_failing_re_audit_revokes_the_approval_and_moves_production_back(audit
     assert tracker.alias_version(name, APPROVED_ALIAS) is None
     production = tracker.client().get_model_version(name, tracker.alias_version(name, signoff.PRODUCTION_ALIAS))
     assert production.tags["kind"] == "base"  # no other approved version: the kept base serves
-    assert tracker.model_version(name, aid).tags["approval"] == "revoked"
+    assert tracker.model_version(name, aid).tags["approval"] == "rejected"  # revoked, then rejected by the gate
+    events = [e["event"] for e in read_entries(settings.store.trail_path(name))]
+    assert events[-3:] == ["evaluated", "revoked", "rejected"]
     with pytest.raises(Exception, match="not approved"):
         signoff.promote(settings.store, tracker, aid, by="Ada")

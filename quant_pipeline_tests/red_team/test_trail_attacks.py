@@ -49,12 +49,12 @@ def fake_artifact(world, model: str) -> str:
         calibration_hash=H, calibration_count=1, runtime_hash=H, runtime={}, precision="w4",
         scales={"hash": H, "layers": 0}, files=files, content_hash=tree_hash(files), size_bytes=7,
     ).write(store.artifact_record_path(aid))  # fmt: skip
-    report = store.report_dir(aid)
+    report = store.delta_report_dir(aid, "k")
     DeltaReportRecord(
         artifact_id=aid, model_name=model, registry_version="1", policy_path="/p.yaml", policy_hash=H,
-        policy_name="p", allow_override=False, passed=True, failing=[], not_measurable=[], measured_metrics=["acc"],
-        policy_metrics=["acc"], categories=["all"], path=str(report / "d.parquet"), markdown_path="d.md",
-        html_path="d.html",
+        policy_name="p", allow_override=False, base_eval_key="b", eval_key="q", verdict="PASS", passed=True,
+        reasons=[], failing=[], incomplete=[], waived=[], measured_metrics=["acc"], policy_metrics=["acc"],
+        categories=["all"], path=str(report / "d.parquet"), markdown_path="d.md", html_path="d.html",
     ).write(report / "delta_report.json")  # fmt: skip
     return aid
 
