@@ -33,6 +33,7 @@ from quant_pipeline.evaluation.suite import (
     score_output,
 )
 from quant_pipeline.models.checkpoint import load_model
+from quant_pipeline.release.governing import pin_policy
 from quant_pipeline.serving.server import Server, greedy_generate
 
 
@@ -186,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\n== re-audit after a calibration change, per stage ==")
         print(summarize(reaudit))
         policy.write_text(policy.read_text().replace("name: ", "name: changed-", 1))
+        model_name = result.output_for_node("quantized_artifact")["model_name"]
+        pin_policy(work / "store", tracker, model_name, policy, "make bench", "time a re-judgement")  # on the record
         timed("re-audit after policy change", ["delta_report", "approval"])
     print("\n== incremental re-audit (same run) ==")
     cold = timings["cold full audit"]

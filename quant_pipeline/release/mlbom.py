@@ -181,11 +181,14 @@ def _model_properties(artifact: dict, deltas: list[dict], approvals: list[dict])
     for r in deltas:
         if "passed" in r:
             props.append(_prop(f"delta:{r['category']}:{r['metric']}:passed", bool(r["passed"])))
+        if r.get("mode"):  # a gated row: its status and why (regression, within, not measurable, uninformative, waived)
+            status = f"{r['status']}: {r['reason']}" if r.get("reason") else r["status"]
+            props.append(_prop(f"delta:{r['category']}:{r['metric']}:status", status))
     props.append(_prop("approval:count", len(approvals)))
     for i, entry in enumerate(approvals):
         props.append(_prop(f"approval:{i}", entry))  # the whole entry (decision, approver, at, chain hashes) as JSON
     if approvals:
-        props.append(_prop("approval:latest:decision", approvals[-1].get("decision")))
+        props.append(_prop("approval:latest:decision", approvals[-1].get("decision") or approvals[-1].get("event")))
     return props
 
 

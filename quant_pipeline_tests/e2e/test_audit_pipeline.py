@@ -7,7 +7,7 @@ import pandas as pd
 
 from quant_pipeline.core.artifacts import verify_artifact
 from quant_pipeline.core.tracking import APPROVED_ALIAS
-from quant_pipeline.defs.gate import APPROVED, PENDING
+from quant_pipeline.defs.signoff import APPROVED, PENDING
 from quant_pipeline.release.signoff import trail_path
 from quant_pipeline.release.trail import read_entries
 from quant_pipeline_tests.support import replace, run_audit
@@ -102,7 +102,7 @@ def test_named_approver_moves_the_approved_alias(tiny_settings, mlflow_tracker, 
     assert trail[-1]["event"] == "approved" and trail[-1]["content_hash"] == artifact["content_hash"]
 
 
-def test_failed_blocking_check_stops_approval(tiny_settings, mlflow_tracker, instance, tmp_path):
+def test_a_failed_gate_completes_the_run_and_records_the_rejection(tiny_settings, mlflow_tracker, instance, tmp_path):
     strict = tmp_path / "strict.yaml"  # zero KL allowed: any drift of the GPTQ model from its base fails
     strict.write_text(
         "name: impossible\nmin_items: 1\ntolerances:\n"
@@ -110,14 +110,15 @@ def test_failed_blocking_check_stops_approval(tiny_settings, mlflow_tracker, ins
     )
     settings = replace(tiny_settings, policy_file=str(strict))
     result = run_audit(settings, mlflow_tracker, instance, approver="Ada Lovelace")
-    assert not result.success
+    assert result.success  # a FAIL is the audit's answer: the run completes its record
     checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
     assert checks["slices_within_tolerance"] is False
-    assert "approval" not in materialized(result)
+    assert {"approval", "audit_report"} <= set(materialized(result))
+    assert result.output_for_node("approval")["decision"] == "rejected by the gate"
     artifact = result.output_for_node("quantized_artifact")
     assert mlflow_tracker.alias_version(artifact["model_name"], APPROVED_ALIAS) is None
     events = [e["event"] for e in read_entries(trail_path(Path(settings.store_dir), artifact["model_name"]))]
-    assert events == ["audit", "evaluated"]  # evaluated (failed), never approved
+    assert events == ["audit", "policy pinned", "evaluated", "rejected"]  # never approved
 
 
 def test_same_inputs_reuse_the_artifact_and_evaluations(tiny_settings, mlflow_tracker, instance, lenient_policy):

@@ -19,8 +19,8 @@ from quant_pipeline.defs.automation import (
     calibration_data_sensor,
     runtime_sensor,
 )
-from quant_pipeline.defs.gate import PENDING
-from quant_pipeline_tests.support import replace, run_audit
+from quant_pipeline.defs.signoff import PENDING
+from quant_pipeline_tests.support import LENIENT, change_policy, replace, run_audit
 
 
 def tick(sensor, instance, cursor=None, settings=None):
@@ -129,7 +129,7 @@ def test_calibration_reaudit_reuses_base_eval_and_starts_a_new_pending_approval(
     tiny_settings, mlflow_tracker, instance, calibration_copy, tmp_path
 ):
     lenient = tmp_path / "lenient.yaml"
-    lenient.write_text("name: lenient\ntolerances:\n  acc: {direction: higher_is_better, tolerance: 1.0}\n")
+    lenient.write_text(LENIENT)
     settings = replace(tiny_settings, calibration_file=str(calibration_copy), policy_file=str(lenient))
     first = run_audit(settings, mlflow_tracker, instance, approver="Grace Hopper", note="first release")
     assert first.success
@@ -151,11 +151,12 @@ def test_calibration_reaudit_reuses_base_eval_and_starts_a_new_pending_approval(
 
 def test_policy_change_rejudges_without_rerunning_any_model(tiny_settings, mlflow_tracker, instance, tmp_path):
     lenient = tmp_path / "lenient.yaml"
-    lenient.write_text("name: lenient\ntolerances:\n  acc: {direction: higher_is_better, tolerance: 1.0}\n")
+    lenient.write_text(LENIENT)
     settings = replace(tiny_settings, policy_file=str(lenient))
     first = run_audit(settings, mlflow_tracker, instance)
     assert first.success
-    lenient.write_text("name: lenient-v2\ntolerances:\n  acc: {direction: higher_is_better, tolerance: 0.9}\n")
+    model_name = first.output_for_node("quantized_artifact")["model_name"]
+    change_policy(settings, mlflow_tracker, model_name, LENIENT.replace("lenient", "lenient-v2").replace("1.0", "0.9"))
     rejudge = run_audit(settings, mlflow_tracker, instance, selection=["delta_report", "approval"])
     assert rejudge.success
     assert {e.asset_key.to_user_string() for e in rejudge.get_asset_materialization_events()} == {

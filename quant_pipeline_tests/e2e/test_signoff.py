@@ -12,7 +12,7 @@ from quant_pipeline.release import registry, signoff
 from quant_pipeline.release.mlbom import validate_mlbom
 from quant_pipeline.release.report import write_report
 from quant_pipeline.release.trail import verify_trail
-from quant_pipeline_tests.support import replace, run_audit
+from quant_pipeline_tests.support import change_policy, replace, run_audit
 
 IMPOSSIBLE = (
     "name: impossible\nmin_items: 1\nallow_override: {allow}\ntolerances:\n"
@@ -25,7 +25,8 @@ def failed_audit(tiny_settings, tracker, instance, tmp_path, allow_override: boo
     policy.write_text(IMPOSSIBLE.format(allow=str(allow_override).lower()))
     settings = replace(tiny_settings, policy_file=str(policy))
     result = run_audit(settings, tracker, instance)
-    assert not result.success
+    assert result.success and result.output_for_node("delta_report")["verdict"] == "FAIL"
+    assert result.output_for_node("approval")["decision"] == "rejected by the gate"
     return settings, result.output_for_node("quantized_artifact")
 
 
@@ -43,15 +44,17 @@ def test_failed_checks_cannot_be_approved_and_override_needs_two_people(
 ):
     settings, artifact = failed_audit(tiny_settings, mlflow_tracker, instance, tmp_path, allow_override=False)
     aid = artifact["artifact_id"]
-    with pytest.raises(signoff.SignOffError, match="failed its checks"):
+    with pytest.raises(signoff.SignOffError, match="rejected by the gate"):
         signoff.approve(settings.store, mlflow_tracker, aid, by="Ada", note="ship it")
     with pytest.raises(signoff.SignOffError, match="does not allow overrides"):
         signoff.approve(
             settings.store, mlflow_tracker, aid, by="Ada", note="ship it", second_approver="Bob", override=True
         )
 
-    settings, artifact = failed_audit(tiny_settings, mlflow_tracker, instance, tmp_path, allow_override=True)
-    aid = artifact["artifact_id"]
+    # the policy owner allows two-person overrides, on the record; the artifact is judged again under it
+    change_policy(settings, mlflow_tracker, artifact["model_name"], IMPOSSIBLE.format(allow="true"))
+    rejudged = run_audit(settings, mlflow_tracker, instance, selection=["delta_report", "approval"])
+    assert rejudged.output_for_node("approval")["decision"] == "rejected by the gate"
     with pytest.raises(signoff.SignOffError, match="second named approver"):
         signoff.approve(settings.store, mlflow_tracker, aid, by="Ada", note="known regression, accepted", override=True)
     with pytest.raises(signoff.SignOffError, match="second named approver"):
@@ -162,6 +165,7 @@ def test_scripted_release_history_moves_aliases_and_shows_in_the_audit_report(au
     ]
     assert events == [
         "audit",
+        "policy pinned",
         "evaluated",
         "pending sign-off",
         "approved",

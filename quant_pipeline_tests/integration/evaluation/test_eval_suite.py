@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from quant_pipeline.core.errors import AuditInputError
 from quant_pipeline.core.hashing import sha256_file
-from quant_pipeline.evaluation.delta import NOT_MEASURABLE, REGRESSION, WITHIN, compute_deltas
+from quant_pipeline.evaluation.delta import NOT_MEASURABLE, REGRESSION, WITHIN, compute_deltas, verdict
 from quant_pipeline.evaluation.delta_html import render_html, render_markdown
 from quant_pipeline.evaluation.generation import agreement_with_reference, reference_states
 from quant_pipeline.evaluation.policy import Policy
@@ -135,8 +135,10 @@ def test_noise_damaged_copy_fails_the_slices_it_damages_and_the_gate_everywhere(
     assert set(gated["status"]) == {REGRESSION}  # every slice it damaged, nowhere within tolerance
     top1 = gated[gated["metric"] == "top1_agreement"]
     assert (top1["ci_high"] < 1.0).all() and top1["significant"].all()
-    md = render_markdown(deltas, AGREEMENT_POLICY, "0" * 64, "damaged")
-    assert "FAIL" in md and "Regression beyond tolerance" in md
+    outcome, reasons = verdict(deltas, AGREEMENT_POLICY)
+    assert outcome == "FAIL" and len(reasons) == len(gated)
+    md = render_markdown(deltas, AGREEMENT_POLICY, "0" * 64, "damaged", outcome, reasons)
+    assert "**FAIL**" in md and "Regression beyond tolerance" in md
     page = render_html(deltas, md, results, quant_results, {"base_mb": 27.0, "quantized_mb": 27.0})
     assert page.count("data:image/png;base64,") == 2
 
@@ -231,7 +233,9 @@ def test_too_few_items_is_not_measurable_rather_than_pass_or_fail():
     deltas = compute_deltas(
         pd.DataFrame(aggregate_items(b, "base")), pd.DataFrame(aggregate_items(q, "quantized")), policy, b, q
     )
-    assert deltas.iloc[0]["status"] == NOT_MEASURABLE and deltas.iloc[0]["passed"]
+    assert deltas.iloc[0]["status"] == NOT_MEASURABLE and not deltas.iloc[0]["passed"]  # never a pass
+    assert deltas.iloc[0]["reason"] == "5 paired item(s), the policy needs 20"
+    assert verdict(deltas, policy)[0] == "INCOMPLETE"
 
 
 def test_paired_bootstrap_interval_contains_the_true_delta_and_collapses_for_identical_items():

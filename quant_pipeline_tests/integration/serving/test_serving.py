@@ -27,14 +27,10 @@ from quant_pipeline.release.reference import base_artifact_id, log_registered_py
 from quant_pipeline.serving import Server, ServingError, find_request, find_trace, reproduce, requests_path
 from quant_pipeline.serving.request_log import append_request as append_jsonl
 from quant_pipeline_tests.servers import free_port, start_server, stop_process_group
-from quant_pipeline_tests.support import TINY_RECIPE, run_audit
+from quant_pipeline_tests.support import LENIENT, TINY_RECIPE, run_audit
 
 BIN_DIR = Path(sys.executable).parent
 TOKENS = 8  # small budgets keep the suite fast
-LENIENT = (
-    "name: lenient-test\ntolerances:\n  acc: {direction: higher_is_better, mode: absolute, tolerance: 1.0}\n"
-    "  word_perplexity: {direction: lower_is_better, mode: relative, tolerance: 10.0}\n"
-)
 
 
 @pytest.fixture(scope="module")
