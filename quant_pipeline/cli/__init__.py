@@ -11,14 +11,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from quant_pipeline.cli.audit import EXIT_BAD_INPUT, audit_outcome, run_audit, summarize
 from quant_pipeline.cli.registry import add_registry_commands
 from quant_pipeline.cli.serve import add_serving_commands
 from quant_pipeline.core.errors import AuditInputError
-from quant_pipeline.core.recipe import Recipe
-from quant_pipeline.defs.resources import AuditSettings
 
-__all__ = ["main", "run_audit", "summarize"]
+__all__ = ["main"]
+EXIT_BAD_INPUT = 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,7 +43,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"quant-pipeline: error: {e}", file=sys.stderr)
             return 2
 
-    if args.command == "audit":
+    if args.command == "audit":  # dagster, the asset graph and torch load only now (seconds)
+        from quant_pipeline.cli.audit import audit_outcome, run_audit, summarize
+        from quant_pipeline.core.recipe import Recipe
+        from quant_pipeline.defs.resources import AuditSettings
+
         overrides: dict = {
             k: v
             for k, v in {

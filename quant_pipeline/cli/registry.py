@@ -5,31 +5,46 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from quant_pipeline.defs.resources import build_resources
-from quant_pipeline.release import governing, registry, report, signoff
-from quant_pipeline.release.trail import verify_trail
+from quant_pipeline.core.paths import default_store_dir
+from quant_pipeline.core.store import ArtifactStore
+
+# The release modules import MLflow (about 2 s): each command imports what it uses, so `--help`, usage
+# errors and the store-only `verify` answer without it.
 
 
 def _store_and_tracker():
+    from quant_pipeline.defs.resources import build_resources
+
     resources = build_resources()
     return resources["settings"].store, resources["mlflow"]
+
+
+def _store() -> ArtifactStore:
+    return ArtifactStore(default_store_dir())
 
 
 def add_registry_commands(sub) -> None:
     """Registry, sign-off and audit-trail commands (read the store and MLflow the pipeline writes)."""
 
     def show(a):
+        from quant_pipeline.release import registry
+
         store, tracker = _store_and_tracker()
         print(json.dumps(registry.show(store, tracker, a.artifact_id), indent=2, default=str))
         return 0
 
     def verify(a):
-        store, _ = _store_and_tracker()
-        problems = registry.verify(store, a.artifact_id)
+        from quant_pipeline.core.artifacts import read_artifact_record
+        from quant_pipeline.core.store import verify_tree
+
+        store = _store()
+        problems = verify_tree(store.artifact_dir(a.artifact_id), read_artifact_record(store, a.artifact_id).files)
         print(f"{a.artifact_id}: " + ("files match the record" if not problems else "MISMATCH: " + "; ".join(problems)))
         return 0 if not problems else 1
 
     def approve(a):
+        from quant_pipeline.release import signoff
+
         store, tracker = _store_and_tracker()
         entry = signoff.approve(store, tracker, a.artifact_id, a.by, a.note, a.second_approver, a.override)
         override = f" (override, with {entry['second_approver']})" if entry["override"] else ""
@@ -37,18 +52,24 @@ def add_registry_commands(sub) -> None:
         return 0
 
     def reject(a):
+        from quant_pipeline.release import signoff
+
         store, tracker = _store_and_tracker()
         signoff.reject(store, tracker, a.artifact_id, a.by, a.note)
         print(f"{a.artifact_id}: rejected by {a.by}")
         return 0
 
     def promote(a):
+        from quant_pipeline.release import signoff
+
         store, tracker = _store_and_tracker()
         entry = signoff.promote(store, tracker, a.artifact_id, a.by, a.note)
         print(f"production -> v{entry['registry_version']} ({a.artifact_id})")
         return 0
 
     def rollback(a):
+        from quant_pipeline.release import signoff
+
         store, tracker = _store_and_tracker()
         entry = signoff.rollback(store, tracker, a.model, a.by, a.note, to_base=a.to_base)
         base = " [base model]" if entry["to_base"] else ""
@@ -57,6 +78,9 @@ def add_registry_commands(sub) -> None:
 
     def check_trail(a):
         """Exit 0 intact, 1 broken, 2 unknown model; --expected-head is an extra anchor on top of MLflow's."""
+        from quant_pipeline.release import signoff
+        from quant_pipeline.release.trail import verify_trail
+
         store, tracker = _store_and_tracker()
         problems = signoff.verify_model_trail(store, tracker, a.model)
         if a.expected_head:
@@ -67,17 +91,23 @@ def add_registry_commands(sub) -> None:
         return 0 if not problems else 1
 
     def audit_report(a):
+        from quant_pipeline.release import report
+
         store, tracker = _store_and_tracker()
         md, page = report.write_report(store, tracker, a.model)
         print(f"wrote {md}\nwrote {page}")
         return 0
 
     def bom(a):
-        store, _ = _store_and_tracker()
+        from quant_pipeline.release import registry
+
+        store = _store()
         print(f"wrote {registry.write_bom(store, a.artifact_id)} (validated against CycloneDX 1.6)")
         return 0
 
     def pin_policy(a):
+        from quant_pipeline.release import governing
+
         store, tracker = _store_and_tracker()
         entry = governing.pin_policy(store, tracker, a.model, Path(a.file), a.by, a.reason)
         print(
@@ -87,6 +117,8 @@ def add_registry_commands(sub) -> None:
         return 0
 
     def show_policy(a):
+        from quant_pipeline.release import governing, signoff
+
         store, tracker = _store_and_tracker()
         signoff.require_intact_trail(store, tracker, a.model, f"read the policy of {a.model}")
         entry = signoff.governing_policy(store, a.model)
@@ -101,7 +133,9 @@ def add_registry_commands(sub) -> None:
         return 0
 
     def delete_base(a):
-        store, _ = _store_and_tracker()
+        from quant_pipeline.release import registry
+
+        store = _store()
         registry.delete_base(store, a.model)
         print(f"deleted base checkpoint {a.model}")
         return 0

@@ -5,23 +5,27 @@ from __future__ import annotations
 import json
 import sys
 
-from quant_pipeline.defs.resources import build_resources
-from quant_pipeline.models.checkpoint import resolve_model_source
-from quant_pipeline.serving import Server, reproduce
+# Heavy imports (dagster, MLflow, torch) happen inside the commands: `--help` and usage errors stay instant.
 
 
 def _resources():
+    from quant_pipeline.defs.resources import build_resources
+
     resources = build_resources()
     return resources["settings"], resources["mlflow"]
 
 
 def _model_name(settings, given: str | None) -> str:
+    from quant_pipeline.models.checkpoint import resolve_model_source
+
     if given:
         return given
     return resolve_model_source(settings.model).name
 
 
 def serve_command(args) -> int:
+    from quant_pipeline.serving import Server
+
     settings, tracker = _resources()
     server = Server(
         tracker,
@@ -50,6 +54,8 @@ def serve_command(args) -> int:
 
 
 def reproduce_command(args) -> int:
+    from quant_pipeline.serving import reproduce
+
     settings, tracker = _resources()
     result = reproduce(tracker, settings.store, _model_name(settings, args.model_name), args.request_id)
     line = f"{args.request_id}: {result['status']} on {result['artifact_id']}"
