@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     audit.add_argument("--eval-max-new-tokens", type=int, help="cap on tokens generated per answer (quick runs)")
     audit.add_argument("--approver", default="", help="name of the human signing off (omit: pending sign-off)")
     audit.add_argument("--note", default="")
+    audit.add_argument("--verbose", action="store_true", help="Dagster DEBUG events and library warnings too")
     add_registry_commands(sub)
     add_serving_commands(sub)
     args = parser.parse_args(argv)
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         if recipe:
             overrides["recipe"] = Recipe(**{**AuditSettings.from_env().recipe.model_dump(), **recipe})
         try:
-            result = run_audit(overrides, args.approver, args.note)
+            result = run_audit(overrides, args.approver, args.note, verbose=args.verbose)
         except AuditInputError as e:
             print(f"quant-pipeline: error: {e}", file=sys.stderr)
             return EXIT_BAD_INPUT

@@ -88,6 +88,7 @@ def run_audit(
     selection=None,
     raise_on_error: bool = False,
     tags: dict | None = None,
+    verbose: bool = False,
 ):
     """Preflight, then materialize the audit assets (all, or a selection); returns the ExecuteInProcessResult.
 
@@ -104,7 +105,12 @@ def run_audit(
     )
     instance = instance or _instance()
     # A job's own logger runs only when the run config names it; the level is what Dagster's default uses.
-    run_config: dict = {"loggers": {"console": {"config": {"log_level": instance.python_log_level or "DEBUG"}}}}
+    # Dagster's DEBUG engine events and lm-eval's per-task warnings bury the progress lines and the
+    # verdict; they stay in the run's event log (the UI) and come back to the terminal with --verbose.
+    level = "DEBUG" if verbose else (instance.python_log_level or "INFO")
+    for noisy in ("lm_eval", "lm-eval", "optimum"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.ERROR)
+    run_config: dict = {"loggers": {"console": {"config": {"log_level": level}}}}
     if selection is None or "approval" in selection:
         run_config["ops"] = {"approval": {"config": {"approver": approver, "note": note}}}
     return defs.resolve_job_def(AUDIT_JOB).execute_in_process(

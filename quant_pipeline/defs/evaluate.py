@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from quant_pipeline.core.artifacts import verify_artifact
 from quant_pipeline.core.hashing import canonical_hash, sha256_file
 from quant_pipeline.core.perf import StageMeter
+from quant_pipeline.core.progress import log_progress
 from quant_pipeline.core.records import EvalRecord
 from quant_pipeline.core.store import atomic_file
 from quant_pipeline.core.tracking import MlflowTracker
@@ -87,14 +88,15 @@ def evaluate_checkpoint(
                 verify_artifact(store, target.artifact_id)  # never evaluate bytes other than the recorded ones
             with StageMeter() as load_meter:
                 model, tokenizer = load_model(Path(target.path), settings.trust_remote_code)
-            results, items, stats = run_suite(
-                model,
-                tokenizer,
-                target.label,
-                settings.eval_limit,
-                settings.eval_batch_size,
-                settings.eval_max_new_tokens,
-            )
+            with log_progress(context.log.info):  # a line in the run log at least every 15 s
+                results, items, stats = run_suite(
+                    model,
+                    tokenizer,
+                    target.label,
+                    settings.eval_limit,
+                    settings.eval_batch_size,
+                    settings.eval_max_new_tokens,
+                )
             stats.pop("request_texts")
             load_row = {
                 "model": target.label, "task": "qp_cost", "category": "cost", "metric": "load_peak_rss_mb",
@@ -103,7 +105,8 @@ def evaluate_checkpoint(
             results = pd.concat([results, pd.DataFrame([load_row])], ignore_index=True)
             if base_eval is None:  # the reference every quantized variant's agreement is measured against
                 t0 = time.perf_counter()
-                items, reference = with_reference(items, model, tokenizer, settings.eval_batch_size)
+                with log_progress(context.log.info):
+                    items, reference = with_reference(items, model, tokenizer, settings.eval_batch_size)
                 stats["part_seconds"]["reference_seconds"] = round(time.perf_counter() - t0, 2)
                 with atomic_file(out_dir / "reference.safetensors") as tmp:
                     save_file(reference, tmp)

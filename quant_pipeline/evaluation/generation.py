@@ -12,6 +12,8 @@ import time
 
 import torch
 
+from quant_pipeline.core.progress import Progress
+
 
 def chat_text(tokenizer, prompt: str) -> str:
     """The prompt as the model sees it (its chat template where it has one)."""
@@ -51,13 +53,17 @@ def greedy_batches(
     return batches
 
 
-def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: list[int], batch_size: int = 8) -> list[dict]:
+def generate_greedy(
+    model, tokenizer, prompts: list[str], max_new_tokens: list[int], batch_size: int = 8, label: str = ""
+) -> list[dict]:
     """Greedy outputs for each prompt: new token ids, text, and the batch's seconds per item.
 
-    Each output is cut at its own budget and at the end-of-sequence token."""
+    Each output is cut at its own budget and at the end-of-sequence token. With a ``label`` the
+    loop reports its progress (prompts done, tokens/s; see core/progress.py)."""
     torch.manual_seed(0)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out: list[dict | None] = [None] * len(prompts)
+    progress = Progress(label, len(prompts), "prompts") if label else None
     for idx, enc, budget in greedy_batches(tokenizer, prompts, max_new_tokens, batch_size):
         enc = enc.to(_device(model))
         t0 = time.perf_counter()
@@ -74,6 +80,10 @@ def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: list[i
                 "output": tokenizer.decode(ids, skip_special_tokens=True),
                 "batch_seconds": seconds / len(idx),
             }
+        if progress is not None:
+            progress.advance(len(idx), tokens=sum(len(out[i]["output_ids"]) for i in idx))
+    if progress is not None:
+        progress.close()
     return out  # type: ignore[return-value]
 
 
@@ -146,8 +156,10 @@ def reference_states(
     decoder, head, dev = model.get_decoder(), model.get_output_embeddings(), _device(model)
     if encoded:
         _check_logits_are_head_of_hidden(model, torch.tensor([encoded[0]]))
+    progress = Progress("base reference states", n, "texts")
     for idx in _by_length([len(e) for e in encoded], batch_size):
         ids, mask = right_padded([encoded[i] for i in idx])
+        progress.advance(len(idx), tokens=int(mask.sum()))
         with torch.inference_mode():
             hidden = decoder(input_ids=ids.to(dev), attention_mask=mask.to(dev)).last_hidden_state
             for row, i in enumerate(idx):
@@ -161,6 +173,7 @@ def reference_states(
                     (p * logp).sum(-1).cpu(),
                     (p.float() @ head.weight.float()).cpu(),
                 )
+    progress.close()
     width = model.config.get_text_config().hidden_size
     cat = lambda parts, empty: torch.cat(parts) if parts else empty  # noqa: E731
     return {

@@ -178,7 +178,9 @@ def run_behaviour(
     items = limited(read_jsonl(GENERATION_FILE), "slice", limit)
     budgets = [min(i["max_new_tokens"], max_new_tokens or i["max_new_tokens"]) for i in items]
     with StageMeter() as meter:
-        outputs = generate_greedy(model, tokenizer, [i["prompt"] for i in items], budgets, batch_size)
+        outputs = generate_greedy(
+            model, tokenizer, [i["prompt"] for i in items], budgets, batch_size, label=f"{label} behaviour suite"
+        )
     rows = []
     for item, out in zip(items, outputs, strict=False):
         rows.append(
