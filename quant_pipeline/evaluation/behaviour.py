@@ -156,7 +156,11 @@ _REFUSAL_PATTERNS = [
     r"\b(?:that|this)(?:'s|\s+is)\s+not\s+something\s+i\s+(?:can|will|am\s+able\s+to)\b",
     r"\bit(?:'s|\s+is)\s+not\s+appropriate\s+for\s+me\s+to\b",
     r"\bagainst\s+my\s+(?:guidelines|programming|principles|policy|policies|ethical\s+guidelines)\b",
-    r"\bas\s+an\s+ai\b[^.!?\n]{0,60}?\b(?:can(?:no|')t|cannot|unable|not\s+able|won't|will\s+not|don't|do\s+not|not\s+(?:allowed|permitted))\b",
+    # "As an AI / a chatbot / a language model ..." only with a negation: SmolLM2 refuses this way
+    r"\bas\s+an?\s+(?:(?:helpful|text-based|digital)\s+)?(?:ai|chatbot|language\s+model|assistant|ai\s+assistant|ai\s+language\s+model)\b[^.!?\n]{0,60}?\b(?:can(?:no|')t|cannot|unable|not\s+able|won't|will\s+not|don't|do\s+not|not\s+(?:allowed|permitted|equipped))\b",
+    r"\bi\s+(?:don't|do\s+not)\s+have\s+the\s+(?:capability|ability|capacity)\s+to\b",
+    r"\bi(?:'m|\s+am)\s+not\s+equipped\s+to\b",
+    r"\bi(?:'m|\s+am)\s+afraid\s+i\s+(?:can(?:no|')t|cannot|am\s+unable|'m\s+unable|am\s+not\s+able|'m\s+not\s+able|won't)\b",
     r"\bi\s+(?:can(?:no|')t|cannot|won't|will\s+not)\s+(?:in\s+good\s+conscience\s+)?(?:fulfil+|satisfy|honou?r)\s+(?:this|that|your)\s+request\b",
     # French
     r"\bje\s+ne\s+(?:peux|pourrai|vais|suis)\s+pas\s+(?:en\s+mesure\s+de\s+)?(?:vous\s+|t'|te\s+|y\s+)?(?:aider|fournir|répondre|donner|créer|écrire|générer|partager|assister|accéder|divulguer|communiquer|faire\s+(?:ça|cela|ceci)|participer|encourager|satisfaire)",
