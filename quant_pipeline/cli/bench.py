@@ -143,6 +143,29 @@ def serving_overhead(tracker, store: Path, artifact: dict, requests: int = 20, m
     )
 
 
+def cli_latency(work: Path, tracker, artifact_id: str, model_name: str) -> list[tuple[str, float, int]]:
+    """Wall seconds of the CLI verbs that do no model work, each in a fresh process as a person runs them
+    (the goal is <= 1 s; verbs that read the MLflow registry pay MLflow's own import, about 2 s here)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "QP_STORE_DIR": str(work / "store"), "QP_MLFLOW_TRACKING_URI": tracker.uri}
+    exe = [sys.executable, "-m", "quant_pipeline.cli"]
+    rows = []
+    for argv in (
+        ["--help"],
+        ["no-such-verb"],
+        ["verify", artifact_id],
+        ["show", artifact_id],
+        ["verify-trail", model_name],
+    ):
+        t0 = time.perf_counter()
+        done = subprocess.run([*exe, *argv], env=env, capture_output=True, check=False)
+        rows.append((" ".join(argv), time.perf_counter() - t0, done.returncode))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="quant_pipeline.bench")
     parser.add_argument("--eval-limit", type=int, default=None, help="items per eval task")
@@ -203,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
         f"ratio {artifact['size_bytes'] / base['size_bytes']:.3f}"
     )
 
+    print("\n== CLI verbs without model work (fresh process each; goal <= 1 s) ==")
+    for verb, seconds, code in cli_latency(work, tracker, artifact["artifact_id"], artifact["model_name"]):
+        print(f"quant-pipeline {verb:<48} {seconds:>6.2f} s  exit {code}")
     if args.reaudit_only:
         return 0
     print("\n== eval stage per slice (base and quantized, same process) ==")
