@@ -35,7 +35,7 @@ class Progress:
         from tqdm.auto import tqdm
 
         self.label, self.total, self.unit = label, total, unit
-        self.done, self.tokens = 0, 0
+        self.done, self.tokens, self.logged = 0, 0, -1
         self.start = self.last_log = time.perf_counter()
         self.bar = tqdm(total=total, desc=label, unit=unit, disable=None, leave=False, dynamic_ncols=True)
 
@@ -59,11 +59,12 @@ class Progress:
         sink = _sink.get()
         if sink is not None:
             sink(self.line(elapsed))
-        self.last_log = time.perf_counter()
+        self.last_log, self.logged = time.perf_counter(), self.done
 
     def close(self) -> None:
         self.bar.close()
-        self._log(time.perf_counter() - self.start)
+        if self.logged != self.done:  # the final count, once
+            self._log(time.perf_counter() - self.start)
 
     def __enter__(self) -> Progress:
         return self
