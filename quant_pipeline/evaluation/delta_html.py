@@ -46,10 +46,11 @@ def render_markdown(
             "|---|---|---:|---:|---:|---|---:|---|",
         ]
         for r in part.itertuples():
-            ci = f" [{_fmt(r.ci_low)}, {_fmt(r.ci_high)}]" if r.n_items else ""
+            n = int(r.n_items) if r.n_items == r.n_items and r.n_items else None  # NaN: no per-item values
+            ci = f" [{_fmt(r.ci_low)}, {_fmt(r.ci_high)}]" if n else ""
             tol = f"{_fmt(r.tolerance)}{' rel' if r.mode == 'relative' else ''}" if r.mode else "–"
             lines.append(
-                f"| {r.category} | {r.metric} | {r.n_items if r.n_items else '–'} | {_fmt(r.base)} | "
+                f"| {r.category} | {r.metric} | {n or '–'} | {_fmt(r.base)} | "
                 f"{_fmt(r.quantized)} | {r.delta:+.4f}{ci}{' *' if r.significant else ''} | {tol} | {r.reason} |"
             )
         lines.append("")
