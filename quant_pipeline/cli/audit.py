@@ -79,6 +79,18 @@ AUDIT_CONSOLE = dg.LoggerDefinition(
 )
 
 
+def _quiet_libraries() -> None:
+    """Library chatter off the terminal: lm-eval's per-task warnings, optimum's and gptqmodel's (logbar)
+    per-layer INFO lines, MLflow's table set-up, Hugging Face weight-loading bars. Progress that says
+    how far a long stage is (our lines, lm-eval's request bar, the GPTQ block bar) stays."""
+    for noisy in ("lm_eval", "lm-eval", "optimum", "logbar", "mlflow", "transformers", "datasets", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+
+
 def run_audit(
     settings_overrides: dict,
     approver: str = "",
@@ -108,8 +120,8 @@ def run_audit(
     # Dagster's DEBUG engine events and lm-eval's per-task warnings bury the progress lines and the
     # verdict; they stay in the run's event log (the UI) and come back to the terminal with --verbose.
     level = "DEBUG" if verbose else (instance.python_log_level or "INFO")
-    for noisy in ("lm_eval", "lm-eval", "optimum"):
-        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.ERROR)
+    if not verbose:
+        _quiet_libraries()
     run_config: dict = {"loggers": {"console": {"config": {"log_level": level}}}}
     if selection is None or "approval" in selection:
         run_config["ops"] = {"approval": {"config": {"approver": approver, "note": note}}}
