@@ -19,6 +19,8 @@ from quant_pipeline.core.records import DeltaReportRecord
 from quant_pipeline.core.store import ArtifactStore, atomic_directory
 from quant_pipeline.core.tracking import MlflowTracker
 from quant_pipeline.defs.resources import AuditSettings
+from quant_pipeline.evaluation import delta as delta_module
+from quant_pipeline.evaluation import policy as policy_module
 from quant_pipeline.evaluation.delta import (
     INCOMPLETE_STATUSES,
     PASS,
@@ -37,6 +39,9 @@ from quant_pipeline.release.revocation import revoke
 from quant_pipeline.release.signoff import record_event
 from quant_pipeline.release.trail import read_entries
 
+# The code that turns eval tables into a verdict is part of the verdict's key: a gate whose rules changed
+# (an upgrade) judges again, into a new report, rather than reusing one its predecessor wrote.
+JUDGE_CODE = canonical_hash({m.__name__: sha256_file(Path(m.__file__)) for m in (delta_module, policy_module)})
 REPORT_FILES = ("delta_report.md", "delta_report.parquet", "delta_report.json", "delta_report.html")
 
 
@@ -68,22 +73,18 @@ def judge(
 
     Returns the record, the deltas, the per-item table and the report's folder key."""
     tables = eval_table_hashes(store, base_eval["key"], quant_eval["key"])
-    key = f"{policy_hash[:16]}-{quant_eval['key']}-{canonical_hash(tables)[:12]}"  # same key, same inputs
+    # same key, same inputs: the policy, the evaluation, its tables' bytes and the code that judges them
+    key = f"{policy_hash[:16]}-{quant_eval['key']}-{canonical_hash({**tables, 'judge': JUDGE_CODE})[:12]}"
     out_dir = store.delta_report_dir(artifact["artifact_id"], key)
     base_items, quant_items = pd.read_parquet(base_eval["items_path"]), pd.read_parquet(quant_eval["items_path"])
-    if _recorded(store, artifact["model_name"], out_dir / "delta_report.json"):
-        return (
-            DeltaReportRecord.read(out_dir / "delta_report.json"),
-            pd.read_parquet(out_dir / "delta_report.parquet"),
-            item_table(base_items, quant_items),
-            key,
-        )
     base_results, quant_results = (
         pd.read_parquet(base_eval["results_path"]),
         pd.read_parquet(quant_eval["results_path"]),
     )
     deltas = compute_deltas(base_results, quant_results, policy, base_items, quant_items)
     outcome, reasons = verdict(deltas, policy)
+    if _recorded(store, artifact["model_name"], out_dir / "delta_report.json"):  # judged before: kept as it is
+        return DeltaReportRecord.read(out_dir / "delta_report.json"), deltas, item_table(base_items, quant_items), key
     aid = artifact["artifact_id"]
     record = DeltaReportRecord.parse({
         "artifact_id": aid, "model_name": artifact["model_name"], "registry_version": artifact["registry_version"],

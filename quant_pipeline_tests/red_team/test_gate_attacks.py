@@ -139,3 +139,16 @@ def test_pinning_a_policy_needs_a_name_and_a_reason_and_shows_in_the_trail(audit
     assert (pin["event"], pin["by"], pin["policy_hash"]) == ("policy pinned", "Ada", sha256_file(strict))
     copy = settings.store.policy_path(pin["policy_hash"])
     assert copy.read_text() == FAILS and json.dumps(pin)
+
+
+def test_an_upgraded_gate_judges_again_into_a_new_report(audited, monkeypatch):
+    """The judging code is part of the report's key: new gate rules never hide behind an old verdict."""
+    from quant_pipeline.defs import gate
+
+    settings, artifact, tracker, instance = audited
+    aid, name = artifact["artifact_id"], artifact["model_name"]
+    old = report_path(settings.store, name, aid)
+    monkeypatch.setattr(gate, "JUDGE_CODE", "0" * 64)  # as after an upgrade of evaluation/delta.py
+    assert run_audit(settings, tracker, instance, selection=["delta_report"]).success
+    new = report_path(settings.store, name, aid)
+    assert new != old and old.is_file() and new.is_file()
