@@ -31,13 +31,16 @@ def log_progress(log: Callable[[str], None]) -> Iterator[None]:
 class Progress:
     """``total`` units of work called ``label``; `advance(n, tokens=k)` as they complete."""
 
-    def __init__(self, label: str, total: int, unit: str = "items"):
+    def __init__(self, label: str, total: int, unit: str = "items", bar: bool = True):
         from tqdm.auto import tqdm
 
         self.label, self.total, self.unit = label, total, unit
         self.done, self.tokens, self.logged = 0, 0, -1
         self.start = self.last_log = time.perf_counter()
-        self.bar = tqdm(total=total, desc=label, unit=unit, disable=None, leave=False, dynamic_ncols=True)
+        # bar=False where the library already draws one (GPTQ's block bar): the run-log lines only
+        self.bar = tqdm(
+            total=total, desc=label, unit=unit, disable=None if bar else True, leave=False, dynamic_ncols=True
+        )
 
     def advance(self, n: int = 1, tokens: int = 0) -> None:
         self.done += n

@@ -15,6 +15,7 @@ from quant_pipeline.core.artifacts import verify_artifact
 from quant_pipeline.core.errors import AuditInputError
 from quant_pipeline.core.hashing import RECORD_FILE, dir_size, file_hashes, sha256_file, tree_hash
 from quant_pipeline.core.perf import StageMeter
+from quant_pipeline.core.progress import log_progress
 from quant_pipeline.core.records import ArtifactRecord
 from quant_pipeline.core.store import atomic_directory
 from quant_pipeline.core.tracking import MlflowTracker
@@ -50,7 +51,7 @@ def quantized_artifact(
                     f"calibration file {calib_path} changed since it was validated: re-materialize calibration_set"
                 )
             texts = load_calibration_texts(calib_path)
-            with atomic_directory(target) as tmp:
+            with atomic_directory(target) as tmp, log_progress(context.log.info):
                 passes = quantize(Path(base_checkpoint["path"]), texts, recipe, tmp)
                 files = file_hashes(tmp)
                 record = ArtifactRecord(

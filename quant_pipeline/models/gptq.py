@@ -13,6 +13,7 @@ from pathlib import Path
 
 from quant_pipeline.core.errors import AuditInputError
 from quant_pipeline.core.hashing import canonical_hash
+from quant_pipeline.core.progress import Progress
 from quant_pipeline.core.recipe import Recipe
 
 
@@ -104,6 +105,30 @@ def calibration_passes_stop_early(blocks, order: list[str]):
             del block.forward  # back to the class's forward
 
 
+@contextmanager
+def blocks_progress(blocks):
+    """A progress line per GPTQ block reached (optimum quantizes the blocks in order, each one's first
+    forward marks its start); optimum draws its own bar on the terminal, so only the run log gets these."""
+    progress = Progress("GPTQ blocks", len(blocks), "blocks", bar=False)
+    started: set[int] = set()
+
+    def first_call(index: int):
+        def hook(module, args):
+            if index not in started:
+                started.add(index)
+                progress.advance(1)
+
+        return hook
+
+    handles = [block.register_forward_pre_hook(first_call(i)) for i, block in enumerate(blocks)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        progress.close()
+
+
 def quantize(base_path: Path, texts: list[str], recipe: Recipe, out_dir: Path) -> dict:
     """Run GPTQ on CPU (or GPU where present) and save the packed model with its tokenizer.
 
@@ -134,7 +159,7 @@ def quantize(base_path: Path, texts: list[str], recipe: Recipe, out_dir: Path) -
     quantizer = GPTQQuantizer.from_dict(config.to_dict_optimum())
     order = [name for group in groups for name in group] if groups else []
     blocks = model.get_decoder().layers if groups else []
-    with calibration_passes_stop_early(blocks, order) as stopped:
+    with calibration_passes_stop_early(blocks, order) as stopped, blocks_progress(model.get_decoder().layers):
         quantizer.quantize_model(model, tokenizer)
     model.config.quantization_config = GPTQConfig.from_dict(quantizer.to_dict())
     model.save_pretrained(out_dir, safe_serialization=True)

@@ -4,6 +4,7 @@ import json
 
 from quant_pipeline.core.hashing import file_hashes
 from quant_pipeline.core.paths import DEFAULT_CALIBRATION
+from quant_pipeline.core.progress import log_progress
 from quant_pipeline.models import gptq
 from quant_pipeline.models.calibration import load_calibration_texts
 from quant_pipeline_tests.support import TINY_RECIPE
@@ -15,7 +16,10 @@ def test_grouping_layers_that_share_an_input_quantizes_to_the_same_bytes(tiny_ll
     the packed weights must be identical, only faster to produce."""
     texts = load_calibration_texts(DEFAULT_CALIBRATION)
     assert gptq.block_groups(tiny_llama) == gptq.LLAMA_BLOCK_GROUPS
-    grouped_passes = gptq.quantize(tiny_llama, texts, TINY_RECIPE, tmp_path / "grouped")
+    lines: list[str] = []
+    with log_progress(lines.append):
+        grouped_passes = gptq.quantize(tiny_llama, texts, TINY_RECIPE, tmp_path / "grouped")
+    assert len(lines) == 1 and lines[0].startswith("GPTQ blocks: 2/2 blocks in ")  # the run log's progress line
     monkeypatch.setattr(gptq, "block_groups", lambda path: None)  # one full pass per linear layer
     per_layer_passes = gptq.quantize(tiny_llama, texts, TINY_RECIPE, tmp_path / "per_layer")
     # every sample's q/k/v, o and gate/up passes stop early in both blocks; only down's runs in full
