@@ -19,8 +19,6 @@ from quant_pipeline.core.paths import EVALS_DIR
 from quant_pipeline.core.records import CheckpointRecord, DeltaReportRecord
 from quant_pipeline.core.store import ArtifactStore, verify_tree
 from quant_pipeline.core.tracking import MlflowTracker
-from quant_pipeline.evaluation.suite import suite_hash
-from quant_pipeline.models.checkpoint import describe_checkpoint
 from quant_pipeline.release.evidence import EvidenceError, report_path
 from quant_pipeline.release.mlbom import build_mlbom, validate_mlbom, write_mlbom
 from quant_pipeline.release.signoff import decisions
@@ -100,6 +98,10 @@ def delete_base(store: ArtifactStore | Path, model: str | Path) -> None:
 
 def write_bom(store: ArtifactStore | Path, artifact_id: str) -> Path:
     """The artifact's CycloneDX 1.6 ML-BOM, validated against the official schema, beside its reports."""
+    # here, not at the top: they pull in torch and lm-eval, which `show` and `verify` do not need
+    from quant_pipeline.evaluation.suite import suite_hash
+    from quant_pipeline.models.checkpoint import describe_checkpoint
+
     store = ArtifactStore.of(store)
     record = read_artifact_record(store, artifact_id).dump()
     source = {"kind": "local", "location": record["base_path"], "name": record["model_name"]}
