@@ -13,10 +13,9 @@ import sys
 
 from quant_pipeline.cli.registry import add_registry_commands
 from quant_pipeline.cli.serve import add_serving_commands
-from quant_pipeline.core.errors import AuditInputError
+from quant_pipeline.core.errors import EXIT_BAD_INPUT, AuditInputError
 
 __all__ = ["main"]
-EXIT_BAD_INPUT = 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
             return args.func(args)
         except AuditInputError as e:
             print(f"quant-pipeline: error: {e}", file=sys.stderr)
-            return 2
+            return EXIT_BAD_INPUT
 
     if args.command == "audit":  # dagster, the asset graph and torch load only now (seconds)
         from quant_pipeline.cli.audit import audit_outcome, run_audit, summarize

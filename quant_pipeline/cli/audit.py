@@ -16,13 +16,12 @@ from pathlib import Path
 
 import dagster as dg
 
-from quant_pipeline.core.errors import AuditInputError
+from quant_pipeline.core.errors import EXIT_BAD_INPUT, EXIT_CRASHED, EXIT_GATE_FAILED, EXIT_PASSED, AuditInputError
 from quant_pipeline.core.paths import project_home
 from quant_pipeline.definitions import AUDIT_ASSETS, AUDIT_CHECKS
 from quant_pipeline.defs.preflight import preflight
 from quant_pipeline.defs.resources import build_resources
 
-EXIT_PASSED, EXIT_CRASHED, EXIT_BAD_INPUT, EXIT_GATE_FAILED = 0, 1, 2, 3
 AUDIT_JOB = "__ephemeral_asset_job__"  # the name dg.materialize gives its job: CLI runs look as they always did
 GATED_ASSET = "delta_report"
 

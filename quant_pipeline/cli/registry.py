@@ -34,11 +34,9 @@ def add_registry_commands(sub) -> None:
         return 0
 
     def verify(a):
-        from quant_pipeline.core.artifacts import read_artifact_record
-        from quant_pipeline.core.store import verify_tree
+        from quant_pipeline.core.artifacts import artifact_problems
 
-        store = _store()
-        problems = verify_tree(store.artifact_dir(a.artifact_id), read_artifact_record(store, a.artifact_id).files)
+        problems = artifact_problems(_store(), a.artifact_id)
         print(f"{a.artifact_id}: " + ("files match the record" if not problems else "MISMATCH: " + "; ".join(problems)))
         return 0 if not problems else 1
 

@@ -26,6 +26,16 @@ def read_artifact_record(store: ArtifactStore, artifact_id: str) -> ArtifactReco
         raise AuditInputError(f"artifact {artifact_id}: {e}") from None
 
 
+def _rehash(store: ArtifactStore, artifact_id: str) -> tuple[ArtifactRecord, list[str]]:
+    record = read_artifact_record(store, artifact_id)
+    return record, verify_tree(store.artifact_dir(artifact_id), record.files)
+
+
+def artifact_problems(store: ArtifactStore, artifact_id: str) -> list[str]:
+    """Each of the artifact's files that no longer matches its record ([] when all match)."""
+    return _rehash(store, artifact_id)[1]
+
+
 def verify_artifact(store: ArtifactStore, artifact_id: str) -> ArtifactRecord:
     """Re-hash the artifact's files against its record; raise naming each file that differs.
 
@@ -34,8 +44,7 @@ def verify_artifact(store: ArtifactStore, artifact_id: str) -> ArtifactRecord:
     directory = store.artifact_dir(artifact_id)
     if not (directory / RECORD_FILE).exists():
         raise AuditInputError(f"{directory} has no {RECORD_FILE}: not a complete quant_pipeline artifact")
-    record = read_artifact_record(store, artifact_id)
-    problems = verify_tree(directory, record.files)
+    record, problems = _rehash(store, artifact_id)
     if problems:
         raise AuditInputError(f"artifact {artifact_id} failed hash verification: {'; '.join(problems)}")
     return record

@@ -68,11 +68,12 @@ def judge(
     policy: Policy,
     policy_path: Path,
     policy_hash: str,
+    tables: dict[str, str],
 ) -> tuple[DeltaReportRecord, pd.DataFrame, pd.DataFrame, str]:
     """Compute (or read back, if already recorded) the report of one artifact x policy x evaluation.
 
-    Returns the record, the deltas, the per-item table and the report's folder key."""
-    tables = eval_table_hashes(store, base_eval["key"], quant_eval["key"])
+    ``tables`` are the sha256 of the eval tables (`eval_table_hashes`). Returns the record, the deltas,
+    the per-item table and the report's folder key."""
     # same key, same inputs: the policy, the evaluation, its tables' bytes and the code that judges them
     key = f"{policy_hash[:16]}-{quant_eval['key']}-{canonical_hash({**tables, 'judge': JUDGE_CODE})[:12]}"
     out_dir = store.delta_report_dir(artifact["artifact_id"], key)
@@ -123,8 +124,9 @@ def delta_report(
     policy_path = Path(settings.policy_file)
     policy, policy_hash = load_policy(policy_path)
     require_governing(store, mlflow, model_name, policy_path, policy_hash, context.run.run_id)
+    tables = eval_table_hashes(store, base_eval_results["key"], quantized_eval_results["key"])
     record, deltas, items, key = judge(
-        store, quantized_artifact, base_eval_results, quantized_eval_results, policy, policy_path, policy_hash
+        store, quantized_artifact, base_eval_results, quantized_eval_results, policy, policy_path, policy_hash, tables
     )
     report_json = Path(record.path).with_name("delta_report.json")
     gated = deltas[deltas["status"] != UNGATED]
@@ -132,7 +134,7 @@ def delta_report(
         "event": "evaluated", "artifact_id": aid, "registry_version": record.registry_version,
         "verdict": record.verdict, "passed": record.passed, "reasons": record.reasons,
         "report_key": key, "report_sha256": sha256_file(report_json),  # what approve trusts, not the file itself
-        "eval_tables": eval_table_hashes(store, record.base_eval_key, record.eval_key),
+        "eval_tables": tables,
         "failing": [f.model_dump() for f in record.failing], "waived": [w.model_dump() for w in record.waived],
         "policy_name": policy.name, "policy_hash": policy_hash, "dagster_run_id": context.run.run_id,
         "deltas": gated[

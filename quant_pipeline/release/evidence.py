@@ -63,7 +63,10 @@ def gate_failures(store: ArtifactStore, model_name: str, artifact_id: str) -> li
 
 def report_path(store: ArtifactStore, model_name: str, artifact_id: str) -> Path:
     """The delta report of the artifact's latest evaluation in the trail."""
-    entry = latest_evaluation(store, model_name, artifact_id)
+    return _report_of(store, artifact_id, latest_evaluation(store, model_name, artifact_id))
+
+
+def _report_of(store: ArtifactStore, artifact_id: str, entry: dict) -> Path:
     if not entry.get("report_key") or not entry.get("report_sha256"):
         raise EvidenceError(
             f"the trail's evaluation of {artifact_id} names no report key or hash (written by an older version): "
@@ -77,7 +80,7 @@ def judged_report(store: ArtifactStore, model_name: str, artifact_id: str) -> De
     hash to what the latest evaluation in the trail recorded, so a `"passed": true` typed into the file
     (or a doctored results table) is refused, not believed."""
     entry = latest_evaluation(store, model_name, artifact_id)
-    path = report_path(store, model_name, artifact_id)
+    path = _report_of(store, artifact_id, entry)
     if not path.exists() or sha256_file(path) != entry["report_sha256"]:
         raise EvidenceError(
             f"{path} is not the report the gate judged (sha256 {entry['report_sha256'][:12]} in the trail): "

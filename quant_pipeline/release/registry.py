@@ -17,7 +17,7 @@ from quant_pipeline.core.errors import AuditInputError
 from quant_pipeline.core.hashing import RECORD_FILE, file_hashes, hash_directory
 from quant_pipeline.core.paths import EVALS_DIR
 from quant_pipeline.core.records import CheckpointRecord, DeltaReportRecord
-from quant_pipeline.core.store import ArtifactStore, verify_tree
+from quant_pipeline.core.store import ArtifactStore
 from quant_pipeline.core.tracking import MlflowTracker
 from quant_pipeline.release.evidence import EvidenceError, report_path
 from quant_pipeline.release.mlbom import build_mlbom, validate_mlbom, write_mlbom
@@ -59,13 +59,6 @@ def show(store: ArtifactStore | Path, tracker: MlflowTracker, artifact_id: str) 
         "delta_report": DeltaReportRecord.read(report).dump() if report is not None else None,
         "decisions": decisions(store, record.model_name, artifact_id),
     }
-
-
-def verify(store: ArtifactStore | Path, artifact_id: str) -> list[str]:
-    """Re-hash the artifact's files; the list of problems is empty when they still match the record."""
-    store = ArtifactStore.of(store)
-    record = read_artifact_record(store, artifact_id)
-    return verify_tree(store.artifact_dir(artifact_id), record.files)
 
 
 def dependants(store: ArtifactStore | Path, base_hash: str) -> list[str]:

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from quant_pipeline.core.artifacts import artifact_problems
 from quant_pipeline.core.errors import AuditInputError
 from quant_pipeline.core.tracking import APPROVED_ALIAS
 from quant_pipeline.defs.automation import CALIBRATION_STAGES
@@ -78,10 +79,10 @@ def test_failed_checks_cannot_be_approved_and_override_needs_two_people(
 def test_tampered_artifact_fails_verify_and_approval(audited):
     settings, artifact, mlflow_tracker, instance = audited
     aid = artifact["artifact_id"]
-    assert registry.verify(settings.store, aid) == []
+    assert artifact_problems(settings.store, aid) == []
     with open(Path(artifact["path"]) / "tokenizer.json", "a") as f:
         f.write(" ")
-    assert registry.verify(settings.store, aid) == ["tokenizer.json: content changed"]
+    assert artifact_problems(settings.store, aid) == ["tokenizer.json: content changed"]
     with pytest.raises(AuditInputError, match="tokenizer.json: content changed"):
         signoff.approve(settings.store, mlflow_tracker, aid, by="Ada", note="fine")
     assert mlflow_tracker.alias_version(artifact["model_name"], APPROVED_ALIAS) is None

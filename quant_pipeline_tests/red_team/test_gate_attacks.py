@@ -77,14 +77,20 @@ def test_a_failed_gate_is_recorded_in_full_and_nothing_approves_it_later(audited
     assert tracker.alias_version(name, APPROVED_ALIAS) is None
 
 
+def failed_under_a_stricter_policy(audited) -> tuple[Path, str]:
+    """Pin the always-failing policy on the record and re-judge: the FAIL report's path and sha256."""
+    settings, artifact, tracker, instance = audited
+    change_policy(settings, tracker, artifact["model_name"], FAILS)
+    assert run_audit(settings, tracker, instance, selection=GATE_STAGES).success
+    failed = report_path(settings.store, artifact["model_name"], artifact["artifact_id"])
+    return failed, sha256_file(failed)
+
+
 def test_a_laxer_policy_file_is_refused_not_judged(audited):
     """Case 8: after a FAIL, pointing the audit at a lenient file neither re-judges nor overwrites the FAIL."""
     settings, artifact, tracker, instance = audited
     aid, name = artifact["artifact_id"], artifact["model_name"]
-    change_policy(settings, tracker, name, FAILS)
-    assert run_audit(settings, tracker, instance, selection=GATE_STAGES).success
-    failed = report_path(settings.store, name, aid)
-    digest = sha256_file(failed)
+    failed, digest = failed_under_a_stricter_policy(audited)
     lenient = Path(settings.policy_file).with_name("lenient.yaml")
     lenient.write_text(LENIENT)
     rerun = run_audit(replace(settings, policy_file=str(lenient)), tracker, instance, selection=GATE_STAGES)
@@ -98,10 +104,7 @@ def test_a_laxer_policy_file_is_refused_not_judged(audited):
 def test_a_policy_change_on_the_record_is_a_new_report_beside_the_failed_one(audited):
     settings, artifact, tracker, instance = audited
     aid, name = artifact["artifact_id"], artifact["model_name"]
-    change_policy(settings, tracker, name, FAILS)
-    assert run_audit(settings, tracker, instance, selection=GATE_STAGES).success
-    failed = report_path(settings.store, name, aid)
-    digest = sha256_file(failed)
+    failed, digest = failed_under_a_stricter_policy(audited)
     pinned = change_policy(settings, tracker, name, LENIENT)  # a named person loosens the bar, on the record
     assert pinned["by"] == "Policy Owner" and pinned["reason"] == "new bar" and pinned["previous_policy_hash"]
     rerun = run_audit(settings, tracker, instance, selection=GATE_STAGES)
