@@ -1,7 +1,9 @@
 """`make bench`: the default audit, measured. A command, not a timed test (machines are shared and noisy).
 
-Prints per stage wall seconds and peak memory, the eval stage's tokens/s next to a bare forward
-pass over the same tokens in the same process (their ratio is the harness overhead), and the
+Prints per stage wall seconds and peak memory; the re-audits after a calibration and a policy change;
+the fixed cost every stage pays (process start and imports, lm-eval task building, an MLflow run, a
+model load); greedy generation's tokens/s and its share of the machine's matmul roofline; the CLI
+verbs' latency; the harness's tokens/s next to a bare forward pass over the same tokens; the
 artifact's size against the base checkpoint's.
 """
 
@@ -23,14 +25,13 @@ from quant_pipeline.core.recipe import Recipe
 from quant_pipeline.core.tracking import MlflowTracker
 from quant_pipeline.defs.automation import CALIBRATION_STAGES
 from quant_pipeline.defs.resources import AuditSettings
-from quant_pipeline.evaluation.generation import generate_greedy, greedy_batches, right_padded
+from quant_pipeline.evaluation.generation import generate_greedy, right_padded
 from quant_pipeline.evaluation.suite import (
     GENERATION_FILE,
     TASK_CATEGORY,
     limited,
     read_jsonl,
     run_harness,
-    score_output,
 )
 from quant_pipeline.models.checkpoint import load_model
 from quant_pipeline.release.governing import pin_policy
@@ -52,33 +53,9 @@ def bare_forward_tokens_per_second(model, tokenizer, texts: list[str], batch_siz
     return tokens / seconds, tokens
 
 
-def bare_generate_tokens_per_second(
-    model, tokenizer, prompts: list[str], budgets: list[int], batch_size: int = 8
-) -> float:
-    """`model.generate` alone on the same pre-tokenized batches the runner builds: no templating,
-    decoding or scoring in the timed part (prompt + new tokens per second)."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    tokens, seconds = 0, 0.0
-    for _, enc, budget in greedy_batches(tokenizer, prompts, budgets, batch_size):
-        torch.manual_seed(0)
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            gen = model.generate(**enc, do_sample=False, max_new_tokens=budget, pad_token_id=pad, num_beams=1)
-        seconds += time.perf_counter() - t0
-        new = gen[:, enc["input_ids"].shape[1] :]
-        for row in range(new.shape[0]):
-            ids = new[row].tolist()
-            tokens += int(enc["attention_mask"][row].sum()) + (
-                ids.index(tokenizer.eos_token_id) if tokenizer.eos_token_id in ids else len(ids)
-            )
-    return tokens / seconds
-
-
 def bench_slices(model, tokenizer, limit: int | None) -> list[dict]:
-    """Per slice: items, wall seconds, tokens/s, and the same work done bare. Harness slices: a bare
-    forward pass over exactly the same request tokens. Generation slices (greedy + scoring): a bare
-    `model.generate` over the same batches. The ratio is the throughput the eval keeps."""
-
+    """Per harness slice: items, wall seconds, tokens/s, and a bare forward pass over exactly the same
+    request tokens. The ratio is the throughput the harness keeps."""
     rows = []
     for task, category in TASK_CATEGORY.items():
         t0 = time.perf_counter()
@@ -89,27 +66,63 @@ def bench_slices(model, tokenizer, limit: int | None) -> list[dict]:
         rows.append(
             {"slice": category, "items": len(items), "seconds": seconds, "tps": tps, "bare": bare, "ratio": tps / bare}
         )
+    return rows
+
+
+def matmul_peak_gflops(size: int = 1024, repeats: int = 20) -> float:
+    """This machine's fp32 matrix-multiply rate, all threads: the roofline generation is measured against."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size**3 * repeats / (time.perf_counter() - t0) / 1e9
+
+
+def flops_per_token(model) -> int:
+    """Two floating-point operations per weight of every linear layer, the output layer included (attention
+    over the cache adds a few percent at the suite's lengths and is left out: the ratio is conservative)."""
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear) or hasattr(m, "qweight")]
+    return 2 * sum(m.in_features * m.out_features for m in layers)
+
+
+def generation_roofline(model, tokenizer, limit: int | None, peak_gflops: float) -> dict:
+    """The behaviour suite's greedy generation as the audit runs it: prompt + new tokens per second, the
+    matmul rate that implies, and its share of the machine's peak."""
     items = limited(read_jsonl(GENERATION_FILE), "slice", limit)
-    for slice_name in dict.fromkeys(i["slice"] for i in items):
-        chosen = [i for i in items if i["slice"] == slice_name]
-        prompts, budgets = [i["prompt"] for i in chosen], [i["max_new_tokens"] for i in chosen]
-        t0 = time.perf_counter()
-        outs = generate_greedy(model, tokenizer, prompts, budgets)
-        for item, out in zip(chosen, outs, strict=True):
-            score_output(item, out["output"], out["output_ids"])
-        seconds = time.perf_counter() - t0
-        tps = sum(o["prompt_tokens"] + len(o["output_ids"]) for o in outs) / seconds
-        bare = bare_generate_tokens_per_second(model, tokenizer, prompts, budgets)
-        rows.append(
-            {
-                "slice": slice_name,
-                "items": len(chosen),
-                "seconds": seconds,
-                "tps": tps,
-                "bare": bare,
-                "ratio": tps / bare,
-            }
-        )
+    t0 = time.perf_counter()
+    outs = generate_greedy(model, tokenizer, [i["prompt"] for i in items], [i["max_new_tokens"] for i in items])
+    seconds = time.perf_counter() - t0
+    tokens = sum(o["prompt_tokens"] + len(o["output_ids"]) for o in outs)
+    gflops = tokens * flops_per_token(model) / seconds / 1e9
+    return {"items": len(items), "seconds": seconds, "tps": tokens / seconds, "gflops": gflops,
+            "ratio": gflops / peak_gflops}  # fmt: skip
+
+
+def fixed_costs(tracker, model_path: Path) -> list[tuple[str, float]]:
+    """What each stage pays before doing its work: a fresh process with the pipeline imported, lm-eval's
+    task building, one MLflow run opened and closed, a model load."""
+    import subprocess
+    import sys
+
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    from quant_pipeline.core.paths import EVALS_DIR
+
+    rows = []
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import quant_pipeline.definitions"], check=True)
+    rows.append(("process start + import quant_pipeline.definitions", time.perf_counter() - t0))
+    t0 = time.perf_counter()
+    get_task_dict(list(TASK_CATEGORY), TaskManager(include_path=str(EVALS_DIR), include_defaults=False))
+    rows.append(("lm-eval task building (all suite tasks)", time.perf_counter() - t0))
+    t0 = time.perf_counter()
+    with tracker.stage_run("bench-fixed-cost", "bench", {}) as run:
+        run.log_metrics({"x": 1.0})
+    rows.append(("one MLflow run opened, logged, closed", time.perf_counter() - t0))
+    t0 = time.perf_counter()
+    load_model(model_path)
+    rows.append(("model load (the base checkpoint)", time.perf_counter() - t0))
     return rows
 
 
@@ -229,9 +242,23 @@ def main(argv: list[str] | None = None) -> int:
     print("\n== CLI verbs without model work (fresh process each; goal <= 1 s) ==")
     for verb, seconds, code in cli_latency(work, tracker, artifact["artifact_id"], artifact["model_name"]):
         print(f"quant-pipeline {verb:<48} {seconds:>6.2f} s  exit {code}")
+    print("\n== fixed cost per stage ==")
+    for what, seconds in fixed_costs(tracker, Path(base["path"])):
+        print(f"{what:<52} {seconds:>6.2f} s")
+    print("\n== greedy generation of the behaviour suite vs the matmul roofline (goal >= 0.50) ==")
+    peak = matmul_peak_gflops()
+    print(f"fp32 matmul peak of this machine: {peak:.1f} GFLOP/s ({torch.get_num_threads()} threads)")
+    for label, path in (("base", base["path"]), ("quantized", artifact["path"])):
+        model, tokenizer = load_model(Path(path))
+        row = generation_roofline(model, tokenizer, args.eval_limit, peak)
+        print(
+            f"{label:<10} {row['items']:>4} prompts {row['seconds']:>7.1f} s {row['tps']:>7.1f} tok/s "
+            f"{row['gflops']:>6.1f} GFLOP/s  ratio {row['ratio']:.2f}"
+        )
+        del model
     if args.reaudit_only:
         return 0
-    print("\n== eval stage per slice (base and quantized, same process) ==")
+    print("\n== harness per slice (base and quantized, same process) ==")
     print(f"{'model':<10} {'slice':<18} {'items':>5} {'seconds':>8} {'tok/s':>8} {'bare fwd tok/s':>15} {'ratio':>6}")
     for label, path in (("base", base["path"]), ("quantized", artifact["path"])):
         model, tokenizer = load_model(Path(path))

@@ -162,6 +162,8 @@ class EvalRecord(Record):
     tokens_per_second: float
     generation_peak_rss_mb: float
     part_seconds: dict[str, float]
+    # how the model ran (kernels, dtype, decode loop, batch sizes: see evaluation.generation.execution)
+    execution: dict[str, str | int] = {}
     # the base run writes the reference states; a quantized run names the ones it was measured against
     reference_sha256: Sha256 | None = None
     agreement_reference_sha256: Sha256 | None = None

@@ -28,8 +28,31 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+# Rows decoded together. Decoding one token is a matrix-vector product per layer, bound by reading the
+# weights; 64 rows make it a matrix-matrix product that runs near this CPU's matmul peak (16 rows: 40 %
+# of it), and the suite's items group by budget into few batches of that size (measured in `make bench`).
+GENERATION_BATCH = 64
+# Names the decode loop in every evaluation key: batch size and loop are part of what was measured, since
+# a kernel that is not batch-invariant (gptqmodel's bf16 int4 CPU kernel is not) gives other greedy
+# outputs in other batches.
+DECODER = "greedy_rows/1: argmax, key/value cache, finished rows leave the batch"
+
+
+def execution(model, harness_batch: int) -> dict:
+    """How the model ran: its linear kernels and dtype (a quantized layer's kernel is chosen at load time
+    from the library versions and the CPU), the decode loop and the batch sizes."""
+    kernels = {type(m).__name__ for m in model.modules() if isinstance(m, torch.nn.Linear) or hasattr(m, "qweight")}
+    return {
+        "linear_kernels": ",".join(sorted(kernels)),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "decoder": DECODER,
+        "generation_batch": GENERATION_BATCH,
+        "harness_batch": harness_batch,
+    }
+
+
 def greedy_batches(
-    tokenizer, prompts: list[str], max_new_tokens: list[int], batch_size: int = 8
+    tokenizer, prompts: list[str], max_new_tokens: list[int], batch_size: int = GENERATION_BATCH
 ) -> list[tuple[list[int], dict, int]]:
     """The batches greedy generation runs: (prompt indices, left-padded encoding, token budget).
 
@@ -53,35 +76,81 @@ def greedy_batches(
     return batches
 
 
+def stop_ids(model, tokenizer) -> set[int]:
+    """Every token that ends a reply: the tokenizer's end of sequence and the model's generation config's
+    (chat models often end a turn with a token of their own)."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, list) else [configured])
+    return {i for i in ids if i is not None}
+
+
+def greedy_rows(model, enc: dict, budgets: list[int], stops: set[int], on_step=None) -> list[list[int]]:
+    """Greedy new token ids for each row of a left-padded batch, each row stopped at its own budget or
+    its first stop token (which is not kept).
+
+    Plain argmax decoding with the key/value cache, as `model.generate(do_sample=False)` does it, with
+    one difference that is the point: a row that has finished leaves the batch (its cache rows are
+    dropped), so no step is spent on it. `on_step(finished, tokens)` is called after each step."""
+    from transformers import DynamicCache
+
+    dev = _device(model)
+    ids, mask = enc["input_ids"].to(dev), enc["attention_mask"].to(dev)
+    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    cache = DynamicCache(config=model.config)
+    out: list[list[int]] = [[] for _ in budgets]
+    live = list(range(len(budgets)))  # batch rows still generating, in cache order
+    with torch.inference_mode():
+        logits = model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, logits_to_keep=1
+        ).logits[:, -1]
+        while True:
+            tokens = logits.argmax(-1).tolist()
+            keep = []
+            for slot, (row, token) in enumerate(zip(live, tokens, strict=True)):
+                if token not in stops:
+                    out[row].append(token)
+                    if len(out[row]) < budgets[row]:
+                        keep.append(slot)
+            if on_step is not None:
+                on_step(len(live) - len(keep), len(live))
+            if not keep:
+                return out
+            if len(keep) < len(live):
+                slots = torch.tensor(keep, device=dev)
+                cache.batch_select_indices(slots)
+                mask, positions, live = mask[slots], positions[slots], [live[s] for s in keep]
+            mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
+            positions = positions[:, -1:] + 1
+            step_ids = torch.tensor([[out[row][-1]] for row in live], device=dev)
+            logits = model(
+                input_ids=step_ids, attention_mask=mask, position_ids=positions, cache=cache
+            ).logits[:, -1]
+
+
 def generate_greedy(
-    model, tokenizer, prompts: list[str], max_new_tokens: list[int], batch_size: int = 8, label: str = ""
+    model, tokenizer, prompts: list[str], max_new_tokens: list[int], batch_size: int = GENERATION_BATCH, label: str = ""
 ) -> list[dict]:
     """Greedy outputs for each prompt: new token ids, text, and the batch's seconds per item.
 
-    Each output is cut at its own budget and at the end-of-sequence token. With a ``label`` the
-    loop reports its progress (prompts done, tokens/s; see core/progress.py)."""
+    Each output is cut at its own budget and at its first stop token. With a ``label`` the loop
+    reports its progress (prompts done, tokens/s; see core/progress.py)."""
     torch.manual_seed(0)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stops = stop_ids(model, tokenizer)
     out: list[dict | None] = [None] * len(prompts)
     progress = Progress(label, len(prompts), "prompts") if label else None
-    for idx, enc, budget in greedy_batches(tokenizer, prompts, max_new_tokens, batch_size):
-        enc = enc.to(_device(model))
+    on_step = (lambda finished, tokens: progress.advance(finished, tokens=tokens)) if progress else None
+    for idx, enc, _ in greedy_batches(tokenizer, prompts, max_new_tokens, batch_size):
         t0 = time.perf_counter()
-        with torch.inference_mode():
-            gen = model.generate(**enc, do_sample=False, max_new_tokens=budget, pad_token_id=pad, num_beams=1)
+        rows = greedy_rows(model, enc, [max_new_tokens[i] for i in idx], stops, on_step)
         seconds = time.perf_counter() - t0
-        for row, i in enumerate(idx):
-            ids = gen[row, enc["input_ids"].shape[1] :].tolist()[: max_new_tokens[i]]
-            if tokenizer.eos_token_id in ids:
-                ids = ids[: ids.index(tokenizer.eos_token_id)]
+        for row, (i, ids) in enumerate(zip(idx, rows, strict=True)):
             out[i] = {
                 "prompt_tokens": int(enc["attention_mask"][row].sum()),
                 "output_ids": ids,
                 "output": tokenizer.decode(ids, skip_special_tokens=True),
                 "batch_seconds": seconds / len(idx),
             }
-        if progress is not None:
-            progress.advance(len(idx), tokens=sum(len(out[i]["output_ids"]) for i in idx))
     if progress is not None:
         progress.close()
     return out  # type: ignore[return-value]

@@ -30,6 +30,7 @@ from quant_pipeline.evaluation import behaviour
 from quant_pipeline.evaluation.generation import (
     agreement_with_reference,
     chat_text,
+    execution,
     generate_greedy,
     latency_probe,
     reference_states,
@@ -172,15 +173,14 @@ def score_output(item: dict, text: str, ids: list[int]) -> dict:
 
 
 def run_behaviour(
-    model, tokenizer, label: str, limit: int | None, max_new_tokens: int | None, batch_size: int
+    model, tokenizer, label: str, limit: int | None, max_new_tokens: int | None
 ) -> tuple[list[dict], dict]:
     """Greedy generations for every behaviour prompt, scored; plus generation peak memory."""
     items = limited(read_jsonl(GENERATION_FILE), "slice", limit)
     budgets = [min(i["max_new_tokens"], max_new_tokens or i["max_new_tokens"]) for i in items]
     with StageMeter() as meter:
-        outputs = generate_greedy(
-            model, tokenizer, [i["prompt"] for i in items], budgets, batch_size, label=f"{label} behaviour suite"
-        )
+        prompts = [i["prompt"] for i in items]
+        outputs = generate_greedy(model, tokenizer, prompts, budgets, label=f"{label} behaviour suite")
     rows = []
     for item, out in zip(items, outputs, strict=False):
         rows.append(
@@ -259,7 +259,7 @@ def run_suite(
 
     harness_rows, harness_items, stats = run_harness(model, tokenizer, label, limit, batch_size)
     lap("harness")
-    behaviour_items, gen_stats = run_behaviour(model, tokenizer, label, limit, max_new_tokens, batch_size)
+    behaviour_items, gen_stats = run_behaviour(model, tokenizer, label, limit, max_new_tokens)
     lap("behaviour")
     bias_items = run_bias(model, tokenizer, label, limit)
     lap("bias")
@@ -279,7 +279,13 @@ def run_suite(
     return (
         pd.DataFrame(rows, columns=RESULT_COLUMNS),
         items,
-        {**stats, **cost, "latency_requests": latency["requests"], "part_seconds": parts},
+        {
+            **stats,
+            **cost,
+            "latency_requests": latency["requests"],
+            "part_seconds": parts,
+            "execution": execution(model, batch_size),
+        },
     )
 
 

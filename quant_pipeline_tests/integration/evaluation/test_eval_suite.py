@@ -245,3 +245,28 @@ def test_paired_bootstrap_interval_contains_the_true_delta_and_collapses_for_ide
     _, low, high = paired_bootstrap_ci(base, quant)
     assert low < 0.3 < high and high - low < 0.1  # pairing removes the between-item variance
     assert paired_bootstrap_ci(base, base)[1:] == (0.0, 0.0)
+
+
+def test_greedy_rows_match_model_generate_row_for_row_while_finished_rows_leave_the_batch(tiny_llama):
+    """The audit's own decode loop drops finished rows from the batch; every row must still get exactly
+    the tokens `model.generate(do_sample=False)` gives it, cut at the row's budget and first stop token."""
+    from quant_pipeline.evaluation.generation import greedy_batches, greedy_rows, stop_ids
+
+    model, tokenizer = load_model(tiny_llama)
+    prompts = ["Name a colour.", "Write a JSON object with a key a.", "Hi", "Count to five, slowly, in words."]
+    budgets = [3, 12, 7, 12]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    for idx, enc, budget in greedy_batches(tokenizer, prompts, budgets, batch_size=4):
+        # a random model rarely says its stop token: make one row stop early by treating its 2nd token as one
+        with torch.inference_mode():
+            gen = model.generate(**enc, do_sample=False, max_new_tokens=budget, pad_token_id=pad, num_beams=1)
+        new = gen[:, enc["input_ids"].shape[1] :].tolist()
+        stops = stop_ids(model, tokenizer) | {new[1][1]}
+        finished: list[int] = []
+        rows = greedy_rows(model, enc, [budgets[i] for i in idx], stops, lambda done, _: finished.append(done))
+        for row, i in enumerate(idx):
+            expected = new[row][: budgets[i]]
+            cut = [k for k, t in enumerate(expected) if t in stops]
+            assert rows[row] == (expected[: cut[0]] if cut else expected), (i, rows[row], expected)
+        assert sum(finished) == len(idx) and finished[-1] >= 1
+        assert len(rows[1]) <= 1 < budgets[idx[1]]  # stopped at its own stop token, which is not kept
