@@ -18,6 +18,20 @@ from quant_pipeline.core.errors import EXIT_BAD_INPUT, AuditInputError
 __all__ = ["main"]
 
 
+def _quiet_before_imports() -> None:
+    """Library chatter that is decided at import time, kept off the terminal (`--verbose` keeps it): tqdm
+    reads its defaults from the environment when imported (lm-eval's per-task bars, MLflow's download
+    bars: ours and lm-eval's request bar set `disable` themselves and stay), torchao logs its missing
+    CUDA extensions and torch its pytree deprecations as they load."""
+    import logging
+    import os
+
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="quant-pipeline", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -44,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_BAD_INPUT
 
     if args.command == "audit":  # dagster, the asset graph and torch load only now (seconds)
+        if not args.verbose:
+            _quiet_before_imports()
         from quant_pipeline.cli.audit import audit_outcome, run_audit, summarize
         from quant_pipeline.core.recipe import Recipe
         from quant_pipeline.defs.resources import AuditSettings

@@ -9,8 +9,11 @@ crash); bad input stopped a stage (2); or a stage crashed (1).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +91,12 @@ def _quiet_libraries() -> None:
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
+    with contextlib.redirect_stdout(io.StringIO()):  # gptqmodel prints a banner and its env settings on import
+        import gptqmodel  # noqa: F401
+    from logbar import LogBar  # gptqmodel's logger: kernel selection and packing INFO lines per model load
+
+    LogBar.shared().setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecation notices
 
 
 def run_audit(

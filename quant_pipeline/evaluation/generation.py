@@ -123,9 +123,7 @@ def greedy_rows(model, enc: dict, budgets: list[int], stops: set[int], on_step=N
             mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
             positions = positions[:, -1:] + 1
             step_ids = torch.tensor([[out[row][-1]] for row in live], device=dev)
-            logits = model(
-                input_ids=step_ids, attention_mask=mask, position_ids=positions, cache=cache
-            ).logits[:, -1]
+            logits = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, cache=cache).logits[:, -1]
 
 
 def generate_greedy(

@@ -90,8 +90,13 @@ def run_harness(
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import lm_eval
+    import lm_eval.evaluator
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
+
+    # lm-eval records the git commit of the working directory (the user's, not what ran: the suite hash
+    # names that), and its `git describe` prints "fatal: not a git repository" outside one.
+    lm_eval.evaluator.get_git_commit_hash = lambda: None
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     t0 = time.perf_counter()

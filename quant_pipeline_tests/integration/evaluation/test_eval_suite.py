@@ -256,17 +256,17 @@ def test_greedy_rows_match_model_generate_row_for_row_while_finished_rows_leave_
     prompts = ["Name a colour.", "Write a JSON object with a key a.", "Hi", "Count to five, slowly, in words."]
     budgets = [3, 12, 7, 12]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    for idx, enc, budget in greedy_batches(tokenizer, prompts, budgets, batch_size=4):
-        # a random model rarely says its stop token: make one row stop early by treating its 2nd token as one
-        with torch.inference_mode():
-            gen = model.generate(**enc, do_sample=False, max_new_tokens=budget, pad_token_id=pad, num_beams=1)
-        new = gen[:, enc["input_ids"].shape[1] :].tolist()
-        stops = stop_ids(model, tokenizer) | {new[1][1]}
-        finished: list[int] = []
-        rows = greedy_rows(model, enc, [budgets[i] for i in idx], stops, lambda done, _: finished.append(done))
-        for row, i in enumerate(idx):
-            expected = new[row][: budgets[i]]
-            cut = [k for k, t in enumerate(expected) if t in stops]
-            assert rows[row] == (expected[: cut[0]] if cut else expected), (i, rows[row], expected)
-        assert sum(finished) == len(idx) and finished[-1] >= 1
-        assert len(rows[1]) <= 1 < budgets[idx[1]]  # stopped at its own stop token, which is not kept
+    ((idx, enc, budget),) = greedy_batches(tokenizer, prompts, budgets, batch_size=4)
+    # a random model rarely says its stop token: make one row stop early by treating its 2nd token as one
+    with torch.inference_mode():
+        gen = model.generate(**enc, do_sample=False, max_new_tokens=budget, pad_token_id=pad, num_beams=1)
+    new = gen[:, enc["input_ids"].shape[1] :].tolist()
+    stops = stop_ids(model, tokenizer) | {new[1][1]}
+    finished: list[int] = []
+    rows = greedy_rows(model, enc, [budgets[i] for i in idx], stops, lambda done, _: finished.append(done))
+    for row, i in enumerate(idx):
+        expected = new[row][: budgets[i]]
+        cut = [k for k, t in enumerate(expected) if t in stops]
+        assert rows[row] == (expected[: cut[0]] if cut else expected), (i, rows[row], expected)
+    assert sum(finished) == len(idx) and finished[-1] >= 1
+    assert len(rows[1]) <= 1 < budgets[idx[1]]  # stopped at its own stop token, which is not kept
