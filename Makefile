@@ -52,11 +52,14 @@ demo: install
 	  *) echo "make demo: the audit did not complete (exit $$code; see the error above)" >&2; exit $$code;; \
 	esac
 
+# One pytest worker per core (pytest-xdist), a test file's tests kept on one worker so its module-scoped
+# audits are built once; each worker's torch gets its share of the cores (conftest.py).
+PYTEST_WORKERS ?= auto
 test: install lint
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-fast: install lint
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile -m "not slow" $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff format --check quant_pipeline quant_pipeline_tests

@@ -15,6 +15,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("QP_REAUDIT_SCHEDULE", "off")  # the weekly schedule stays off in tests
+# Under pytest-xdist each worker gets its share of the cores, set before torch is first imported: N workers
+# each spinning a thread per core would oversubscribe the machine N times over.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
 
 from quant_pipeline.core.paths import DEFAULT_CALIBRATION, default_gguf_path  # noqa: E402
 from quant_pipeline.core.tracking import MlflowTracker  # noqa: E402

@@ -29,7 +29,7 @@ def _device(model) -> torch.device:
 
 
 # Rows decoded together. Decoding one token is a matrix-vector product per layer, bound by reading the
-# weights; 64 rows make it a matrix-matrix product that runs near this CPU's matmul peak (16 rows: 40 %
+# weights; 64 rows make it a matrix-matrix product that runs near this CPU's matmul peak (8 rows: a third
 # of it), and the suite's items group by budget into few batches of that size (measured in `make bench`).
 GENERATION_BATCH = 64
 # Names the decode loop in every evaluation key: batch size and loop are part of what was measured, since
