@@ -42,3 +42,25 @@ class StageMeter:
 
     def metadata(self) -> dict[str, float]:
         return {"wall_seconds": round(self.wall_s, 3), "peak_rss_mb": round(self.peak_rss_mb, 1)}
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
+
+
+def bound_heap_fragmentation(threshold_bytes: int = 1 << 20) -> bool:
+    """Serve every allocation of `threshold_bytes` or more with its own mapping, returned to the OS when freed.
+
+    glibc raises its mmap threshold each time a mapped block is freed (up to 32 MB), after which blocks
+    below it come from the heap; the evaluation allocates thousands of such blocks of varying size
+    (one vocabulary-wide row of logits per position of a text: 25 MB for 128 positions), and the heap
+    fragments. Measured on the default model's reference states (523 texts): peak RSS 14.7 GB, 1.3 GB
+    with this (250 texts: 6.2 GB against 1.3 GB, same wall time, identical tensors). A fixed threshold
+    also turns the dynamic adjustment off. Returns False where the C library is not glibc (no change)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold_bytes))
+    except (OSError, AttributeError):
+        return False

@@ -14,6 +14,7 @@ from pathlib import Path
 from quant_pipeline.core.errors import AuditInputError
 from quant_pipeline.core.hashing import RECORD_FILE, canonical_hash, file_hashes, hash_directory, sha256_file, tree_hash
 from quant_pipeline.core.paths import default_gguf_path
+from quant_pipeline.core.perf import bound_heap_fragmentation
 from quant_pipeline.core.records import CheckpointRecord, RecordError
 from quant_pipeline.core.store import ArtifactStore, StoreError, atomic_directory, check_name, verify_tree
 
@@ -248,9 +249,12 @@ def describe_checkpoint(path: Path) -> dict:
 
 
 def load_model(path: Path, trust_remote_code: bool = False):
-    """Load a checkpoint for evaluation: safetensors only, no remote code unless opted in."""
+    """Load a checkpoint for evaluation: safetensors only, no remote code unless opted in. Every process that
+    runs a model loads it here, so this is also where the heap is kept from fragmenting (core.perf)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    bound_heap_fragmentation()
 
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     device = "cuda" if torch.cuda.is_available() else "cpu"

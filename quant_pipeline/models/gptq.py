@@ -13,6 +13,7 @@ from pathlib import Path
 
 from quant_pipeline.core.errors import AuditInputError
 from quant_pipeline.core.hashing import canonical_hash
+from quant_pipeline.core.perf import bound_heap_fragmentation
 from quant_pipeline.core.progress import Progress
 from quant_pipeline.core.recipe import Recipe
 
@@ -138,6 +139,7 @@ def quantize(base_path: Path, texts: list[str], recipe: Recipe, out_dir: Path) -
     from optimum.gptq import GPTQQuantizer
     from transformers import AutoModelForCausalLM, AutoTokenizer, GPTQConfig
 
+    bound_heap_fragmentation()
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     groups = block_groups(base_path)
