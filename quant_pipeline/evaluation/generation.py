@@ -108,7 +108,7 @@ def greedy_rows(model, enc: dict, budgets: list[int], stops: set[int], on_step=N
             tokens = logits.argmax(-1).tolist()
             keep = []
             for slot, (row, token) in enumerate(zip(live, tokens, strict=True)):
-                if token not in stops:
+                if token not in stops and budgets[row] > 0:
                     out[row].append(token)
                     if len(out[row]) < budgets[row]:
                         keep.append(slot)

@@ -26,6 +26,7 @@ from quant_pipeline.core.errors import AuditInputError
 from quant_pipeline.core.hashing import hash_directory, sha256_file
 from quant_pipeline.core.paths import EVALS_DIR
 from quant_pipeline.core.perf import StageMeter
+from quant_pipeline.core.progress import Progress
 from quant_pipeline.evaluation import behaviour
 from quant_pipeline.evaluation.generation import (
     agreement_with_reference,
@@ -83,6 +84,42 @@ def limited(items: list[dict], key: str, limit: int | None) -> list[dict]:
     return out
 
 
+def _with_progress(hflm: type, label: str) -> type:
+    """lm-eval's Hugging Face model reporting to our progress (a bar on a terminal, a run-log line every
+    15 s, tokens/s) in place of its own bars. Requests are counted as lm-eval queues them (rolling
+    perplexity queues its windows batch by batch, so the total grows) and as forward passes score them
+    (padding included in the tokens); requests that share a context are scored by one row."""
+
+    class ProgressLM(hflm):
+        progress: Progress | None = None
+
+        def loglikelihood(self, requests, disable_tqdm=False):
+            return super().loglikelihood(requests, disable_tqdm=True)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm=False):
+            return super().loglikelihood_rolling(requests, disable_tqdm=True)
+
+        def _loglikelihood_tokens(self, requests, disable_tqdm=False, override_bs=None):
+            if self.progress is None:
+                self.progress = Progress(f"{label} harness", 0, "requests")
+            self.progress.total += len(requests)
+            self.progress.bar.total = self.progress.total
+            return super()._loglikelihood_tokens(requests, disable_tqdm=True, override_bs=override_bs)
+
+        def _model_call(self, inps, attn_mask=None, labels=None):
+            logits = super()._model_call(inps, attn_mask=attn_mask, labels=labels)
+            if self.progress is not None:
+                self.progress.advance(min(inps.shape[0], self.progress.total - self.progress.done), int(inps.numel()))
+            return logits
+
+        def close_progress(self) -> None:
+            if self.progress is not None:
+                self.progress.advance(self.progress.total - self.progress.done)
+                self.progress.close()
+
+    return ProgressLM
+
+
 def run_harness(
     model, tokenizer, label: str, limit: int | None, batch_size: int, tasks: list[str] | None = None
 ) -> tuple[list[dict], list[dict], dict]:
@@ -98,7 +135,7 @@ def run_harness(
     # names that), and its `git describe` prints "fatal: not a git repository" outside one.
     lm_eval.evaluator.get_git_commit_hash = lambda: None
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    lm = _with_progress(HFLM, label)(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     t0 = time.perf_counter()
     out = lm_eval.simple_evaluate(
         model=lm,
@@ -112,6 +149,7 @@ def run_harness(
         fewshot_random_seed=0,
     )
     seconds = time.perf_counter() - t0
+    lm.close_progress()
     rows, items, texts, tokens = [], [], [], 0
     for task, metrics in out["results"].items():
         for key, value in metrics.items():

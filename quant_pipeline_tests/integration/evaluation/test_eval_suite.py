@@ -270,3 +270,18 @@ def test_greedy_rows_match_model_generate_row_for_row_while_finished_rows_leave_
         assert rows[row] == (expected[: cut[0]] if cut else expected), (i, rows[row], expected)
     assert sum(finished) == len(idx) and finished[-1] >= 1
     assert len(rows[1]) <= 1 < budgets[idx[1]]  # stopped at its own stop token, which is not kept
+
+
+def test_the_harness_reports_requests_done_and_tokens_per_second_in_the_run_log(tiny_llama):
+    import re
+
+    from quant_pipeline.core.progress import log_progress
+    from quant_pipeline.evaluation.suite import run_harness
+
+    model, tokenizer = load_model(tiny_llama)
+    lines: list[str] = []
+    with log_progress(lines.append):
+        _, items, _ = run_harness(model, tokenizer, "base", 2, 4)
+    harness = [line for line in lines if line.startswith("base harness: ")]
+    assert items and harness, lines
+    assert re.fullmatch(r"base harness: (\d+)/\1 requests in \d+ s, \d+ tok/s", harness[-1]), harness
