@@ -17,7 +17,7 @@ def test_default_smollm2_audit_quantizes_evaluates_and_gates(tmp_path, mlflow_tr
         store_dir=str(tmp_path / "store"),
         recipe=Recipe(bits=4, group_size=64, calibration_samples=8, seq_len=128),
         eval_limit=8,
-        eval_max_new_tokens=16,
+        eval_max_new_tokens=32,
     )
     result = run_audit(settings, mlflow_tracker, instance)
     assert result.success  # whatever the verdict, the audit completes its record
