@@ -21,7 +21,7 @@ __all__ = ["main"]
 def _quiet_before_imports() -> None:
     """Library chatter that is decided at import time, kept off the terminal (`--verbose` keeps it): tqdm
     reads its defaults from the environment when imported (lm-eval's per-task bars, MLflow's download
-    bars: ours and lm-eval's request bar set `disable` themselves and stay), torchao logs its missing
+    bars: ours set `disable` themselves and stay), torchao logs its missing
     CUDA extensions and torch its pytree deprecations as they load."""
     import logging
     import os

@@ -83,8 +83,9 @@ AUDIT_CONSOLE = dg.LoggerDefinition(
 
 def _quiet_libraries() -> None:
     """Library chatter off the terminal: lm-eval's per-task warnings, optimum's and gptqmodel's (logbar)
-    per-layer INFO lines, MLflow's table set-up, Hugging Face weight-loading bars. Progress that says
-    how far a long stage is (our lines, lm-eval's request bar, the GPTQ block bar) stays."""
+    per-layer INFO lines, MLflow's table set-up, Hugging Face weight-loading bars, gptqmodel's import banner,
+    transformers' FutureWarnings. Progress that says how far a long stage is (our bars and run-log lines,
+    which stand in for lm-eval's request bar; optimum's GPTQ block bar) stays."""
     for noisy in ("lm_eval", "lm-eval", "optimum", "logbar", "mlflow", "transformers", "datasets", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")

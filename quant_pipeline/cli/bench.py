@@ -25,7 +25,7 @@ from quant_pipeline.core.recipe import Recipe
 from quant_pipeline.core.tracking import MlflowTracker
 from quant_pipeline.defs.automation import CALIBRATION_STAGES
 from quant_pipeline.defs.resources import AuditSettings
-from quant_pipeline.evaluation.generation import generate_greedy, right_padded
+from quant_pipeline.evaluation.generation import generate_greedy, linear_layers, right_padded
 from quant_pipeline.evaluation.suite import (
     GENERATION_FILE,
     TASK_CATEGORY,
@@ -82,8 +82,7 @@ def matmul_peak_gflops(size: int = 1024, repeats: int = 20) -> float:
 def flops_per_token(model) -> int:
     """Two floating-point operations per weight of every linear layer, the output layer included (attention
     over the cache adds a few percent at the suite's lengths and is left out: the ratio is conservative)."""
-    layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear) or hasattr(m, "qweight")]
-    return 2 * sum(m.in_features * m.out_features for m in layers)
+    return 2 * sum(m.in_features * m.out_features for m in linear_layers(model))
 
 
 def generation_roofline(model, tokenizer, limit: int | None, peak_gflops: float) -> dict:

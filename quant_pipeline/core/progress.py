@@ -52,6 +52,11 @@ class Progress:
         if time.perf_counter() - self.last_log >= LOG_EVERY_S:
             self._log(elapsed)
 
+    def extend(self, n: int) -> None:
+        """`n` more units of work, found as the work goes (a library that queues its work in batches)."""
+        self.total += n
+        self.bar.total = self.total
+
     def line(self, elapsed: float) -> str:
         rate = f", {self.tokens / elapsed:.0f} tok/s" if self.tokens and elapsed > 0 else ""
         left = (self.total - self.done) * elapsed / self.done if self.done else float("nan")

@@ -21,7 +21,7 @@ from quant_pipeline.core.records import EvalRecord
 from quant_pipeline.core.store import atomic_file
 from quant_pipeline.core.tracking import MlflowTracker
 from quant_pipeline.defs.resources import AuditSettings
-from quant_pipeline.evaluation.generation import DECODER, GENERATION_BATCH
+from quant_pipeline.evaluation.generation import plan
 from quant_pipeline.evaluation.suite import (
     AGREEMENT_METRICS,
     add_agreement,
@@ -73,8 +73,7 @@ def evaluate_checkpoint(
     key_inputs = {
         "model": target.content_hash, "suite": suite, "runtime": runtime_hash, "limit": settings.eval_limit,
         "max_new_tokens": settings.eval_max_new_tokens, "base": base_eval and base_eval["key"],
-        "reference": "hidden_states", "decoder": DECODER, "generation_batch": GENERATION_BATCH,
-        "harness_batch": settings.eval_batch_size,
+        "reference": "hidden_states", **plan(settings.eval_batch_size),
     }  # fmt: skip
     key = canonical_hash(key_inputs)[:16]
     store = settings.store

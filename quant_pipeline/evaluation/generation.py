@@ -38,16 +38,23 @@ GENERATION_BATCH = 64
 DECODER = "greedy_rows/1: argmax, key/value cache, finished rows leave the batch"
 
 
+def linear_layers(model) -> list:
+    """The model's matrix-multiplying layers: `nn.Linear`, and quantized linears (their packed `qweight`)."""
+    return [m for m in model.modules() if isinstance(m, torch.nn.Linear) or hasattr(m, "qweight")]
+
+
+def plan(harness_batch: int) -> dict:
+    """The decode loop and batch sizes an evaluation runs with: inputs of its key, and part of its record."""
+    return {"decoder": DECODER, "generation_batch": GENERATION_BATCH, "harness_batch": harness_batch}
+
+
 def execution(model, harness_batch: int) -> dict:
     """How the model ran: its linear kernels and dtype (a quantized layer's kernel is chosen at load time
     from the library versions and the CPU), the decode loop and the batch sizes."""
-    kernels = {type(m).__name__ for m in model.modules() if isinstance(m, torch.nn.Linear) or hasattr(m, "qweight")}
     return {
-        "linear_kernels": ",".join(sorted(kernels)),
+        "linear_kernels": ",".join(sorted({type(m).__name__ for m in linear_layers(model)})),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        "decoder": DECODER,
-        "generation_batch": GENERATION_BATCH,
-        "harness_batch": harness_batch,
+        **plan(harness_batch),
     }
 
 

@@ -102,8 +102,7 @@ def _with_progress(hflm: type, label: str) -> type:
         def _loglikelihood_tokens(self, requests, disable_tqdm=False, override_bs=None):
             if self.progress is None:
                 self.progress = Progress(f"{label} harness", 0, "requests")
-            self.progress.total += len(requests)
-            self.progress.bar.total = self.progress.total
+            self.progress.extend(len(requests))
             return super()._loglikelihood_tokens(requests, disable_tqdm=True, override_bs=override_bs)
 
         def _model_call(self, inps, attn_mask=None, labels=None):
