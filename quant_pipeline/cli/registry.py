@@ -8,8 +8,8 @@ from pathlib import Path
 from quant_pipeline.core.paths import default_store_dir
 from quant_pipeline.core.store import ArtifactStore
 
-# The release modules import MLflow (about 2 s): each command imports what it uses, so `--help`, usage
-# errors and the store-only `verify` answer without it.
+# MLflow and Dagster take seconds to import: each command imports what it uses, so `--help`, usage errors,
+# the store-only `verify` and the read-only verbs (`show`, `verify-trail`, `show-policy`) answer without them.
 
 
 def _store_and_tracker():
@@ -23,13 +23,24 @@ def _store() -> ArtifactStore:
     return ArtifactStore(default_store_dir())
 
 
+def _store_and_reader():
+    """The store and a read-only view of the registry (MLflow's own client only where it must read it)."""
+    from quant_pipeline.core.paths import default_mlflow_uri
+    from quant_pipeline.core.registry_view import RegistryView
+
+    view = RegistryView.of(default_mlflow_uri())
+    if view is None:
+        return _store_and_tracker()
+    return _store(), view
+
+
 def add_registry_commands(sub) -> None:
     """Registry, sign-off and audit-trail commands (read the store and MLflow the pipeline writes)."""
 
     def show(a):
         from quant_pipeline.release import registry
 
-        store, tracker = _store_and_tracker()
+        store, tracker = _store_and_reader()
         print(json.dumps(registry.show(store, tracker, a.artifact_id), indent=2, default=str))
         return 0
 
@@ -79,7 +90,7 @@ def add_registry_commands(sub) -> None:
         from quant_pipeline.release import signoff
         from quant_pipeline.release.trail import verify_trail
 
-        store, tracker = _store_and_tracker()
+        store, tracker = _store_and_reader()
         problems = signoff.verify_model_trail(store, tracker, a.model)
         if a.expected_head:
             problems += [
@@ -117,7 +128,7 @@ def add_registry_commands(sub) -> None:
     def show_policy(a):
         from quant_pipeline.release import governing, signoff
 
-        store, tracker = _store_and_tracker()
+        store, tracker = _store_and_reader()
         signoff.require_intact_trail(store, tracker, a.model, f"read the policy of {a.model}")
         entry = signoff.governing_policy(store, a.model)
         if entry is None:

@@ -20,9 +20,10 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from quant_pipeline.core.paths import default_mlflow_uri, project_home
+from quant_pipeline.core.registry_view import APPROVED_ALIAS
 from quant_pipeline.core.store import check_name
 
-APPROVED_ALIAS = "approved"
+__all__ = ["APPROVED_ALIAS", "MlflowTracker", "StageRun"]
 
 
 class StageRun:
@@ -120,14 +121,15 @@ class MlflowTracker(dg.ConfigurableResource):
         return mv.version
 
     def model_version(self, model_name: str, artifact_id: str):
-        """The registry version holding `artifact_id` (None if there is none)."""
+        """The registry version holding `artifact_id`, with its tags and aliases (None if there is none)."""
         try:
             # both names are checked first: nothing from a command line reaches the filter string unchecked
             name, aid = check_name(model_name, "model name"), check_name(artifact_id, "artifact ID")
             found = self.client().search_model_versions(f"name='{name}' and tag.artifact_id='{aid}'")
+            # a search result carries no aliases: the version itself does
+            return self.client().get_model_version(name, found[0].version) if found else None
         except MlflowException:
             return None
-        return found[0] if found else None
 
     def base_model_version(self, model_name: str, base_hash: str | None = None):
         """The base model's version: the newest one with `base_hash` if given and present, else the newest."""

@@ -10,14 +10,17 @@ trail's audit entry hold.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from quant_pipeline.core.artifacts import verify_artifact
 from quant_pipeline.core.errors import AuditInputError
 from quant_pipeline.core.hashing import sha256_file
 from quant_pipeline.core.records import ArtifactRecord, DeltaReportRecord
 from quant_pipeline.core.store import ArtifactStore
-from quant_pipeline.core.tracking import MlflowTracker
 from quant_pipeline.release.trail import read_entries
+
+if TYPE_CHECKING:  # the class imports MLflow (seconds): read-only verbs run without it
+    from quant_pipeline.core.tracking import MlflowTracker
 
 
 class EvidenceError(AuditInputError):

@@ -12,11 +12,11 @@ the exact bar a verdict was judged against can be read back and checked years la
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from quant_pipeline.core.errors import AuditInputError
 from quant_pipeline.core.hashing import sha256_file
 from quant_pipeline.core.store import ArtifactStore, write_bytes_atomic
-from quant_pipeline.core.tracking import MlflowTracker
 from quant_pipeline.evaluation.policy import load_policy
 from quant_pipeline.release.signoff import (
     PINNED,
@@ -25,6 +25,9 @@ from quant_pipeline.release.signoff import (
     record_event,
     require_intact_trail,
 )
+
+if TYPE_CHECKING:  # the class imports MLflow (seconds): read-only verbs run without it
+    from quant_pipeline.core.tracking import MlflowTracker
 
 FIRST_AUDIT = "first audit"
 

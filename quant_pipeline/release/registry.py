@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from quant_pipeline.core.artifacts import read_artifact_record
 from quant_pipeline.core.errors import AuditInputError
@@ -18,10 +17,12 @@ from quant_pipeline.core.hashing import RECORD_FILE, file_hashes, hash_directory
 from quant_pipeline.core.paths import EVALS_DIR
 from quant_pipeline.core.records import CheckpointRecord, DeltaReportRecord
 from quant_pipeline.core.store import ArtifactStore
-from quant_pipeline.core.tracking import MlflowTracker
 from quant_pipeline.release.evidence import EvidenceError, report_path
 from quant_pipeline.release.mlbom import build_mlbom, validate_mlbom, write_mlbom
 from quant_pipeline.release.signoff import decisions
+
+if TYPE_CHECKING:  # the class imports MLflow (seconds): read-only verbs run without it
+    from quant_pipeline.core.registry_view import RegistryReader
 
 
 def latest_report(store: ArtifactStore, model_name: str, artifact_id: str) -> Path | None:
@@ -38,12 +39,11 @@ def all_records(store: ArtifactStore | Path) -> list[dict]:
     return [read_artifact_record(store, aid).dump() for aid in store.artifact_ids()]
 
 
-def show(store: ArtifactStore | Path, tracker: MlflowTracker, artifact_id: str) -> dict:
+def show(store: ArtifactStore | Path, tracker: RegistryReader, artifact_id: str) -> dict:
     """Everything recorded about one artifact: its inputs, scales, eval verdict, registry entry, decisions."""
     store = ArtifactStore.of(store)
     record = read_artifact_record(store, artifact_id)
-    version = tracker.find_version(record.model_name, artifact_id)
-    mv = tracker.client().get_model_version(record.model_name, version) if version else None
+    mv = tracker.model_version(record.model_name, artifact_id)
     report = latest_report(store, record.model_name, artifact_id)
     return {
         "artifact_id": artifact_id,
@@ -52,9 +52,9 @@ def show(store: ArtifactStore | Path, tracker: MlflowTracker, artifact_id: str) 
         "scales": {"hash": record.scales.hash, "layers": record.scales.layers},
         "registry": {
             "model": record.model_name,
-            "version": version,
+            "version": str(mv.version) if mv else None,
             "tags": dict(mv.tags) if mv else {},
-            "aliases": list(mv.aliases) if mv else [],
+            "aliases": sorted(mv.aliases) if mv else [],
         },
         "delta_report": DeltaReportRecord.read(report).dump() if report is not None else None,
         "decisions": decisions(store, record.model_name, artifact_id),
@@ -106,6 +106,8 @@ def write_bom(store: ArtifactStore | Path, artifact_id: str) -> Path:
         "files": file_hashes(EVALS_DIR),
     }
     report = latest_report(store, record["model_name"], artifact_id)
+    import pandas as pd  # only here: `show` answers without it
+
     deltas = pd.read_parquet(report.with_name("delta_report.parquet")).to_dict("records") if report else []
     doc = build_mlbom(record, base, calibration, suite, deltas, decisions(store, record["model_name"], artifact_id))
     validate_mlbom(doc)

@@ -13,15 +13,20 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from quant_pipeline.core.artifacts import read_artifact_record
 from quant_pipeline.core.errors import AuditInputError
 from quant_pipeline.core.hashing import sha256_file
 from quant_pipeline.core.records import ArtifactRecord, Decision
+from quant_pipeline.core.registry_view import APPROVED_ALIAS
 from quant_pipeline.core.store import ArtifactStore
-from quant_pipeline.core.tracking import APPROVED_ALIAS, MlflowTracker
 from quant_pipeline.release.evidence import gate_failures, judged_report, report_path, verified_bytes
 from quant_pipeline.release.trail import append_entry, read_entries, verify_trail
+
+if TYPE_CHECKING:  # the class imports MLflow (seconds): read-only verbs run without it
+    from quant_pipeline.core.registry_view import RegistryReader
+    from quant_pipeline.core.tracking import MlflowTracker
 
 PRODUCTION_ALIAS = "production"
 TRAIL_HEAD_TAG, TRAIL_LENGTH_TAG = "trail_head", "trail_length"  # the anchor, on the registered model
@@ -84,7 +89,7 @@ def record_event(store: ArtifactStore | Path, tracker: MlflowTracker, model_name
         raise
 
 
-def verify_model_trail(store: ArtifactStore | Path, tracker: MlflowTracker, model_name: str) -> list[str]:
+def verify_model_trail(store: ArtifactStore | Path, tracker: RegistryReader, model_name: str) -> list[str]:
     """Everything wrong with the model's trail, checked against its MLflow anchor ([] = intact).
 
     A name with neither a trail nor a registered model raises `UnknownTrailError`: "intact" for a
@@ -117,7 +122,7 @@ def verify_model_trail(store: ArtifactStore | Path, tracker: MlflowTracker, mode
     return verify_trail(path, expected_head=head, expected_length=expected_length)
 
 
-def require_intact_trail(store: ArtifactStore | Path, tracker: MlflowTracker, model_name: str, action: str) -> None:
+def require_intact_trail(store: ArtifactStore | Path, tracker: RegistryReader, model_name: str, action: str) -> None:
     """Refuse ``action`` in one line when the model's trail does not verify against its anchor."""
     problems = verify_model_trail(store, tracker, model_name)
     if problems:
