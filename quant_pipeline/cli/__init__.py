@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     audit.add_argument("--model", help="'default', a local HF checkpoint dir, a .gguf file or a hub id")
     audit.add_argument("--calibration-file")
     audit.add_argument("--policy-file")
+    audit.add_argument(
+        "--method", help="gptq (default), torchao-int8-weight, torchao-int8-dynamic, torchao-int4-weight, identity"
+    )
     audit.add_argument("--calibration-samples", type=int)
     audit.add_argument("--group-size", type=int)
     audit.add_argument("--bits", type=int)
@@ -78,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         recipe = {
             k: v
             for k, v in {
+                "method": args.method,
                 "calibration_samples": args.calibration_samples,
                 "group_size": args.group_size,
                 "bits": args.bits,

@@ -6,10 +6,27 @@ import dagster as dg
 
 from quant_pipeline.core.errors import AuditInputError
 
+# Each method and the recipe fields that determine its bytes: only those enter the artifact's ID and record,
+# so changing a field a method ignores (GPTQ's damping for torchao int8) does not re-quantize or re-audit.
+METHOD_FIELDS: dict[str, tuple[str, ...]] = {
+    "gptq": ("bits", "group_size", "desc_act", "sym", "damp_percent", "calibration_samples", "seq_len"),
+    "torchao-int8-weight": (),
+    "torchao-int8-dynamic": (),
+    "torchao-int4-weight": ("group_size",),
+    "identity": (),
+}
+CALIBRATED_METHODS = frozenset({"gptq"})  # the others are data-free: the calibration set is not an input
+GROUPED_METHODS = frozenset({"gptq", "torchao-int4-weight"})  # group_size splits each layer's input features
+
 
 class Recipe(dg.Config):
-    """GPTQ recipe. Defaults suit SmolLM2-135M (hidden size 576 is not divisible by 128)."""
+    """How the base becomes the candidate: a method and its settings. The default is GPTQ 4-bit with
+    group 64, which suits SmolLM2-135M (its hidden size 576 is not divisible by 128).
 
+    `method`: gptq (gptqmodel, calibrated), torchao-int8-weight, torchao-int8-dynamic,
+    torchao-int4-weight (torchao, data-free), or identity (the base copied: every delta must be zero)."""
+
+    method: str = "gptq"
     bits: int = 4
     group_size: int = 64
     desc_act: bool = False
@@ -18,13 +35,24 @@ class Recipe(dg.Config):
     calibration_samples: int = 64
     seq_len: int = 256
 
+    @property
+    def calibrated(self) -> bool:
+        return self.method in CALIBRATED_METHODS
+
     def validate_values(self) -> None:
-        if self.bits not in (2, 3, 4, 8):
-            raise AuditInputError(f"recipe.bits={self.bits} is not supported by GPTQ: use 2, 3, 4 or 8")
-        if self.group_size != -1 and self.group_size <= 0:
+        if self.method not in METHOD_FIELDS:
+            known = ", ".join(METHOD_FIELDS)
+            raise AuditInputError(f"recipe.method={self.method!r} is not a known method: use one of {known}")
+        if self.method in GROUPED_METHODS and self.group_size != -1 and self.group_size <= 0:
             raise AuditInputError(
                 f"recipe.group_size={self.group_size}: use a positive group size (e.g. 64) or -1 for per-channel"
             )
+        if self.method == "torchao-int4-weight" and self.group_size == -1:
+            raise AuditInputError("recipe.group_size=-1: torchao-int4-weight needs a group size (e.g. 64)")
+        if not self.calibrated:
+            return
+        if self.bits not in (2, 3, 4, 8):
+            raise AuditInputError(f"recipe.bits={self.bits} is not supported by GPTQ: use 2, 3, 4 or 8")
         if not 0 < self.damp_percent < 1:
             raise AuditInputError(
                 f"recipe.damp_percent={self.damp_percent}: must lie strictly between 0 and 1 (0.1 is usual)"
@@ -35,4 +63,6 @@ class Recipe(dg.Config):
             raise AuditInputError(f"recipe.seq_len={self.seq_len}: need at least 8 tokens per calibration sample")
 
     def as_dict(self) -> dict:
-        return {"method": "gptq", **self.model_dump()}
+        """The method and the fields that determine its bytes (GPTQ's dict is what it has always been, so
+        existing GPTQ artifact IDs stand)."""
+        return {"method": self.method, **{f: getattr(self, f) for f in METHOD_FIELDS.get(self.method, ())}}

@@ -127,7 +127,7 @@ class ArtifactRecord(TreeRecord):
     base_hash: Sha256
     base_path: str
     recipe: dict[str, Any]
-    calibration_hash: Sha256
+    calibration_hash: Sha256 | None  # None: a data-free method, the calibration set is not an input
     calibration_count: int
     # (the runtime is an input too: a kernel or library change is a different artifact)
     runtime_hash: Sha256

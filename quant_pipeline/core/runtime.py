@@ -10,7 +10,9 @@ import subprocess
 
 from quant_pipeline.core.hashing import canonical_hash
 
-LIBRARIES = ("torch", "transformers", "optimum", "gptqmodel", "lm_eval", "accelerate", "safetensors", "numpy")
+LIBRARIES = (
+    "torch", "transformers", "optimum", "gptqmodel", "torchao", "lm_eval", "accelerate", "safetensors", "numpy",
+)  # fmt: skip
 ISA_FLAGS = (
     "sse4_2",
     "avx",

@@ -6,7 +6,7 @@ from quant_pipeline.core.errors import AuditInputError
 from quant_pipeline.evaluation.policy import load_policy
 from quant_pipeline.models.calibration import check_enough_samples, load_calibration_texts
 from quant_pipeline.models.checkpoint import check_weights_readable, read_model_config, resolve_model_source
-from quant_pipeline.models.gptq import check_recipe_fits
+from quant_pipeline.models.methods import check_recipe_fits
 
 # setting -> (CLI option, environment variable, what a value below 1 would mean, the fix)
 EVAL_SIZES = {

@@ -1,4 +1,5 @@
-"""The quantized artifact: GPTQ on the base checkpoint with the calibration set, registered in MLflow.
+"""The quantized artifact: the recipe's method on the base checkpoint (and the calibration set, for GPTQ),
+registered in MLflow.
 
 The artifact ID is derived from everything that determines the bytes (base hash, recipe,
 calibration hash, runtime fingerprint), so the same inputs give the same ID and the work is
@@ -21,12 +22,12 @@ from quant_pipeline.core.store import atomic_directory
 from quant_pipeline.core.tracking import MlflowTracker
 from quant_pipeline.defs.resources import AuditSettings
 from quant_pipeline.models.calibration import load_calibration_texts
-from quant_pipeline.models.gptq import artifact_id, quantize, scale_summary
+from quant_pipeline.models.methods import artifact_id, precision, quantize, scale_summary
 from quant_pipeline.release.reference import log_registered_pyfunc
 from quant_pipeline.release.signoff import record_event
 
 
-@dg.asset(group_name="audit", kinds={"pytorch", "gptq"})
+@dg.asset(group_name="audit", kinds={"pytorch", "gptq", "torchao"})
 def quantized_artifact(
     context: dg.AssetExecutionContext,
     settings: AuditSettings,
@@ -35,7 +36,8 @@ def quantized_artifact(
     calibration_set: dict,
     runtime_environment: dict,
 ) -> dg.MaterializeResult:
-    """The GPTQ-quantized model, saved atomically under an input-derived ID and registered in MLflow."""
+    """The candidate made with the recipe's method (GPTQ, torchao, or identity: `models/methods.py`), saved
+    atomically under an input-derived ID and registered in MLflow."""
     recipe = settings.recipe
     model_name = base_checkpoint["model_name"]
     aid = artifact_id(base_checkpoint["hash"], recipe, calibration_set["hash"], runtime_environment["hash"])
@@ -45,12 +47,14 @@ def quantized_artifact(
     passes: dict = {}
     with StageMeter() as meter:
         if not reused:
-            calib_path = Path(calibration_set["path"])
-            if sha256_file(calib_path) != calibration_set["hash"]:
-                raise AuditInputError(
-                    f"calibration file {calib_path} changed since it was validated: re-materialize calibration_set"
-                )
-            texts = load_calibration_texts(calib_path)
+            texts: list[str] = []
+            if recipe.calibrated:  # a data-free method reads no calibration text
+                calib_path = Path(calibration_set["path"])
+                if sha256_file(calib_path) != calibration_set["hash"]:
+                    raise AuditInputError(
+                        f"calibration file {calib_path} changed since it was validated: re-materialize calibration_set"
+                    )
+                texts = load_calibration_texts(calib_path)
             with atomic_directory(target) as tmp, log_progress(context.log.info):
                 passes = quantize(Path(base_checkpoint["path"]), texts, recipe, tmp)
                 files = file_hashes(tmp)
@@ -60,11 +64,11 @@ def quantized_artifact(
                     base_hash=base_checkpoint["hash"],
                     base_path=base_checkpoint["path"],
                     recipe=recipe.as_dict(),
-                    calibration_hash=calibration_set["hash"],
-                    calibration_count=calibration_set["used"],
+                    calibration_hash=calibration_set["hash"] if recipe.calibrated else None,
+                    calibration_count=calibration_set["used"] if recipe.calibrated else 0,
                     runtime_hash=runtime_environment["hash"],
                     runtime=runtime_environment["fingerprint"],
-                    precision=f"int{recipe.bits} weights (GPTQ, group {recipe.group_size}), fp32 activations",
+                    precision=precision(recipe),
                     scales=scale_summary(tmp),
                     files=files,
                     content_hash=tree_hash(files),
@@ -77,7 +81,7 @@ def quantized_artifact(
         "artifact_id": aid,
         "content_hash": record["content_hash"],
         "base_hash": record["base_hash"],
-        "calibration_hash": record["calibration_hash"],
+        "calibration_hash": record["calibration_hash"] or "none (data-free method)",
         "runtime_hash": record["runtime_hash"],
         "recipe": json.dumps(record["recipe"], sort_keys=True),
         "approval": "pending sign-off",

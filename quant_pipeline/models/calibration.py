@@ -72,7 +72,7 @@ def _read_text(path: Path) -> str:
 
 
 def check_enough_samples(texts: list[str], path: Path, recipe: Recipe) -> None:
-    if len(texts) < recipe.calibration_samples:
+    if recipe.calibrated and len(texts) < recipe.calibration_samples:  # a data-free method reads none
         raise AuditInputError(
             f"calibration file {path} has {len(texts)} samples but recipe.calibration_samples is "
             f"{recipe.calibration_samples}: add samples or lower calibration_samples"

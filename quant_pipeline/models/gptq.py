@@ -1,42 +1,12 @@
-"""GPTQ through transformers/optimum, backed by gptqmodel: the quantization method of record.
+"""GPTQ through transformers/optimum, backed by gptqmodel: the calibrated method (`models/methods.py` has all)."""
 
-The artifact ID is derived from everything that determines the bytes (base hash, recipe,
-calibration hash, runtime fingerprint), so the same inputs give the same ID and the work is
-reused, and any changed input gives a new ID that starts its approval from scratch.
-The artifact is written atomically and carries a record of its inputs and its own file hashes.
-"""
-
-import hashlib
 import json
 from contextlib import contextmanager
 from pathlib import Path
 
-from quant_pipeline.core.errors import AuditInputError
-from quant_pipeline.core.hashing import canonical_hash
 from quant_pipeline.core.perf import bound_heap_fragmentation
 from quant_pipeline.core.progress import Progress
 from quant_pipeline.core.recipe import Recipe
-
-
-def check_recipe_fits(recipe: Recipe, config: dict, model_label: str) -> None:
-    """GPTQ groups split each linear layer's input features; every input width must divide evenly."""
-    recipe.validate_values()
-    if recipe.group_size == -1:
-        return
-    widths = {"hidden_size": config.get("hidden_size"), "intermediate_size": config.get("intermediate_size")}
-    for field, width in widths.items():
-        if width and width % recipe.group_size:
-            fits = [g for g in (32, 64, 128) if all(w % g == 0 for w in widths.values() if w)]
-            hint = f"use group_size {max(fits)}" if fits else "use group_size -1 (per-channel)"
-            raise AuditInputError(
-                f"recipe.group_size={recipe.group_size} does not divide {model_label}'s {field} {width}: {hint}"
-            )
-
-
-def artifact_id(base_hash: str, recipe: Recipe, calibration_hash: str, runtime_hash: str) -> str:
-    inputs = {"base": base_hash, "recipe": recipe.as_dict(), "calibration": calibration_hash, "runtime": runtime_hash}
-    return f"gptq-w{recipe.bits}g{recipe.group_size}-{canonical_hash(inputs)[:12]}"
-
 
 # Linear layers that read the same input share one calibration pass: their Hessians are identical,
 # so grouping them gives the same bytes as one pass per layer, with 4 block forwards instead of 7.
@@ -167,25 +137,3 @@ def quantize(base_path: Path, texts: list[str], recipe: Recipe, out_dir: Path) -
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     return {"calibration_passes_cut_short": stopped["passes"]}
-
-
-def scale_summary(artifact_dir: Path) -> dict:
-    """Per-layer scale/zero-point statistics and one hash over all of them (the 'scaling parameters')."""
-    from safetensors import safe_open
-
-    layers, h = {}, hashlib.sha256()
-    for st in sorted(artifact_dir.glob("*.safetensors")):
-        with safe_open(st, framework="pt") as f:
-            for key in sorted(f.keys()):
-                if key.endswith((".scales", ".qzeros")):
-                    t = f.get_tensor(key)
-                    h.update(key.encode())
-                    h.update(t.contiguous().view(-1).numpy().tobytes())
-                    layer, kind = key.rsplit(".", 1)
-                    tf = t.float()
-                    layers.setdefault(layer, {})[kind] = {
-                        "mean": round(tf.mean().item(), 6),
-                        "min": round(tf.min().item(), 6),
-                        "max": round(tf.max().item(), 6),
-                    }
-    return {"hash": h.hexdigest(), "layers": len(layers), "per_layer": layers}

@@ -208,15 +208,16 @@ def build_mlbom(
     """
     approvals = list(approvals or [])
     aid = artifact["artifact_id"]
-    calib_ref = f"calibration:{calibration['hash'][:16]}"
+    calibrated = bool(calibration.get("hash"))  # a data-free method (torchao, identity) read no calibration set
+    calib_ref = f"calibration:{calibration['hash'][:16]}" if calibrated else ""
     eval_ref = f"eval-suite:{eval_suite['name']}:{eval_suite['suite_hash'][:16]}"
     recipe = artifact.get("recipe") or {}
 
-    calibration_component = _data_component(
+    calibration_component = calibrated and _data_component(
         calib_ref,
         f"{artifact['model_name']} calibration set",
         calibration["hash"],
-        f"Calibration texts for GPTQ ({calibration.get('count')} samples); they determine the quantization scales.",
+        f"Calibration texts ({calibration.get('count')} samples); they determine the quantization scales.",
         [
             _prop("path", calibration.get("path")),
             _prop("count", calibration.get("count")),
@@ -262,12 +263,12 @@ def build_mlbom(
                 "task": "text-generation",
                 "architectureFamily": "transformer",
                 "modelArchitecture": str(base.get("architecture")),
-                "datasets": [{"ref": calib_ref}, {"ref": eval_ref}],
+                "datasets": [{"ref": ref} for ref in (calib_ref, eval_ref) if ref],
             },
             "quantitativeAnalysis": {"performanceMetrics": _performance_metrics(deltas)},
             "considerations": {
                 "technicalLimitations": [
-                    f"Weights quantized to {recipe.get('bits')} bits (group size {recipe.get('group_size')}); "
+                    f"{artifact.get('precision') or 'Quantized weights'}; "
                     "quality was measured against the base only on the slices listed in quantitativeAnalysis."
                 ],
                 "performanceTradeoffs": [tradeoff],
@@ -288,11 +289,10 @@ def build_mlbom(
             "tools": {"components": [{"type": "application", "name": "quant_pipeline", "version": _tool_version()}]},
             "component": model,
         },
-        "components": [calibration_component, eval_component],
+        "components": [c for c in (calibration_component, eval_component) if c],
         "dependencies": [
-            {"ref": aid, "dependsOn": [calib_ref, eval_ref]},
-            {"ref": calib_ref, "dependsOn": []},
-            {"ref": eval_ref, "dependsOn": []},
+            {"ref": aid, "dependsOn": [ref for ref in (calib_ref, eval_ref) if ref]},
+            *({"ref": ref, "dependsOn": []} for ref in (calib_ref, eval_ref) if ref),
         ],
     }
 

@@ -1,0 +1,143 @@
+"""The quantization methods a candidate can be made with, behind one call: `quantize(base, texts, recipe, out)`.
+
+Methods are not interchangeable (on SmolLM2, int8 weight-only and int8 dynamic activations lose very
+differently), so each is a recipe of its own, with its own ID prefix and its own precision statement:
+- gptq: gptqmodel through optimum, calibrated on the calibration set (`models/gptq.py`);
+- torchao-int8-weight, torchao-int8-dynamic, torchao-int4-weight: torchao's data-free `quantize_` configs
+  through transformers' `TorchAoConfig`, saved as safetensors that transformers reloads (torchao keeps
+  each layer's quantized data, scale and zero point as plain tensors, no pickle);
+- identity: the base's files copied: evaluated like any candidate, every delta must be exactly zero,
+  which checks the pipeline itself.
+torchao's int4 layout for CPU (`IntxWeightOnlyConfig`) stores the int4 values unpacked, one per int8: on
+disk it is no smaller than int8; the tradeoff table reports the bytes as they are.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+from quant_pipeline.core.errors import AuditInputError
+from quant_pipeline.core.hashing import RECORD_FILE, canonical_hash
+from quant_pipeline.core.perf import bound_heap_fragmentation
+from quant_pipeline.core.recipe import GROUPED_METHODS, Recipe
+
+# The tensors that hold a quantized layer's scaling: gptqmodel's and torchao's names for them.
+SCALE_SUFFIXES = (".scales", ".qzeros", "._weight_scale", "._weight_zero_point")
+
+
+def check_recipe_fits(recipe: Recipe, config: dict, model_label: str) -> None:
+    """Groups split each linear layer's input features (GPTQ's, torchao int4's): every width must divide evenly."""
+    recipe.validate_values()
+    if recipe.method not in GROUPED_METHODS or recipe.group_size == -1:
+        return
+    widths = {"hidden_size": config.get("hidden_size"), "intermediate_size": config.get("intermediate_size")}
+    for field, width in widths.items():
+        if width and width % recipe.group_size:
+            fits = [g for g in (32, 64, 128) if all(w % g == 0 for w in widths.values() if w)]
+            hint = f"use group_size {max(fits)}" if fits else "use group_size -1 (per-channel)"
+            raise AuditInputError(
+                f"recipe.group_size={recipe.group_size} does not divide {model_label}'s {field} {width}: {hint}"
+            )
+
+
+def id_prefix(recipe: Recipe) -> str:
+    return {
+        "gptq": f"gptq-w{recipe.bits}g{recipe.group_size}",
+        "torchao-int8-weight": "torchao-int8w",
+        "torchao-int8-dynamic": "torchao-int8dyn",
+        "torchao-int4-weight": f"torchao-int4w-g{recipe.group_size}",
+        "identity": "identity",
+    }[recipe.method]
+
+
+def artifact_id(base_hash: str, recipe: Recipe, calibration_hash: str | None, runtime_hash: str) -> str:
+    """An ID derived from everything that determines the bytes: the calibration set only for a method that
+    reads it (a new calibration set does not re-quantize, or re-audit, a data-free candidate)."""
+    inputs = {"base": base_hash, "recipe": recipe.as_dict(), "runtime": runtime_hash}
+    if recipe.calibrated:
+        inputs["calibration"] = calibration_hash
+    return f"{id_prefix(recipe)}-{canonical_hash(inputs)[:12]}"
+
+
+def precision(recipe: Recipe) -> str:
+    """What the artifact computes in, as the record and the ML-BOM state it."""
+    return {
+        "gptq": f"int{recipe.bits} weights (GPTQ, group {recipe.group_size}), fp32 activations",
+        "torchao-int8-weight": "int8 weights (torchao, per output channel), fp32 activations",
+        "torchao-int8-dynamic": "int8 weights (torchao, per output channel), int8 activations scaled per token",
+        "torchao-int4-weight": f"int4 weights (torchao, group {recipe.group_size}, one per int8), fp32 activations",
+        "identity": "fp32: the base's bytes, copied (the pipeline's own check: every delta must be zero)",
+    }[recipe.method]
+
+
+def _torchao_config(recipe: Recipe):
+    import torch
+    from torchao.quantization import (
+        Int8DynamicActivationInt8WeightConfig,
+        Int8WeightOnlyConfig,
+        IntxWeightOnlyConfig,
+    )
+    from torchao.quantization.granularity import PerGroup
+
+    if recipe.method == "torchao-int8-weight":
+        return Int8WeightOnlyConfig()
+    if recipe.method == "torchao-int8-dynamic":
+        return Int8DynamicActivationInt8WeightConfig()
+    return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(recipe.group_size))
+
+
+def _torchao(base_path: Path, recipe: Recipe, out_dir: Path) -> dict:
+    """torchao's `quantize_` on every linear layer of the blocks (the tied output layer stays as it is)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TorchAoConfig
+
+    model = AutoModelForCausalLM.from_pretrained(
+        base_path, dtype=torch.float32, device_map="cpu", use_safetensors=True,
+        quantization_config=TorchAoConfig(quant_type=_torchao_config(recipe)),
+    )  # fmt: skip
+    model.save_pretrained(out_dir, safe_serialization=True)
+    AutoTokenizer.from_pretrained(base_path).save_pretrained(out_dir)
+    return {}
+
+
+def _identity(base_path: Path, out_dir: Path) -> dict:
+    for path in sorted(Path(base_path).iterdir()):
+        if path.is_file() and path.name != RECORD_FILE:
+            shutil.copy2(path, out_dir / path.name)
+    return {}
+
+
+def quantize(base_path: Path, texts: list[str], recipe: Recipe, out_dir: Path) -> dict:
+    """Make the candidate in `out_dir` (a fresh directory) with the recipe's method; returns facts for the UI."""
+    bound_heap_fragmentation()
+    if recipe.method == "gptq":
+        from quant_pipeline.models.gptq import quantize as gptq
+
+        return gptq(base_path, texts, recipe, out_dir)
+    if recipe.method == "identity":
+        return _identity(base_path, out_dir)
+    return _torchao(base_path, recipe, out_dir)
+
+
+def scale_summary(artifact_dir: Path) -> dict:
+    """Per-layer scale/zero-point statistics and one hash over all of them (the 'scaling parameters')."""
+    from safetensors import safe_open
+
+    layers, h = {}, hashlib.sha256()
+    for st in sorted(artifact_dir.glob("*.safetensors")):
+        with safe_open(st, framework="pt") as f:
+            for key in sorted(f.keys()):
+                if key.endswith(SCALE_SUFFIXES):
+                    t = f.get_tensor(key)
+                    h.update(key.encode())
+                    h.update(t.contiguous().view(-1).numpy().tobytes())
+                    layer, kind = key.rsplit(".", 1)
+                    tf = t.float()
+                    layers.setdefault(layer, {})[kind.removeprefix("_weight_")] = {
+                        "mean": round(tf.mean().item(), 6),
+                        "min": round(tf.min().item(), 6),
+                        "max": round(tf.max().item(), 6),
+                    }
+    return {"hash": h.hexdigest(), "layers": len(layers), "per_layer": layers}

@@ -1,0 +1,51 @@
+"""Artifact IDs: the same inputs give the same ID, any changed input a new one."""
+
+import pytest
+
+from quant_pipeline.core.errors import AuditInputError
+from quant_pipeline.core.recipe import Recipe
+from quant_pipeline.models.methods import artifact_id
+
+
+def test_artifact_id_is_stable_and_changes_with_each_input():
+    recipe = Recipe()
+    base = artifact_id("b" * 64, recipe, "c" * 64, "r" * 64)
+    assert base == artifact_id("b" * 64, Recipe(), "c" * 64, "r" * 64)
+    assert base.startswith("gptq-w4g64-")
+    variants = {
+        artifact_id("B" * 64, recipe, "c" * 64, "r" * 64),
+        artifact_id("b" * 64, Recipe(damp_percent=0.05), "c" * 64, "r" * 64),
+        artifact_id("b" * 64, recipe, "C" * 64, "r" * 64),
+        artifact_id("b" * 64, recipe, "c" * 64, "R" * 64),
+    }
+    assert base not in variants and len(variants) == 4
+
+
+def test_a_data_free_method_ignores_the_calibration_set_and_the_fields_it_does_not_use():
+    int8 = Recipe(method="torchao-int8-weight")
+    base = artifact_id("b" * 64, int8, "c" * 64, "r" * 64)
+    assert base.startswith("torchao-int8w-")
+    assert base == artifact_id("b" * 64, int8, "C" * 64, "r" * 64)  # a new calibration set: same bytes, same ID
+    assert base == artifact_id("b" * 64, Recipe(method="torchao-int8-weight", damp_percent=0.05), "c" * 64, "r" * 64)
+    assert base != artifact_id("b" * 64, Recipe(method="torchao-int8-dynamic"), "c" * 64, "r" * 64)
+    assert artifact_id("b" * 64, Recipe(), "c" * 64, "r" * 64) != artifact_id("b" * 64, Recipe(), "C" * 64, "r" * 64)
+
+
+def test_the_gptq_id_is_what_it_was_before_methods_existed():
+    """Existing GPTQ artifacts keep their IDs: the recipe dict of GPTQ did not change shape."""
+    assert Recipe().as_dict() == {
+        "method": "gptq", "bits": 4, "group_size": 64, "desc_act": False, "sym": True, "damp_percent": 0.1,
+        "calibration_samples": 64, "seq_len": 256,
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("recipe", "named"),
+    [
+        (Recipe(method="awq"), "recipe.method='awq'"),
+        (Recipe(method="torchao-int4-weight", group_size=-1), "group_size"),
+    ],
+)
+def test_an_unknown_method_or_a_setting_it_cannot_take_is_refused_by_name(recipe, named):
+    with pytest.raises(AuditInputError, match=named):
+        recipe.validate_values()
