@@ -2,6 +2,8 @@
 
 base_checkpoint -> calibration_set -> quantized_artifact -> eval results (base and quantized)
 -> delta_report (+ checks) -> approval -> audit_report; runtime_environment feeds every artifact ID.
+The stages from quantized_artifact to approval are partitioned by candidate (`defs/candidates.py`); the base
+stages are shared, and candidate_tradeoff compares every candidate of the model and recommends one.
 """
 
 import dagster as dg
@@ -26,6 +28,7 @@ from quant_pipeline.defs.quantize import quantized_artifact
 from quant_pipeline.defs.release import audit_report
 from quant_pipeline.defs.resources import build_resources
 from quant_pipeline.defs.signoff import approval
+from quant_pipeline.defs.tradeoff import candidate_tradeoff, identity_moves_nothing
 
 AUDIT_ASSETS = [
     # inputs
@@ -43,8 +46,9 @@ AUDIT_ASSETS = [
     approval,
     # release
     audit_report,
+    candidate_tradeoff,
 ]
-AUDIT_CHECKS = [slices_within_tolerance, every_gated_slice_informative, policy_metrics_measured]
+AUDIT_CHECKS = [slices_within_tolerance, every_gated_slice_informative, policy_metrics_measured, identity_moves_nothing]
 
 defs = dg.Definitions(
     assets=AUDIT_ASSETS,

@@ -11,6 +11,7 @@ from quant_pipeline.core.recipe import Recipe
 from quant_pipeline.core.store import ArtifactStore
 from quant_pipeline.core.tracking import MlflowTracker
 from quant_pipeline.definitions import AUDIT_ASSETS, AUDIT_CHECKS
+from quant_pipeline.defs.candidates import register_candidate, takes_candidate
 from quant_pipeline.defs.resources import AuditSettings
 
 TINY_RECIPE = Recipe(bits=4, group_size=64, calibration_samples=8, seq_len=64)
@@ -28,7 +29,8 @@ def run_audit(
     selection=None,
     tags: dict | None = None,
 ):
-    """Materialize the audit graph (or a selection of it) with real resources; never raises."""
+    """Materialize the audit graph (or a selection of it) for the settings' candidate, with real resources;
+    never raises."""
     return dg.materialize(
         [*AUDIT_ASSETS, *AUDIT_CHECKS],
         resources={"settings": settings, "mlflow": tracker},
@@ -39,6 +41,9 @@ def run_audit(
         raise_on_error=False,
         selection=selection,
         tags=tags,
+        partition_key=register_candidate(instance, settings.recipe)
+        if takes_candidate(AUDIT_ASSETS, selection)
+        else None,
     )
 
 

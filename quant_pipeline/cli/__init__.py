@@ -42,6 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     audit.add_argument(
         "--method", help="gptq (default), torchao-int8-weight, torchao-int8-dynamic, torchao-int4-weight, identity"
     )
+    audit.add_argument(
+        "--candidates",
+        help="audit several candidates, then compare them: comma-separated keys (gptq-w4-g64,torchao-int8-weight,"
+        "identity, ...) or `all`",
+    )
     audit.add_argument("--calibration-samples", type=int)
     audit.add_argument("--group-size", type=int)
     audit.add_argument("--bits", type=int)
@@ -90,6 +95,17 @@ def main(argv: list[str] | None = None) -> int:
         }
         if recipe:
             overrides["recipe"] = Recipe(**{**AuditSettings.from_env().recipe.model_dump(), **recipe})
+        if args.candidates is not None:
+            if recipe or args.approver:
+                parser.error("--candidates names each recipe itself, and a recommendation is signed off afterwards "
+                             "(`quant-pipeline approve`): drop --method/--bits/--group-size/--approver")  # fmt: skip
+            from quant_pipeline.cli.candidates import audit_candidates, parse_candidates
+
+            try:
+                return audit_candidates(overrides, parse_candidates(args.candidates), verbose=args.verbose)
+            except AuditInputError as e:
+                print(f"quant-pipeline: error: {e}", file=sys.stderr)
+                return EXIT_BAD_INPUT
         try:
             result = run_audit(overrides, args.approver, args.note, verbose=args.verbose)
         except AuditInputError as e:

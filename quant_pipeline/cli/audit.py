@@ -22,6 +22,7 @@ import dagster as dg
 from quant_pipeline.core.errors import EXIT_BAD_INPUT, EXIT_CRASHED, EXIT_GATE_FAILED, EXIT_PASSED, AuditInputError
 from quant_pipeline.core.paths import project_home
 from quant_pipeline.definitions import AUDIT_ASSETS, AUDIT_CHECKS
+from quant_pipeline.defs.candidates import register_candidate, takes_candidate
 from quant_pipeline.defs.preflight import preflight
 from quant_pipeline.defs.resources import build_resources
 
@@ -139,6 +140,9 @@ def run_audit(
         run_config=run_config,
         raise_on_error=raise_on_error,
         tags=tags or {"quant_pipeline/trigger": "cli"},
+        partition_key=register_candidate(instance, resources["settings"].recipe)
+        if takes_candidate(AUDIT_ASSETS, selection)
+        else None,
     )
 
 
@@ -242,6 +246,8 @@ def stage_finding(stage: str, md: dict) -> str:
         )
     if stage == "approval":
         return f"{md.get('decision')} ({md.get('registry')})"
+    if stage == "candidate_tradeoff":
+        return f"{md.get('candidates')} candidate(s) compared; recommended: {md.get('recommended_artifact')}"
     if stage == "audit_report":
         return f"report {md.get('html')}, ML-BOM {md.get('mlbom')}"
     return ""

@@ -66,3 +66,59 @@ class Recipe(dg.Config):
         """The method and the fields that determine its bytes (GPTQ's dict is what it has always been, so
         existing GPTQ artifact IDs stand)."""
         return {"method": self.method, **{f: getattr(self, f) for f in METHOD_FIELDS.get(self.method, ())}}
+
+
+# A candidate's name is its recipe, written out: `gptq-w4-g64`, `gptq-w8-g64-n128`, `torchao-int8-weight`,
+# `torchao-int4-weight-g32`, `identity`. It is the Dagster partition key, so a candidate added from the UI
+# (a new partition) needs no code and no file: the key says everything. Fields a method does not use cannot
+# appear; GPTQ's bits and group always do, the others only when they differ from the default.
+_CODES = {"bits": "w", "group_size": "g", "calibration_samples": "n", "seq_len": "l", "damp_percent": "d"}
+_EXAMPLES = "e.g. gptq-w4-g64, gptq-w8-g64-n128, torchao-int8-weight, torchao-int4-weight-g64, identity"
+
+
+def candidate_key(recipe: Recipe) -> str:
+    """The canonical partition key of a recipe (the inverse of `recipe_from_key`)."""
+    default, parts = Recipe(), [recipe.method]
+    for field in METHOD_FIELDS[recipe.method]:
+        value = getattr(recipe, field)
+        if field == "group_size":
+            parts.append("gchannel" if value == -1 else f"g{value}")
+        elif field == "bits" or (field in _CODES and value != getattr(default, field)):
+            parts.append(f"{_CODES[field]}{value}")
+        elif field == "desc_act" and value:
+            parts.append("act")
+        elif field == "sym" and not value:
+            parts.append("asym")
+    return "-".join(parts)
+
+
+def _setting(method: str, token: str, key: str) -> tuple[str, object]:
+    """One `-`-separated token of a candidate key as (field, value)."""
+    flags = {"act": ("desc_act", True), "asym": ("sym", False), "gchannel": ("group_size", -1)}
+    if token in flags:
+        field, value = flags[token]
+    else:
+        field = next((f for f, c in _CODES.items() if token.startswith(c)), "")
+        raw = token[1:]
+        if not field or not raw.replace(".", "", 1).isdigit():
+            field = ""
+        else:
+            value = float(raw) if field == "damp_percent" else int(float(raw))
+    if field not in METHOD_FIELDS[method]:
+        raise AuditInputError(f"candidate {key!r}: {token!r} is not a setting of {method}; {_EXAMPLES}")
+    return field, value
+
+
+def recipe_from_key(key: str) -> Recipe:
+    """The recipe a candidate key names; AuditInputError (one line, with the canonical spelling) otherwise."""
+    method = max((m for m in METHOD_FIELDS if key == m or key.startswith(f"{m}-")), key=len, default=None)
+    if method is None:
+        raise AuditInputError(f"candidate {key!r}: no known method starts it ({', '.join(METHOD_FIELDS)}); {_EXAMPLES}")
+    recipe = Recipe(method=method, **dict(_setting(method, t, key) for t in key[len(method) :].split("-") if t))
+    try:
+        recipe.validate_values()
+    except AuditInputError as e:
+        raise AuditInputError(f"candidate {key!r}: {e}") from None
+    if candidate_key(recipe) != key:
+        raise AuditInputError(f"candidate {key!r}: write it as {candidate_key(recipe)!r} (one name per recipe)")
+    return recipe

@@ -15,6 +15,7 @@ import dagster as dg
 
 from quant_pipeline.core.errors import AuditInputError
 from quant_pipeline.core.runtime import fingerprint_changes, fingerprint_hash, runtime_fingerprint
+from quant_pipeline.defs.candidates import candidates
 from quant_pipeline.defs.resources import AuditSettings
 from quant_pipeline.models.calibration import calibration_version
 from quant_pipeline.models.checkpoint import resolve_model_source, source_stat, source_version
@@ -34,6 +35,7 @@ ALL_STAGES = [
     "delta_report",
     "approval",
     "audit_report",
+    "candidate_tradeoff",
 ]
 # A calibration change cannot change the base model's scores: its eval is not re-run.
 CALIBRATION_STAGES = [
@@ -43,6 +45,7 @@ CALIBRATION_STAGES = [
     "delta_report",
     "approval",
     "audit_report",
+    "candidate_tradeoff",
 ]
 PERIODIC_STAGES = [
     "runtime_environment",
@@ -51,6 +54,7 @@ PERIODIC_STAGES = [
     "delta_report",
     "approval",
     "audit_report",
+    "candidate_tradeoff",
 ]
 
 INTERVAL = int(os.environ.get("QP_SENSOR_INTERVAL_SECONDS", "30"))
@@ -75,9 +79,16 @@ def latest_metadata(instance: dg.DagsterInstance, asset: str, key: str):
 
 
 def change_request(
-    trigger: str, previous: str | None, current: str, stages: list[str], cursor: dict, details: str = ""
+    trigger: str,
+    previous: str | None,
+    current: str,
+    stages: list[str],
+    cursor: dict,
+    keys: list[str],
+    details: str = "",
 ) -> dg.SensorResult | dg.SkipReason:
-    """Skip when nothing changed (saying why), else one run request for the affected stages."""
+    """Skip when nothing changed (saying why), else one run request per candidate partition in `keys`, for the
+    affected stages (the shared base stages run in the first and are reused by the others)."""
     cursor = {**cursor, "version": current}
     if previous is None:
         return dg.SensorResult(
@@ -86,14 +97,23 @@ def change_request(
         )
     if previous == current:
         return dg.SensorResult(skip_reason=f"{trigger} unchanged at {current}", cursor=json.dumps(cursor))
+    if not keys:
+        return dg.SensorResult(
+            skip_reason=f"{trigger} changed to {current}, but no candidate it affects is registered",
+            cursor=json.dumps(cursor),
+        )
     tags = {TRIGGER_TAG: trigger, FROM_TAG: previous, TO_TAG: current}
     if details:
         tags["quant_pipeline/changes"] = details[:1000]
     return dg.SensorResult(
         run_requests=[
             dg.RunRequest(
-                run_key=f"{trigger}:{previous}->{current}", asset_selection=[dg.AssetKey(s) for s in stages], tags=tags
+                run_key=f"{trigger}:{previous}->{current}:{key}",
+                asset_selection=[dg.AssetKey(s) for s in stages],
+                tags=tags,
+                partition_key=key,
             )
+            for key in keys
         ],
         cursor=json.dumps(cursor),
     )
@@ -120,7 +140,8 @@ def base_model_sensor(context: dg.SensorEvaluationContext, settings: AuditSettin
     if cursor.get("stat") == stat and cursor.get("version"):
         return dg.SkipReason(f"base model unchanged at {cursor['version']} (same files, sizes and mtimes)")
     previous = cursor.get("version") or latest_metadata(context.instance, "base_checkpoint", "source_version")
-    return change_request("base_model", previous, source_version(source), ALL_STAGES, {"stat": stat})
+    keys = candidates(context.instance)
+    return change_request("base_model", previous, source_version(source), ALL_STAGES, {"stat": stat}, keys)
 
 
 @audit_sensor("Calibration data: the calibration file's content changed.")
@@ -130,7 +151,8 @@ def calibration_data_sensor(context: dg.SensorEvaluationContext, settings: Audit
     if not path.is_file():
         return dg.SkipReason(f"calibration file {path} does not exist")
     previous = cursor.get("version") or latest_metadata(context.instance, "calibration_set", "version")
-    return change_request("calibration", previous, calibration_version(path), CALIBRATION_STAGES, {})
+    keys = candidates(context.instance, calibrated_only=True)  # a data-free candidate read no calibration
+    return change_request("calibration", previous, calibration_version(path), CALIBRATION_STAGES, {}, keys)
 
 
 @audit_sensor("Runtime: the fingerprint recorded with the latest audit differs from the current one.")
@@ -149,18 +171,24 @@ def runtime_sensor(context: dg.SensorEvaluationContext):
     if cursor.get("version") == current_hash:
         return dg.SkipReason(f"re-audit for runtime {current_hash} already requested")
     changes = "; ".join(fingerprint_changes(recorded, current))
-    return change_request("runtime", recorded_hash, current_hash, ALL_STAGES, {}, details=changes)
+    keys = candidates(context.instance)
+    return change_request("runtime", recorded_hash, current_hash, ALL_STAGES, {}, keys, details=changes)
 
 
-periodic_reaudit_schedule = dg.ScheduleDefinition(
-    name="periodic_reaudit_schedule",
+@dg.schedule(
     job=periodic_reaudit_job,
     cron_schedule=os.environ.get("QP_REAUDIT_CRON", "0 6 * * 1"),  # Mondays 06:00
     default_status=dg.DefaultScheduleStatus.STOPPED
     if os.environ.get("QP_REAUDIT_SCHEDULE", "on") == "off"
     else dg.DefaultScheduleStatus.RUNNING,
     description=(
-        "Weekly re-evaluation of the current artifacts even when nothing changed "
+        "Weekly re-evaluation of every candidate's current artifact even when nothing changed "
         "(QP_REAUDIT_CRON, QP_REAUDIT_SCHEDULE=off)."
     ),
 )
+def periodic_reaudit_schedule(context: dg.ScheduleEvaluationContext):
+    keys = candidates(context.instance)
+    if not keys:
+        return dg.SkipReason("no candidate registered yet: audit one first")
+    tick = context.scheduled_execution_time.isoformat() if context.scheduled_execution_time else "now"
+    return [dg.RunRequest(run_key=f"schedule:{tick}:{key}", partition_key=key) for key in keys]

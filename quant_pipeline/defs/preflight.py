@@ -7,6 +7,7 @@ from quant_pipeline.evaluation.policy import load_policy
 from quant_pipeline.models.calibration import check_enough_samples, load_calibration_texts
 from quant_pipeline.models.checkpoint import check_weights_readable, read_model_config, resolve_model_source
 from quant_pipeline.models.methods import check_recipe_fits
+from quant_pipeline.release.tradeoff import OBJECTIVES
 
 # setting -> (CLI option, environment variable, what a value below 1 would mean, the fix)
 EVAL_SIZES = {
@@ -33,13 +34,17 @@ def check_eval_sizes(settings) -> None:
         )
 
 
-def preflight(settings) -> None:
-    """Raise AuditInputError (one line: what, where, how to fix) for the first bad input found."""
+def preflight(settings, recipe=None) -> None:
+    """Raise AuditInputError (one line: what, where, how to fix) for the first bad input found. `recipe`: the
+    run's candidate (its partition), else the settings' own."""
+    recipe = recipe or settings.recipe
     check_eval_sizes(settings)
-    settings.recipe.validate_values()
+    if settings.objective not in OBJECTIVES:
+        raise AuditInputError(f"objective {settings.objective!r} (`QP_OBJECTIVE`): use one of {', '.join(OBJECTIVES)}")
+    recipe.validate_values()
     source = resolve_model_source(settings.model)
     check_weights_readable(source)
-    check_recipe_fits(settings.recipe, read_model_config(source), source.name)
+    check_recipe_fits(recipe, read_model_config(source), source.name)
     calibration = Path(settings.calibration_file)
-    check_enough_samples(load_calibration_texts(calibration), calibration, settings.recipe)
+    check_enough_samples(load_calibration_texts(calibration), calibration, recipe)
     load_policy(Path(settings.policy_file))

@@ -20,14 +20,15 @@ from quant_pipeline.core.progress import log_progress
 from quant_pipeline.core.records import ArtifactRecord
 from quant_pipeline.core.store import atomic_directory
 from quant_pipeline.core.tracking import MlflowTracker
+from quant_pipeline.defs.candidates import CANDIDATES, candidate_recipe
 from quant_pipeline.defs.resources import AuditSettings
-from quant_pipeline.models.calibration import load_calibration_texts
+from quant_pipeline.models.calibration import check_enough_samples, load_calibration_texts
 from quant_pipeline.models.methods import artifact_id, precision, quantize, scale_summary
 from quant_pipeline.release.reference import log_registered_pyfunc
 from quant_pipeline.release.signoff import record_event
 
 
-@dg.asset(group_name="audit", kinds={"pytorch", "gptq", "torchao"})
+@dg.asset(group_name="audit", kinds={"pytorch", "gptq", "torchao"}, partitions_def=CANDIDATES)
 def quantized_artifact(
     context: dg.AssetExecutionContext,
     settings: AuditSettings,
@@ -38,7 +39,7 @@ def quantized_artifact(
 ) -> dg.MaterializeResult:
     """The candidate made with the recipe's method (GPTQ, torchao, or identity: `models/methods.py`), saved
     atomically under an input-derived ID and registered in MLflow."""
-    recipe = settings.recipe
+    recipe = candidate_recipe(context)
     model_name = base_checkpoint["model_name"]
     aid = artifact_id(base_checkpoint["hash"], recipe, calibration_set["hash"], runtime_environment["hash"])
     store = settings.store
@@ -55,6 +56,7 @@ def quantized_artifact(
                         f"calibration file {calib_path} changed since it was validated: re-materialize calibration_set"
                     )
                 texts = load_calibration_texts(calib_path)
+                check_enough_samples(texts, calib_path, recipe)
             with atomic_directory(target) as tmp, log_progress(context.log.info):
                 passes = quantize(Path(base_checkpoint["path"]), texts, recipe, tmp)
                 files = file_hashes(tmp)
@@ -65,7 +67,7 @@ def quantized_artifact(
                     base_path=base_checkpoint["path"],
                     recipe=recipe.as_dict(),
                     calibration_hash=calibration_set["hash"] if recipe.calibrated else None,
-                    calibration_count=calibration_set["used"] if recipe.calibrated else 0,
+                    calibration_count=min(len(texts), recipe.calibration_samples) if recipe.calibrated else 0,
                     runtime_hash=runtime_environment["hash"],
                     runtime=runtime_environment["fingerprint"],
                     precision=precision(recipe),

@@ -3,16 +3,17 @@
 import dagster as dg
 
 from quant_pipeline.core.tracking import MlflowTracker
+from quant_pipeline.defs.candidates import CANDIDATES
 from quant_pipeline.defs.resources import AuditSettings
 from quant_pipeline.release.registry import write_bom
 from quant_pipeline.release.report import write_report
 
 
-@dg.asset(group_name="audit", kinds={"html"}, deps=["approval"])
+@dg.asset(group_name="audit", kinds={"html"}, deps=["approval"], partitions_def=CANDIDATES)
 def audit_report(
     context: dg.AssetExecutionContext, settings: AuditSettings, mlflow: MlflowTracker, quantized_artifact: dict
 ) -> dg.MaterializeResult:
-    """Every release event of this model so far, refreshed after each audit."""
+    """Every release event of this model so far, refreshed after each audit, and this candidate's ML-BOM."""
     model_name = quantized_artifact["model_name"]
     md_path, html_path = write_report(settings.store, mlflow, model_name)
     bom_path = write_bom(settings.store, quantized_artifact["artifact_id"])

@@ -15,11 +15,12 @@ from quant_pipeline.core.paths import DEFAULT_CALIBRATION, DEFAULT_POLICY, defau
 from quant_pipeline.core.recipe import Recipe
 from quant_pipeline.core.store import ArtifactStore
 from quant_pipeline.core.tracking import MlflowTracker
+from quant_pipeline.defs.candidates import run_recipe
 from quant_pipeline.defs.preflight import preflight
 from quant_pipeline.defs.recovery import fail_orphaned_runs, process_tags
 
 STR_ENV = {"model": "QP_MODEL", "calibration_file": "QP_CALIBRATION_FILE", "policy_file": "QP_POLICY_FILE",
-           "store_dir": "QP_STORE_DIR"}  # fmt: skip
+           "store_dir": "QP_STORE_DIR", "objective": "QP_OBJECTIVE"}  # fmt: skip
 INT_ENV = {"eval_limit": "QP_EVAL_LIMIT", "eval_max_new_tokens": "QP_EVAL_MAX_NEW_TOKENS"}
 RECIPE_ENV = (
     ("method", str),
@@ -48,6 +49,8 @@ class AuditSettings(dg.ConfigurableResource):
     eval_batch_size: int = 8
     store_dir: str = ""
     trust_remote_code: bool = False
+    # what the recommended candidate is best at, among those that PASS: size, latency or regression
+    objective: str = "size"
 
     @property
     def store(self) -> ArtifactStore:
@@ -59,7 +62,7 @@ class AuditSettings(dg.ConfigurableResource):
         context.instance.add_run_tags(context.run.run_id, process_tags())
         for run_id in fail_orphaned_runs(context.instance, context.run.run_id):
             context.log.warning(f"marked run {run_id} failed: its process died before it finished")
-        preflight(self)
+        preflight(self, run_recipe(context.run))
         for path in self.store.sweep_stale():  # temp files of a run that was killed mid-write
             context.log.warning(f"removed {path}, left by a process that no longer runs")
 

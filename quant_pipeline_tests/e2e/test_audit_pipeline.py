@@ -22,6 +22,7 @@ STAGES = [
     "delta_report",
     "approval",
     "audit_report",
+    "candidate_tradeoff",
 ]
 
 

@@ -22,7 +22,10 @@ def test_default_smollm2_audit_quantizes_evaluates_and_gates(tmp_path, mlflow_tr
     result = run_audit(settings, mlflow_tracker, instance)
     assert result.success  # whatever the verdict, the audit completes its record
     evaluated = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
-    assert set(evaluated) == {"slices_within_tolerance", "every_gated_slice_informative", "policy_metrics_measured"}
+    assert set(evaluated) == {
+        "slices_within_tolerance", "every_gated_slice_informative", "policy_metrics_measured", "identity_moves_nothing"
+    }  # fmt: skip
+    assert evaluated["identity_moves_nothing"] is False  # no identity candidate audited: a warning, not a pass
     assert evaluated["policy_metrics_measured"] is True
     # 8 items per slice under the shipped policy (min_items 20): never a PASS, and never approvable.
     report = result.output_for_node("delta_report")

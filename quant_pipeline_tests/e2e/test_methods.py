@@ -9,11 +9,12 @@ import dagster as dg
 import pandas as pd
 import pytest
 
+from quant_pipeline.cli import main
 from quant_pipeline.core.paths import DEFAULT_CALIBRATION
 from quant_pipeline.core.recipe import METHOD_FIELDS
 from quant_pipeline.models.checkpoint import load_model
 from quant_pipeline.release.registry import write_bom
-from quant_pipeline_tests.support import LENIENT, TINY_RECIPE, audit_world, replace, run_audit
+from quant_pipeline_tests.support import LENIENT, TINY_RECIPE, audit_world, cli_home, replace, run_audit
 
 
 @pytest.fixture(scope="module")
@@ -36,16 +37,21 @@ def audited_methods(tmp_path_factory, tiny_llama):
                 "base_eval": run.output_for_node("base_eval_results"),
                 "report": run.output_for_node("delta_report"),
             }
+        results["tradeoff"] = run.output_for_node("candidate_tradeoff")  # the last run saw every candidate
+        results["identity_check"] = [
+            c for c in run.get_asset_check_evaluations() if c.check_name == "identity_moves_nothing"
+        ]
     return settings, results
 
 
 def test_every_method_is_audited_under_its_own_id_with_one_shared_base_evaluation(audited_methods):
     _, results = audited_methods
-    ids = {m: r["artifact"]["artifact_id"] for m, r in results.items()}
+    ids = {m: results[m]["artifact"]["artifact_id"] for m in METHOD_FIELDS}
     assert len(set(ids.values())) == len(METHOD_FIELDS)
     assert ids["gptq"].startswith("gptq-w4g64-") and ids["identity"].startswith("identity-")
-    assert len({r["base_eval"]["key"] for r in results.values()}) == 1
-    for method, r in results.items():
+    assert len({results[m]["base_eval"]["key"] for m in METHOD_FIELDS}) == 1
+    for method in METHOD_FIELDS:
+        r = results[method]
         assert r["artifact"]["recipe"]["method"] == method
         assert r["report"]["verdict"] in ("PASS", "FAIL", "INCOMPLETE")
 
@@ -80,3 +86,57 @@ def test_a_data_free_candidate_names_no_calibration_set_in_its_record_or_ml_bom(
     assert not [c for c in bom["components"] if c["bom-ref"].startswith("calibration:")]
     gptq = json.loads(write_bom(settings.store, results["gptq"]["artifact"]["artifact_id"]).read_text())
     assert [c for c in gptq["components"] if c["bom-ref"].startswith("calibration:")]
+
+
+def test_the_tradeoff_lists_every_candidate_and_recommends_the_smallest_passing_quantized_one(audited_methods):
+    _, results = audited_methods
+    out = Path(results["tradeoff"]["path"])
+    table = json.loads((out / "tradeoff.json").read_text())
+    rows = {r["candidate"]: r for r in table["rows"]}
+    assert len(rows) == len(METHOD_FIELDS) and (out / "tradeoff.png").stat().st_size > 10_000
+    passing = [r for r in rows.values() if r["verdict"] == "PASS" and r["method"] != "identity"]
+    assert passing, rows
+    assert table["recommended"] == min(passing, key=lambda r: r["size_bytes"])["candidate"]
+    assert rows["identity"]["worst_share"] == 0.0 and table["identity_moved"] == []
+    assert [c.passed for c in results["identity_check"]] == [True]
+    assert "pending sign-off" in table["why"]
+
+
+def test_a_candidate_whose_report_was_edited_after_the_gate_is_unverified_and_never_recommended(
+    audited_methods, tiny_llama, tmp_path
+):
+    settings, results = audited_methods
+    instance_dir = Path(settings.store_dir).parent / "dagster"
+    report = Path(results["torchao-int8-dynamic"]["report"]["path"]).with_name("delta_report.json")
+    original = report.read_text()
+    report.write_text(original.replace('"verdict": "PASS"', '"verdict": "PASS" ') + " ")
+    try:
+        with dg.instance_for_test(temp_dir=str(instance_dir)) as instance:
+            run = run_audit(settings, _tracker(settings), instance, selection=["candidate_tradeoff"])
+        table = json.loads((Path(run.output_for_node("candidate_tradeoff")["path"]) / "tradeoff.json").read_text())
+    finally:
+        report.write_text(original)
+    row = next(r for r in table["rows"] if r["candidate"] == "torchao-int8-dynamic")
+    assert row["verdict"] == "UNVERIFIED" and "not the report the gate judged" in row["reason"]
+    assert table["recommended"] != "torchao-int8-dynamic"
+
+
+def _tracker(settings):
+    return audit_world(Path(settings.store_dir).parent, Path(settings.model))[1]
+
+
+def test_the_cli_audits_each_candidate_then_prints_the_table_and_the_recommendation(tmp_path, tiny_llama, capsys):
+    policy = tmp_path / "lenient.yaml"
+    policy.write_text(LENIENT)
+    with cli_home(tmp_path) as (store, _):
+        code = main([
+            "audit", "--model", str(tiny_llama), "--candidates", "identity,torchao-int8-weight", "--eval-limit", "4",
+            "--eval-max-new-tokens", "16", "--policy-file", str(policy),
+        ])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "== candidate 2/2: torchao-int8-weight" in out
+    assert "| torchao-int8-weight **(recommended)** | PASS" in out and "| identity | PASS" in out
+    assert "quant-pipeline approve torchao-int8w-" in out
+    plot = Path(next(line for line in out.splitlines() if line.startswith("plot: ")).removeprefix("plot: "))
+    assert plot.exists() and store.contains(plot)

@@ -8,6 +8,7 @@ import dagster as dg
 import pytest
 
 from quant_pipeline.core.paths import DEFAULT_CALIBRATION
+from quant_pipeline.core.recipe import Recipe, candidate_key
 from quant_pipeline.core.runtime import fingerprint_hash, runtime_fingerprint
 from quant_pipeline.core.tracking import APPROVED_ALIAS
 from quant_pipeline.defs.automation import (
@@ -19,11 +20,16 @@ from quant_pipeline.defs.automation import (
     calibration_data_sensor,
     runtime_sensor,
 )
+from quant_pipeline.defs.candidates import register_candidate
 from quant_pipeline.defs.signoff import PENDING
-from quant_pipeline_tests.support import LENIENT, change_policy, replace, run_audit
+from quant_pipeline_tests.support import LENIENT, TINY_RECIPE, change_policy, replace, run_audit
 
 
 def tick(sensor, instance, cursor=None, settings=None):
+    """One sensor evaluation, with the settings' candidate registered (as its first audit would have) and a
+    data-free candidate beside it (no calibration: the calibration sensor must leave it alone)."""
+    register_candidate(instance, settings.recipe if settings is not None else TINY_RECIPE)
+    register_candidate(instance, Recipe(method="torchao-int8-weight"))
     resources = {"settings": settings} if settings is not None else {}
     ctx = dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources)
     result = sensor(ctx)
@@ -50,8 +56,9 @@ def test_calibration_change_requests_one_reaudit_of_the_affected_stages(tiny_set
     with open(calibration_copy, "a") as f:
         f.write(json.dumps({"text": "A new calibration sample about tide tables and harbour pilots."}) + "\n")
     requests, skip, cursor = tick(calibration_data_sensor, instance, cursor, settings)
-    assert len(requests) == 1
+    assert len(requests) == 1  # the GPTQ candidate only: the data-free one read no calibration text
     request = requests[0]
+    assert request.partition_key == candidate_key(settings.recipe)
     assert request.tags[TRIGGER_TAG] == "calibration"
     assert request.tags[FROM_TAG] == before and request.tags[TO_TAG] == json.loads(cursor)["version"] != before
     assert sorted(k.to_user_string() for k in request.asset_selection) == sorted(CALIBRATION_STAGES)
@@ -76,13 +83,13 @@ def test_base_model_sensor_sees_a_rewritten_checkpoint_file_and_a_new_model(
     config["rms_norm_eps"] = 1e-5 if config.get("rms_norm_eps") != 1e-5 else 1e-6
     (model / "config.json").write_text(json.dumps(config))
     requests, _, cursor = tick(base_model_sensor, instance, cursor, settings)
-    assert len(requests) == 1 and requests[0].tags[TRIGGER_TAG] == "base_model"
+    assert len(requests) == 2 and {r.tags[TRIGGER_TAG] for r in requests} == {"base_model"}  # one per candidate
     assert requests[0].tags[FROM_TAG] == before and requests[0].tags[TO_TAG].startswith("model@")
     assert tick(base_model_sensor, instance, cursor, settings)[0] == []
 
     other = replace(settings, model=str(tiny_llama))  # the config now names another model
     requests, _, _ = tick(base_model_sensor, instance, cursor, other)
-    assert len(requests) == 1 and requests[0].tags[TO_TAG].startswith(f"{tiny_llama.name}@")
+    assert len(requests) == 2 and requests[0].tags[TO_TAG].startswith(f"{tiny_llama.name}@")
 
 
 def test_runtime_sensor_compares_with_the_fingerprint_of_the_latest_audit(instance):
@@ -93,7 +100,7 @@ def test_runtime_sensor_compares_with_the_fingerprint_of_the_latest_audit(instan
         dg.AssetMaterialization("runtime_environment", metadata={"fingerprint": dg.MetadataValue.json(older)})
     )
     requests, _, cursor = tick(runtime_sensor, instance)
-    assert len(requests) == 1
+    assert sorted(r.partition_key for r in requests) == sorted([candidate_key(TINY_RECIPE), "torchao-int8-weight"])
     assert requests[0].tags[TRIGGER_TAG] == "runtime"
     assert requests[0].tags[FROM_TAG] == fingerprint_hash(older)[:16]
     assert "libraries.torch: 2.12.0 -> " in requests[0].tags["quant_pipeline/changes"]

@@ -161,6 +161,7 @@ def test_daemon_launches_and_completes_a_reaudit_after_a_calibration_change(
     from quant_pipeline.core.paths import DEFAULT_CALIBRATION
     from quant_pipeline.definitions import AUDIT_ASSETS, AUDIT_CHECKS
     from quant_pipeline.defs.automation import CALIBRATION_STAGES, FROM_TAG, TO_TAG, TRIGGER_TAG
+    from quant_pipeline.defs.candidates import register_candidate
     from quant_pipeline.defs.resources import build_resources
 
     home = tmp_path / "dagster_home"
@@ -176,7 +177,11 @@ def test_daemon_launches_and_completes_a_reaudit_after_a_calibration_change(
     for key, value in settings_env.items():
         monkeypatch.setenv(key, value)
     with dg.DagsterInstance.get() as instance:  # the same storage the daemon will use
-        first = dg.materialize([*AUDIT_ASSETS, *AUDIT_CHECKS], resources=build_resources(), instance=instance)
+        resources = build_resources()
+        key = register_candidate(instance, resources["settings"].recipe)
+        first = dg.materialize(
+            [*AUDIT_ASSETS, *AUDIT_CHECKS], resources=resources, instance=instance, partition_key=key
+        )
         assert first.success
 
     port, log = free_port(), tmp_path / "dagster_dev.log"
@@ -202,6 +207,7 @@ def test_daemon_launches_and_completes_a_reaudit_after_a_calibration_change(
             assert run.status == DagsterRunStatus.SUCCESS, tail(log)
             assert run.tags[FROM_TAG] != run.tags[TO_TAG] and run.tags[TO_TAG].startswith("calibration.jsonl@")
             assert {k.to_user_string() for k in run.asset_selection} == set(CALIBRATION_STAGES)
+            assert run.tags["dagster/partition"] == key  # the candidate the change affects
             time.sleep(12)  # two more sensor intervals: the same change must not launch a second run
             assert len(instance.get_runs(filters=RunsFilter(tags={TRIGGER_TAG: "calibration"}))) == 1
     finally:

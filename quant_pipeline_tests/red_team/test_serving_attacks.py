@@ -14,6 +14,7 @@ import pytest
 
 from quant_pipeline.cli import main
 from quant_pipeline.core.tracking import MlflowTracker
+from quant_pipeline.defs.candidates import register_candidate
 from quant_pipeline.defs.inputs import base_checkpoint, calibration_set, runtime_environment
 from quant_pipeline.defs.quantize import quantized_artifact
 from quant_pipeline.defs.resources import AuditSettings
@@ -33,6 +34,7 @@ def pending(tmp_path_factory, tiny_llama):
             [base_checkpoint, calibration_set, runtime_environment, quantized_artifact],
             resources={"settings": settings, "mlflow": tracker},
             instance=instance,
+            partition_key=register_candidate(instance, settings.recipe),
         )
     artifact, base = result.output_for_node("quantized_artifact"), result.output_for_node("base_checkpoint")
     version = str(artifact["registry_version"])

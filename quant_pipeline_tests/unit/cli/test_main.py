@@ -65,3 +65,25 @@ def test_usage_errors_exit_2_and_help_exits_0(capsys):
     with pytest.raises(SystemExit) as helped:
         main(["--help"])
     assert helped.value.code == 0 and "audit" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argument", "named"),
+    [
+        ("gptq", "write it as 'gptq-w4-g64'"),
+        ("awq-w4", "no known method starts it"),
+        ("torchao-int8-weight-w4", "'w4' is not a setting of torchao-int8-weight"),
+        ("", "--candidates is empty"),
+    ],
+)
+def test_a_candidate_key_that_names_no_recipe_is_refused_before_any_work(cli_env, capsys, argument, named):
+    assert main(["audit", "--candidates", argument]) == 2
+    err = capsys.readouterr().err
+    assert named in err and err.count("\n") == 1, err
+    assert not (cli_env / "store" / "artifacts").exists()
+
+
+def test_candidates_and_a_single_recipe_or_an_approver_do_not_mix(capsys):
+    with pytest.raises(SystemExit) as usage:
+        main(["audit", "--candidates", "all", "--approver", "Ada"])
+    assert usage.value.code == 2 and "signed off afterwards" in capsys.readouterr().err

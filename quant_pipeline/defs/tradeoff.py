@@ -1,0 +1,143 @@
+"""The tradeoff across a model's candidates: the table, the Pareto frontiers and the recommended candidate.
+
+Unpartitioned (one per model), downstream of every candidate's delta report. Which artifact is a candidate's
+current one comes from Dagster (its partition's latest quantized_artifact); everything else is read back from
+the store and re-verified against the trail the gate wrote (`release.evidence.judged_report`) and the
+artifact's own hashes, so a report or table edited after the gate judged it turns the candidate UNVERIFIED.
+"""
+
+import json
+
+import dagster as dg
+import pandas as pd
+
+from quant_pipeline.core.artifacts import verify_artifact
+from quant_pipeline.core.errors import AuditInputError
+from quant_pipeline.core.perf import StageMeter
+from quant_pipeline.core.records import EvalRecord
+from quant_pipeline.core.store import atomic_directory
+from quant_pipeline.core.tracking import MlflowTracker
+from quant_pipeline.defs.candidates import candidates
+from quant_pipeline.defs.resources import AuditSettings
+from quant_pipeline.evaluation.policy import load_policy
+from quant_pipeline.release.evidence import judged_report
+from quant_pipeline.release.governing import pinned_policy_file
+from quant_pipeline.release.tradeoff import (
+    TradeoffRow,
+    markdown_table,
+    pareto_front,
+    plot_fronts,
+    recommend,
+    worst_regression,
+)
+
+QUALITY = "category != 'cost'"  # identity's check: every delta but measured time and memory
+
+
+def current_artifact(instance: dg.DagsterInstance, key: str) -> str | None:
+    """The artifact ID the candidate's latest quantized_artifact materialization produced."""
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey("quantized_artifact"), asset_partitions=[key]), limit=1
+    ).records
+    if not records:
+        return None
+    value = records[0].asset_materialization.metadata.get("artifact_id")
+    return getattr(value, "value", value)
+
+
+def candidate_row(settings: AuditSettings, base: dict, key: str, aid: str) -> tuple[TradeoffRow, dict]:
+    """One candidate's row (UNVERIFIED, with the reason, when its evidence does not read back) and its deltas."""
+    store = settings.store
+    record = verify_artifact(store, aid)
+    if record.base_hash != base["hash"]:
+        raise AuditInputError(f"{aid} was made from another base ({record.base_hash[:12]}): re-audit {key}")
+    cost = {"size_bytes": record.size_bytes, "size_vs_base": round(record.size_bytes / base["size_bytes"], 4)}
+    facts = {"candidate": key, "artifact_id": aid, "method": record.recipe.get("method", "gptq"),
+             "precision": record.precision, **cost}  # fmt: skip
+    try:
+        report = judged_report(store, record.model_name, aid)
+        evaluation = EvalRecord.read(store.eval_dir(report.eval_key) / "record.json")
+        deltas = pd.read_parquet(report.path)
+        policy, _ = load_policy(pinned_policy_file(store, report.policy_hash))  # the policy it was judged under
+    except AuditInputError as e:
+        empty = {"peak_rss_mb": 0.0, "latency_p50_s": float("nan"), "latency_p95_s": float("nan")}
+        return TradeoffRow(**facts, **empty, tokens_per_second=0.0, verdict="UNVERIFIED", reason=str(e)), {}
+    row = TradeoffRow(
+        **facts, verdict=report.verdict, reason="; ".join(report.reasons[:2]),
+        peak_rss_mb=evaluation.generation_peak_rss_mb, latency_p50_s=evaluation.latency_p50_s,
+        latency_p95_s=evaluation.latency_p95_s, tokens_per_second=evaluation.tokens_per_second,
+        **worst_regression(deltas, {m for m, t in policy.tolerances.items() if t.direction == "higher_is_better"}),
+    )  # fmt: skip
+    return row, {"deltas": deltas}
+
+
+@dg.asset(group_name="release", kinds={"pandas", "html"}, deps=["delta_report"])
+def candidate_tradeoff(
+    context: dg.AssetExecutionContext, settings: AuditSettings, mlflow: MlflowTracker, base_checkpoint: dict
+) -> dg.MaterializeResult:
+    """Every candidate of the model side by side (size, peak memory, latency, worst per-slice regression
+    with its interval, verdict), the Pareto frontiers, and the candidate recommended for sign-off."""
+    rows, identity_moved, skipped = [], None, []
+    with StageMeter() as meter:
+        for key in candidates(context.instance):
+            aid = current_artifact(context.instance, key)
+            if aid is None:
+                skipped.append(f"{key}: not audited yet")
+                continue
+            try:
+                row, extra = candidate_row(settings, base_checkpoint, key, aid)
+            except AuditInputError as e:  # bytes that do not match their record, or another base's artifact
+                skipped.append(f"{key}: {e}")
+                continue
+            rows.append(row)
+            if row.method == "identity" and not extra:  # unverified evidence is not a clean identity
+                identity_moved = [f"evidence unverified: {row.reason}"]
+            elif row.method == "identity":
+                moved = extra["deltas"].query(QUALITY).dropna(subset=["delta"])
+                identity_moved = [f"{r.metric}/{r.category}: {r.delta:+.3g}" for r in moved.itertuples() if r.delta]
+        best, why = recommend(rows, settings.objective)
+        table = markdown_table(rows, best.candidate if best else None)
+        out = settings.store.report_dir(base_checkpoint["model_name"]) / "tradeoff"
+        with atomic_directory(out) as tmp:
+            (tmp / "tradeoff.md").write_text(f"# Candidates of {base_checkpoint['model_name']}\n\n{table}\n{why}\n")
+            (tmp / "tradeoff.json").write_text(json.dumps({
+                "rows": [r.model_dump() for r in rows], "recommended": best.candidate if best else None,
+                "recommended_artifact": best.artifact_id if best else None, "objective": settings.objective,
+                "why": why, "skipped": skipped, "identity_moved": identity_moved,
+                "pareto": {c: pareto_front(rows, c) for c in ("size_bytes", "latency_p50_s")},
+            }, indent=2, default=str))  # fmt: skip
+            plot_fronts(rows, tmp / "tradeoff.png")
+    with mlflow.stage_run(
+        base_checkpoint["model_name"], "candidate_tradeoff", {"dagster_run_id": context.run.run_id}
+    ) as run:
+        for name in ("tradeoff.md", "tradeoff.json", "tradeoff.png"):
+            run.log_file(out / name)
+        run.log_metrics({f"{r.candidate}.worst_share": r.worst_share for r in rows})
+        run.set_tags({"recommended": best.candidate if best else "none", "objective": settings.objective})
+    return dg.MaterializeResult(
+        value={"path": str(out), "recommended": best.artifact_id if best else None, "identity_moved": identity_moved},
+        metadata={
+            "tradeoff": dg.MetadataValue.md(table),
+            "recommendation": why,
+            "recommended_artifact": best.artifact_id if best else "none",
+            "candidates": len(rows),
+            "skipped": dg.MetadataValue.json(skipped),
+            "plot": dg.MetadataValue.path(str(out / "tradeoff.png")),
+            **meter.metadata(),
+            **run.metadata(),
+        },
+    )
+
+
+@dg.asset_check(asset=candidate_tradeoff, description="The identity candidate (the base, copied) moved no metric.")
+def identity_moves_nothing(candidate_tradeoff: dict) -> dg.AssetCheckResult:
+    moved = candidate_tradeoff["identity_moved"]
+    if moved is None:
+        return dg.AssetCheckResult(
+            passed=False, severity=dg.AssetCheckSeverity.WARN,
+            description="no identity candidate audited: add the `identity` candidate to check the pipeline itself",
+        )  # fmt: skip
+    return dg.AssetCheckResult(
+        passed=not moved, description="every quality delta is exactly zero" if not moved else "; ".join(moved[:10]),
+        metadata={"moved": len(moved)},
+    )  # fmt: skip

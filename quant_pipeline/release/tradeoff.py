@@ -1,0 +1,148 @@
+"""Which candidate to ship: every candidate's cost and worst per-slice regression side by side, the Pareto
+frontiers, and a recommendation among those that PASS.
+
+Regressions on different metrics are put on one scale the policy already defines: the share of its
+tolerance a slice used (degradation / tolerance; 1.0 is the bar). A candidate's worst regression is its
+largest share over every gated slice that measured, with the interval of that delta on the same scale. A
+candidate whose evidence cannot be read back (report or tables changed since the gate judged them) is
+listed as UNVERIFIED and is never recommended: missing evidence is not a pass. Identity (the base, copied)
+is listed, as the pipeline's own check, but never recommended: it saves nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import pandas as pd
+from pydantic import BaseModel
+
+OBJECTIVES = {  # what "best" means among the candidates that PASS (smallest value wins)
+    "size": "size_bytes",
+    "latency": "latency_p50_s",
+    "regression": "worst_share",
+}
+GATED = ("within tolerance", "regression beyond tolerance")
+
+
+class TradeoffRow(BaseModel):
+    """One candidate as the tradeoff table shows it."""
+
+    candidate: str
+    artifact_id: str
+    method: str
+    precision: str
+    verdict: Literal["PASS", "FAIL", "INCOMPLETE", "UNVERIFIED"]
+    reason: str = ""
+    size_bytes: int
+    size_vs_base: float
+    peak_rss_mb: float
+    latency_p50_s: float
+    latency_p95_s: float
+    tokens_per_second: float
+    worst_slice: str = ""
+    worst_share: float = math.nan  # degradation / tolerance of the worst gated slice (1.0 = at the bar)
+    worst_share_low: float = math.nan
+    worst_share_high: float = math.nan
+
+
+def worst_regression(deltas: pd.DataFrame, higher_is_better: set[str]) -> dict:
+    """The gated slice that used the largest share of its tolerance, with that share's 95% interval (the
+    delta's interval put through the same map: sign by the metric's direction, relative to the base's value
+    in relative mode, over the tolerance)."""
+    gated = deltas[deltas["measured_status"].isin(GATED)] if "measured_status" in deltas else deltas.iloc[0:0]
+    gated = gated[gated["tolerance"] > 0]
+    if gated.empty:
+        return {}
+    shares = gated["degradation"] / gated["tolerance"]
+    row = gated.loc[shares.idxmax()]
+    sign = -1.0 if row["metric"] in higher_is_better else 1.0
+    scale = abs(row["base"]) if row["mode"] == "relative" and row["base"] else 1.0
+    ends = sorted(sign * v / scale / row["tolerance"] for v in (row["ci_low"], row["ci_high"]))
+    return {
+        "worst_slice": f"{row['metric']}/{row['category']}",
+        "worst_share": float(shares.max()),
+        "worst_share_low": float(ends[0]),
+        "worst_share_high": float(ends[1]),
+    }
+
+
+def pareto_front(rows: list[TradeoffRow], cost: str) -> list[str]:
+    """Candidates no other candidate beats on both `cost` and worst regression (smaller is better on both)."""
+    measured = [r for r in rows if not math.isnan(r.worst_share)]
+    front = []
+    for r in measured:
+        a = (getattr(r, cost), r.worst_share)
+        if not any(
+            (getattr(o, cost), o.worst_share) != a and getattr(o, cost) <= a[0] and o.worst_share <= a[1]
+            for o in measured
+        ):
+            front.append(r.candidate)
+    return front
+
+
+def recommend(rows: list[TradeoffRow], objective: str = "size") -> tuple[TradeoffRow | None, str]:
+    """The candidate that best meets the objective among those that PASS (identity excluded), and why."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective {objective!r}: use one of {', '.join(OBJECTIVES)}")
+    field = OBJECTIVES[objective]
+    passing = [r for r in rows if r.verdict == "PASS" and r.method != "identity"]
+    if not passing:
+        return None, "no quantized candidate passes the gate: none can be recommended"
+    best = min(passing, key=lambda r: (getattr(r, field), r.worst_share, r.candidate))
+    return best, (
+        f"{best.candidate} ({best.artifact_id}): the {objective} objective's best of {len(passing)} passing "
+        f"candidate(s); {best.size_vs_base:.3f}x the base's size, p50 latency {best.latency_p50_s:.3f} s; "
+        "pending sign-off (nothing is approved automatically)"
+    )
+
+
+def _fmt(value: float, spec: str) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def markdown_table(rows: list[TradeoffRow], recommended: str | None) -> str:
+    head = (
+        "| candidate | verdict | size MB | × base | peak RSS MB | p50 s | p95 s | tok/s | worst slice | "
+        "share of tolerance [95% CI] |\n|---|---|---:|---:|---:|---:|---:|---:|---|---|\n"
+    )
+    lines = []
+    for r in rows:
+        mark = " **(recommended)**" if r.candidate == recommended else ""
+        ci = f"{_fmt(r.worst_share, '.2f')} [{_fmt(r.worst_share_low, '.2f')}, {_fmt(r.worst_share_high, '.2f')}]"
+        lines.append(
+            f"| {r.candidate}{mark} | {r.verdict} | {r.size_bytes / 2**20:.1f} | {r.size_vs_base:.3f} | "
+            f"{r.peak_rss_mb:.0f} | {_fmt(r.latency_p50_s, '.3f')} | {_fmt(r.latency_p95_s, '.3f')} | "
+            f"{_fmt(r.tokens_per_second, '.1f')} | {r.worst_slice or '–'} | {ci if r.worst_slice else '–'} |"
+        )
+    return head + "\n".join(lines) + "\n"
+
+
+def plot_fronts(rows: list[TradeoffRow], path) -> None:
+    """Size and latency against the worst regression, one point per candidate, the frontier joined."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, (cost, label, scale) in zip(
+        axes, [("size_bytes", "size (MB)", 2**20), ("latency_p50_s", "p50 latency (s)", 1.0)], strict=True
+    ):
+        front = set(pareto_front(rows, cost))
+        measured = [r for r in rows if not math.isnan(r.worst_share)]
+        for r in measured:
+            colour = {"PASS": "tab:green", "FAIL": "tab:red"}.get(r.verdict, "tab:gray")
+            ax.scatter(getattr(r, cost) / scale, r.worst_share, color=colour, zorder=3)
+            ax.annotate(r.candidate, (getattr(r, cost) / scale, r.worst_share), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")  # fmt: skip
+        line = sorted((getattr(r, cost) / scale, r.worst_share) for r in measured if r.candidate in front)
+        if line:
+            ax.plot(*zip(*line, strict=True), color="black", linewidth=1, zorder=2)
+        ax.axhline(1.0, color="tab:red", linestyle="--", linewidth=0.8)
+        ax.set_xlabel(label)
+        ax.set_ylabel("worst share of tolerance (1 = the bar)")
+    fig.suptitle("Candidates: cost against worst per-slice regression (green PASS, red FAIL, grey other)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
