@@ -9,7 +9,7 @@ from quant_pipeline.release.registry import write_bom
 from quant_pipeline.release.report import write_report
 
 
-@dg.asset(group_name="audit", kinds={"html"}, deps=["approval"], partitions_def=CANDIDATES)
+@dg.asset(group_name="audit", kinds={"html"}, deps=["approval", "candidate_tradeoff"], partitions_def=CANDIDATES)
 def audit_report(
     context: dg.AssetExecutionContext, settings: AuditSettings, mlflow: MlflowTracker, quantized_artifact: dict
 ) -> dg.MaterializeResult:

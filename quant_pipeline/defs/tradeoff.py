@@ -1,6 +1,6 @@
 """The tradeoff across a model's candidates: the table, the Pareto frontiers and the recommended candidate.
 
-Unpartitioned (one per model), downstream of every candidate's delta report. Which artifact is a candidate's
+Unpartitioned (one per model), downstream of every candidate's verdict and decision. Which artifact is a candidate's
 current one comes from Dagster (its partition's latest quantized_artifact); everything else is read back from
 the store and re-verified against the trail the gate wrote (`release.evidence.judged_report`) and the
 artifact's own hashes, so a report or table edited after the gate judged it turns the candidate UNVERIFIED.
@@ -71,7 +71,7 @@ def candidate_row(settings: AuditSettings, base: dict, key: str, aid: str) -> tu
     return row, {"deltas": deltas}
 
 
-@dg.asset(group_name="release", kinds={"pandas", "html"}, deps=["delta_report"])
+@dg.asset(group_name="audit", kinds={"pandas", "html"}, deps=["approval"])
 def candidate_tradeoff(
     context: dg.AssetExecutionContext, settings: AuditSettings, mlflow: MlflowTracker, base_checkpoint: dict
 ) -> dg.MaterializeResult:

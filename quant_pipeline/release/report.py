@@ -6,6 +6,7 @@ rejections, promotions, rollbacks) plus the artifact records, rendered as Markdo
 refreshed by the `audit_report` asset on every audit and on demand by `quant-pipeline audit-report`.
 """
 
+import base64
 import datetime as dt
 import html
 import json
@@ -108,10 +109,20 @@ def render(store: ArtifactStore | Path, tracker: MlflowTracker, model_name: str)
                 f"| {d['category']} | {d['metric']} | {d['base']:.4f} | {d['quantized']:.4f} | "
                 f"{d['delta']:+.4f}{ci} | {d['tolerance']:.4f} | {d['status']} |"
             )
+    tradeoff = ArtifactStore.of(store).report_dir(model_name) / "tradeoff"
+    if (tradeoff / "tradeoff.md").exists():  # the latest comparison of the model's candidates (candidate_tradeoff)
+        lines += ["", "## Candidates", "", (tradeoff / "tradeoff.md").read_text().split("\n", 2)[-1]]
     markdown = "\n".join(lines)
+    plot = tradeoff / "tradeoff.png"
+    figure = (
+        f'<img alt="cost against worst regression, per candidate" style="max-width:100%" '
+        f'src="data:image/png;base64,{base64.b64encode(plot.read_bytes()).decode()}">'
+        if plot.exists()
+        else ""
+    )
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Audit report {html.escape(model_name)}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}}pre{{white-space:pre-wrap;background:#f6f6f6;padding:1em;font-size:12px}}</style></head>
-<body><pre>{html.escape(markdown)}</pre></body></html>"""
+<body><pre>{html.escape(markdown)}</pre>{figure}</body></html>"""
     return markdown, page
 
 

@@ -100,6 +100,9 @@ def test_the_tradeoff_lists_every_candidate_and_recommends_the_smallest_passing_
     assert rows["identity"]["worst_share"] == 0.0 and table["identity_moved"] == []
     assert [c.passed for c in results["identity_check"]] == [True]
     assert "pending sign-off" in table["why"]
+    report = out.parent / "audit_report.html"  # the reviewer's report carries the table and the plot
+    page = report.read_text()
+    assert "## Candidates" in page and all(key in page for key in rows) and "data:image/png;base64," in page
 
 
 def test_a_candidate_whose_report_was_edited_after_the_gate_is_unverified_and_never_recommended(
