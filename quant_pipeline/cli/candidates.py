@@ -10,6 +10,7 @@ stage crashed.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from quant_pipeline.core.errors import EXIT_BAD_INPUT, EXIT_CRASHED, EXIT_GATE_FAILED, EXIT_PASSED, AuditInputError
@@ -39,12 +40,13 @@ def audit_candidates(overrides: dict, keys: list[str], verbose: bool = False) ->
     """Audit each candidate in turn, then the tradeoff; print one line per candidate and the table."""
     from quant_pipeline.cli.audit import audit_outcome, run_audit
 
-    outcomes = {}
+    outcomes, seconds, start = {}, {}, time.perf_counter()
     for n, key in enumerate(keys, 1):
         print(f"\n== candidate {n}/{len(keys)}: {key}", flush=True)
+        t0 = time.perf_counter()
         outcome = audit_outcome(run_audit({**overrides, "recipe": recipe_from_key(key)}, verbose=verbose))
-        outcomes[key] = outcome
-        print(outcome.verdict.splitlines()[0], flush=True)
+        outcomes[key], seconds[key] = outcome, time.perf_counter() - t0
+        print(f"{outcome.verdict.splitlines()[0]} ({seconds[key]:.0f} s)", flush=True)
         if outcome.code not in (EXIT_PASSED, EXIT_GATE_FAILED):  # bad input or a crash: say so, go on
             print(f"quant-pipeline: {key}: {outcome.error}", flush=True)
     result = run_audit(overrides, selection=["candidate_tradeoff"], verbose=verbose)
@@ -54,6 +56,8 @@ def audit_candidates(overrides: dict, keys: list[str], verbose: bool = False) ->
     out = Path(result.output_for_node("candidate_tradeoff")["path"])
     table = json.loads((out / "tradeoff.json").read_text())
     print("\n" + (out / "tradeoff.md").read_text())
+    print("wall seconds per candidate (the first includes the shared base stages): "
+          + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()) + f"; all {time.perf_counter() - start:.0f}")  # fmt: skip
     print(f"plot: {out / 'tradeoff.png'}")
     if table["skipped"]:
         print("not compared: " + "; ".join(table["skipped"]))
