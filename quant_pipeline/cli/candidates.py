@@ -56,8 +56,9 @@ def audit_candidates(overrides: dict, keys: list[str], verbose: bool = False) ->
     out = Path(result.output_for_node("candidate_tradeoff")["path"])
     table = json.loads((out / "tradeoff.json").read_text())
     print("\n" + (out / "tradeoff.md").read_text())
-    print("wall seconds per candidate (the first includes the shared base stages): "
-          + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()) + f"; all {time.perf_counter() - start:.0f}")  # fmt: skip
+    per = ", ".join(f"{k} {v:.0f}" for k, v in seconds.items())
+    total = time.perf_counter() - start
+    print(f"wall seconds per candidate (the first pays the shared base stages): {per}; all {total:.0f}")
     print(f"plot: {out / 'tradeoff.png'}")
     if table["skipped"]:
         print("not compared: " + "; ".join(table["skipped"]))
