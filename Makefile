@@ -43,9 +43,10 @@ check-deps:
 
 # The audit's exit code: 0 PASS, 3 FAIL or INCOMPLETE verdict (both: the audit completed), 2 bad input, 1 crash.
 # A FAIL or INCOMPLETE verdict is a finding about the quantized model, not a broken demo: make exits 0 for it.
-# By default every method is audited as a candidate of the default model, then compared (`--candidates all`);
-# DEMO_ARGS="--method gptq" audits one candidate.
-DEMO_ARGS ?= --candidates all
+# By default every method is audited as a candidate of the default model, then compared (`--candidates all`),
+# under SmolLM2's own policy (quant_pipeline/policies/smollm2-135m-instruct.yaml: why, in the file); if no
+# quantized candidate passes, the search tries two more GPTQ candidates. DEMO_ARGS="--method gptq" audits one.
+DEMO_ARGS ?= --candidates all --search 2 --policy-file quant_pipeline/policies/smollm2-135m-instruct.yaml
 demo: install
 	@echo "$(VENV)/bin/quant-pipeline audit $(DEMO_ARGS)"
 	@$(VENV)/bin/quant-pipeline audit $(DEMO_ARGS); code=$$?; \

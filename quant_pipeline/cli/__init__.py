@@ -47,6 +47,13 @@ def main(argv: list[str] | None = None) -> int:
         help="audit several candidates, then compare them: comma-separated keys (gptq-w4-g64,torchao-int8-weight,"
         "identity, ...) or `all`",
     )
+    audit.add_argument(
+        "--search",
+        type=int,
+        default=0,
+        help="with --candidates: when no quantized candidate passes, up to N more GPTQ candidates, each keeping one "
+        "more of the most sensitive layer types at full precision, until one passes",
+    )
     audit.add_argument("--calibration-samples", type=int)
     audit.add_argument("--group-size", type=int)
     audit.add_argument("--bits", type=int)
@@ -102,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
             from quant_pipeline.cli.candidates import audit_candidates, parse_candidates
 
             try:
-                return audit_candidates(overrides, parse_candidates(args.candidates), verbose=args.verbose)
+                keys = parse_candidates(args.candidates)
+                return audit_candidates(overrides, keys, verbose=args.verbose, search=args.search)
             except AuditInputError as e:
                 print(f"quant-pipeline: error: {e}", file=sys.stderr)
                 return EXIT_BAD_INPUT

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from quant_pipeline.core.errors import EXIT_BAD_INPUT, EXIT_CRASHED, EXIT_GATE_FAILED, EXIT_PASSED, AuditInputError
-from quant_pipeline.core.recipe import recipe_from_key
+from quant_pipeline.core.recipe import candidate_key, recipe_from_key
 
 # `--candidates all` (what `make demo` runs): every method once, identity first (the pipeline's own check).
 ALL_CANDIDATES = (
@@ -36,25 +36,41 @@ def parse_candidates(text: str) -> list[str]:
     return list(dict.fromkeys(keys))
 
 
-def audit_candidates(overrides: dict, keys: list[str], verbose: bool = False) -> int:
-    """Audit each candidate in turn, then the tradeoff; print one line per candidate and the table."""
+def audit_candidates(overrides: dict, keys: list[str], verbose: bool = False, search: int = 0) -> int:
+    """Audit each candidate in turn, then the tradeoff (and, with `search`, the accuracy-aware search when no
+    quantized candidate passes); print one line per candidate and the table."""
     from quant_pipeline.cli.audit import audit_outcome, run_audit
 
     outcomes, seconds, start = {}, {}, time.perf_counter()
-    for n, key in enumerate(keys, 1):
-        print(f"\n== candidate {n}/{len(keys)}: {key}", flush=True)
+
+    def audit(key: str, label: str) -> None:
+        print(f"\n== {label}: {key}", flush=True)
         t0 = time.perf_counter()
         outcome = audit_outcome(run_audit({**overrides, "recipe": recipe_from_key(key)}, verbose=verbose))
         outcomes[key], seconds[key] = outcome, time.perf_counter() - t0
         print(f"{outcome.verdict.splitlines()[0]} ({seconds[key]:.0f} s)", flush=True)
         if outcome.code not in (EXIT_PASSED, EXIT_GATE_FAILED):  # bad input or a crash: say so, go on
             print(f"quant-pipeline: {key}: {outcome.error}", flush=True)
-    result = run_audit(overrides, selection=["candidate_tradeoff"], verbose=verbose)
-    if not result.success:
-        print("quant-pipeline: error: the tradeoff could not be built: see the Dagster run", result.run_id)
+
+    def tradeoff() -> tuple[dict, Path] | None:
+        result = run_audit(overrides, selection=["candidate_tradeoff"], verbose=verbose)
+        if not result.success:
+            print("quant-pipeline: error: the tradeoff could not be built: see the Dagster run", result.run_id)
+            return None
+        out = Path(result.output_for_node("candidate_tradeoff")["path"])
+        return json.loads((out / "tradeoff.json").read_text()), out
+
+    for n, key in enumerate(keys, 1):
+        audit(key, f"candidate {n}/{len(keys)}")
+    built = tradeoff()
+    for step, key in enumerate(search_steps(overrides, keys, search) if built and not built[0]["recommended"] else []):
+        audit(key, f"search step {step + 1}/{search}: the most sensitive layer types kept at full precision")
+        built = tradeoff()
+        if built is None or built[0]["recommended"]:
+            break
+    if built is None:
         return EXIT_CRASHED
-    out = Path(result.output_for_node("candidate_tradeoff")["path"])
-    table = json.loads((out / "tradeoff.json").read_text())
+    table, out = built
     print("\n" + (out / "tradeoff.md").read_text())
     per = ", ".join(f"{k} {v:.0f}" for k, v in seconds.items())
     total = time.perf_counter() - start
@@ -71,3 +87,28 @@ def audit_candidates(overrides: dict, keys: list[str], verbose: bool = False) ->
         if any(o.code == code for o in outcomes.values()):
             return code
     return EXIT_PASSED if table["recommended_artifact"] else EXIT_GATE_FAILED
+
+
+def search_steps(overrides: dict, keys: list[str], budget: int):
+    """The search's candidates, one per step: the first plain GPTQ candidate audited, keeping its 1, 2, ...
+    most sensitive layer types (as its own record measured them) at full precision, up to `budget` steps."""
+    from quant_pipeline.cli.audit import _instance
+    from quant_pipeline.core.artifacts import read_artifact_record
+    from quant_pipeline.defs.resources import build_resources
+    from quant_pipeline.defs.tradeoff import current_artifact
+    from quant_pipeline.models.sensitivity import most_sensitive
+
+    seed = next((k for k in keys if recipe_from_key(k).method == "gptq" and not recipe_from_key(k).keep), None)
+    aid = current_artifact(_instance(), seed) if seed else None
+    if aid is None:
+        print("search: no plain GPTQ candidate was audited to start from (add gptq-w4-g64)", flush=True)
+        return
+    sensitivity = read_artifact_record(build_resources(**overrides)["settings"].store, aid).layer_sensitivity
+    if not sensitivity:
+        print(f"search: {aid} records no layer sensitivity (made by an older version): re-audit {seed}", flush=True)
+        return
+    ranked = ", ".join(f"{k} {v:.2e}" for k, v in sorted(sensitivity.items(), key=lambda kv: -kv[1]))
+    print(f"\nsearch from {seed}: no quantized candidate passed; layer types by sensitivity: {ranked}", flush=True)
+    seed_recipe = recipe_from_key(seed)
+    for n in range(1, min(budget, len(sensitivity) - 1) + 1):
+        yield candidate_key(seed_recipe.model_copy(update={"keep": most_sensitive(sensitivity, n)}))

@@ -9,7 +9,7 @@ from quant_pipeline.core.errors import AuditInputError
 # Each method and the recipe fields that determine its bytes: only those enter the artifact's ID and record,
 # so changing a field a method ignores (GPTQ's damping for torchao int8) does not re-quantize or re-audit.
 METHOD_FIELDS: dict[str, tuple[str, ...]] = {
-    "gptq": ("bits", "group_size", "desc_act", "sym", "damp_percent", "calibration_samples", "seq_len"),
+    "gptq": ("bits", "group_size", "desc_act", "sym", "damp_percent", "calibration_samples", "seq_len", "keep"),
     "torchao-int8-weight": (),
     "torchao-int8-dynamic": (),
     "torchao-int4-weight": ("group_size",),
@@ -17,6 +17,8 @@ METHOD_FIELDS: dict[str, tuple[str, ...]] = {
 }
 CALIBRATED_METHODS = frozenset({"gptq"})  # the others are data-free: the calibration set is not an input
 GROUPED_METHODS = frozenset({"gptq", "torchao-int4-weight"})  # group_size splits each layer's input features
+# The linear layers of a Llama-style block, by the name they have in every block (what `keep` may name).
+LAYER_TYPES = ("down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj")
 
 
 class Recipe(dg.Config):
@@ -34,6 +36,9 @@ class Recipe(dg.Config):
     damp_percent: float = 0.1
     calibration_samples: int = 64
     seq_len: int = 256
+    # GPTQ only: the layer types left at full precision in every block, `.`-joined in sorted order
+    # (`down_proj.o_proj`): what the accuracy-aware search keeps when plain GPTQ does not pass
+    keep: str = ""
 
     @property
     def calibrated(self) -> bool:
@@ -61,17 +66,27 @@ class Recipe(dg.Config):
             raise AuditInputError(f"recipe.calibration_samples={self.calibration_samples}: need at least 1")
         if self.seq_len < 8:
             raise AuditInputError(f"recipe.seq_len={self.seq_len}: need at least 8 tokens per calibration sample")
+        kept = self.keep.split(".") if self.keep else []
+        if kept != sorted(set(kept)) or not all(k in LAYER_TYPES for k in kept) or len(kept) == len(LAYER_TYPES):
+            raise AuditInputError(
+                f"recipe.keep={self.keep!r}: name layer types to keep at full precision, sorted, `.`-joined, not all "
+                f"of them ({', '.join(LAYER_TYPES)})"
+            )
 
     def as_dict(self) -> dict:
-        """The method and the fields that determine its bytes (GPTQ's dict is what it has always been, so
-        existing GPTQ artifact IDs stand)."""
-        return {"method": self.method, **{f: getattr(self, f) for f in METHOD_FIELDS.get(self.method, ())}}
+        """The method and the fields that determine its bytes (a GPTQ recipe that keeps nothing has the dict it
+        always had, so existing GPTQ artifact IDs stand)."""
+        fields = {f: getattr(self, f) for f in METHOD_FIELDS.get(self.method, ())}
+        if not fields.get("keep"):
+            fields.pop("keep", None)
+        return {"method": self.method, **fields}
 
 
-# A candidate's name is its recipe, written out: `gptq-w4-g64`, `gptq-w8-g64-n128`, `torchao-int8-weight`,
-# `torchao-int4-weight-g32`, `identity`. It is the Dagster partition key, so a candidate added from the UI
-# (a new partition) needs no code and no file: the key says everything. Fields a method does not use cannot
-# appear; GPTQ's bits and group always do, the others only when they differ from the default.
+# A candidate's name is its recipe, written out: `gptq-w4-g64`, `gptq-w8-g64-n128`, `gptq-w4-g64-xdown_proj`
+# (down_proj kept at full precision), `torchao-int8-weight`, `torchao-int4-weight-g32`, `identity`. It is the
+# Dagster partition key, so a candidate added from the UI (a new partition) needs no code and no file: the key
+# says everything. Fields a method does not use cannot appear; GPTQ's bits and group always do, the others
+# only when they differ from the default.
 _CODES = {"bits": "w", "group_size": "g", "calibration_samples": "n", "seq_len": "l", "damp_percent": "d"}
 _EXAMPLES = "e.g. gptq-w4-g64, gptq-w8-g64-n128, torchao-int8-weight, torchao-int4-weight-g64, identity"
 
@@ -89,6 +104,8 @@ def candidate_key(recipe: Recipe) -> str:
             parts.append("act")
         elif field == "sym" and not value:
             parts.append("asym")
+        elif field == "keep" and value:
+            parts.append(f"x{value}")
     return "-".join(parts)
 
 
@@ -97,6 +114,8 @@ def _setting(method: str, token: str, key: str) -> tuple[str, object]:
     flags = {"act": ("desc_act", True), "asym": ("sym", False), "gchannel": ("group_size", -1)}
     if token in flags:
         field, value = flags[token]
+    elif token.startswith("x") and len(token) > 1 and not token[1].isdigit():  # x<types kept at full precision>
+        field, value = "keep", token[1:]
     else:
         field = next((f for f, c in _CODES.items() if token.startswith(c)), "")
         raw = token[1:]

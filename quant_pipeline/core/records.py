@@ -134,6 +134,9 @@ class ArtifactRecord(TreeRecord):
     runtime: dict[str, Any]
     # the bytes
     precision: str
+    # GPTQ: relative output error of each layer type under rounding, on calibration text (models.sensitivity):
+    # why a `keep` recipe kept the types it kept, and what the search would keep next
+    layer_sensitivity: dict[str, float] = {}
     scales: ScaleSummary
     content_hash: Sha256
     size_bytes: int

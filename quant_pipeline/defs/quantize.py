@@ -59,6 +59,7 @@ def quantized_artifact(
                 check_enough_samples(texts, calib_path, recipe)
             with atomic_directory(target) as tmp, log_progress(context.log.info):
                 passes = quantize(Path(base_checkpoint["path"]), texts, recipe, tmp)
+                sensitivity = passes.pop("layer_sensitivity", {})
                 files = file_hashes(tmp)
                 record = ArtifactRecord(
                     artifact_id=aid,
@@ -71,6 +72,7 @@ def quantized_artifact(
                     runtime_hash=runtime_environment["hash"],
                     runtime=runtime_environment["fingerprint"],
                     precision=precision(recipe),
+                    layer_sensitivity=sensitivity,
                     scales=scale_summary(tmp),
                     files=files,
                     content_hash=tree_hash(files),
@@ -132,6 +134,7 @@ def quantized_artifact(
             "size_mb": round(record["size_bytes"] / 2**20, 1),
             "size_vs_base": round(record["size_bytes"] / base_checkpoint["size_bytes"], 3),
             "scales_hash": record["scales"]["hash"],
+            "layer_sensitivity": dg.MetadataValue.json(record.get("layer_sensitivity") or {}),
             "registry": f"{model_name} v{version}",
             **passes,
             **meter.metadata(),

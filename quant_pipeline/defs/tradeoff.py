@@ -19,8 +19,9 @@ from quant_pipeline.core.store import atomic_directory
 from quant_pipeline.core.tracking import MlflowTracker
 from quant_pipeline.defs.candidates import candidates
 from quant_pipeline.defs.resources import AuditSettings
+from quant_pipeline.evaluation.delta import compute_deltas
 from quant_pipeline.evaluation.policy import load_policy
-from quant_pipeline.release.evidence import judged_report
+from quant_pipeline.release.evidence import EVAL_TABLES, judged_report
 from quant_pipeline.release.governing import pinned_policy_file
 from quant_pipeline.release.tradeoff import (
     TradeoffRow,
@@ -28,6 +29,7 @@ from quant_pipeline.release.tradeoff import (
     pareto_front,
     plot_fronts,
     recommend,
+    why_kept,
     worst_regression,
 )
 
@@ -52,13 +54,19 @@ def candidate_row(settings: AuditSettings, base: dict, key: str, aid: str) -> tu
     if record.base_hash != base["hash"]:
         raise AuditInputError(f"{aid} was made from another base ({record.base_hash[:12]}): re-audit {key}")
     cost = {"size_bytes": record.size_bytes, "size_vs_base": round(record.size_bytes / base["size_bytes"], 4)}
+    keep = record.recipe.get("keep") or ""
     facts = {"candidate": key, "artifact_id": aid, "method": record.recipe.get("method", "gptq"),
-             "precision": record.precision, **cost}  # fmt: skip
+             "precision": record.precision, "kept": keep,
+             "why_kept": why_kept(keep, record.layer_sensitivity) if keep else "", **cost}  # fmt: skip
     try:
-        report = judged_report(store, record.model_name, aid)
+        report = judged_report(store, record.model_name, aid)  # also re-hashes the four eval tables
         evaluation = EvalRecord.read(store.eval_dir(report.eval_key) / "record.json")
-        deltas = pd.read_parquet(report.path)
         policy, _ = load_policy(pinned_policy_file(store, report.policy_hash))  # the policy it was judged under
+        # recomputed from the verified tables, not read from the report's parquet (which no hash covers)
+        tables = [
+            pd.read_parquet(store.eval_dir(k) / n) for n in EVAL_TABLES for k in (report.base_eval_key, report.eval_key)
+        ]
+        deltas = compute_deltas(tables[0], tables[1], policy, tables[2], tables[3])
     except AuditInputError as e:
         empty = {"peak_rss_mb": 0.0, "latency_p50_s": float("nan"), "latency_p95_s": float("nan")}
         return TradeoffRow(**facts, **empty, tokens_per_second=0.0, verdict="UNVERIFIED", reason=str(e)), {}

@@ -19,10 +19,18 @@ LLAMA_BLOCK_GROUPS = [
 ]
 
 
-def block_groups(base_path: Path) -> list[list[str]] | None:
-    """The shared-input grouping for Llama-style blocks; None (one pass per layer) for anything else."""
+LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def block_groups(base_path: Path, keep: str = "") -> list[list[str]] | None:
+    """The shared-input grouping for Llama-style blocks, without the layer types kept at full precision;
+    None (one pass per layer) for anything else."""
     config = json.loads((Path(base_path) / "config.json").read_text())
-    return LLAMA_BLOCK_GROUPS if config.get("model_type") in ("llama", "mistral", "qwen2", "qwen3") else None
+    if config.get("model_type") not in LLAMA_TYPES:
+        return None
+    kept = set(keep.split(".")) if keep else set()
+    groups = [[name for name in group if name.rsplit(".", 1)[-1] not in kept] for group in LLAMA_BLOCK_GROUPS]
+    return [group for group in groups if group]
 
 
 class _GroupInputsCollected(Exception):
@@ -112,7 +120,7 @@ def quantize(base_path: Path, texts: list[str], recipe: Recipe, out_dir: Path) -
     bound_heap_fragmentation()
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(base_path)
-    groups = block_groups(base_path)
+    groups = block_groups(base_path, recipe.keep)  # kept layer types stay nn.Linear, and reload so
     config = GPTQConfig(
         bits=recipe.bits,
         group_size=recipe.group_size,

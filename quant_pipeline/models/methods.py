@@ -22,6 +22,7 @@ from quant_pipeline.core.errors import AuditInputError
 from quant_pipeline.core.hashing import RECORD_FILE, canonical_hash
 from quant_pipeline.core.perf import bound_heap_fragmentation
 from quant_pipeline.core.recipe import GROUPED_METHODS, Recipe
+from quant_pipeline.models.gptq import LLAMA_TYPES
 
 # The tensors that hold a quantized layer's scaling: gptqmodel's and torchao's names for them.
 SCALE_SUFFIXES = (".scales", ".qzeros", "._weight_scale", "._weight_zero_point")
@@ -30,6 +31,11 @@ SCALE_SUFFIXES = (".scales", ".qzeros", "._weight_scale", "._weight_zero_point")
 def check_recipe_fits(recipe: Recipe, config: dict, model_label: str) -> None:
     """Groups split each linear layer's input features (GPTQ's, torchao int4's): every width must divide evenly."""
     recipe.validate_values()
+    if recipe.keep and config.get("model_type") not in LLAMA_TYPES:
+        raise AuditInputError(
+            f"recipe.keep={recipe.keep!r}: keeping layer types needs a Llama-style block ({', '.join(LLAMA_TYPES)}); "
+            f"{model_label} is {config.get('model_type')!r}"
+        )
     if recipe.method not in GROUPED_METHODS or recipe.group_size == -1:
         return
     widths = {"hidden_size": config.get("hidden_size"), "intermediate_size": config.get("intermediate_size")}
@@ -64,7 +70,8 @@ def artifact_id(base_hash: str, recipe: Recipe, calibration_hash: str | None, ru
 def precision(recipe: Recipe) -> str:
     """What the artifact computes in, as the record and the ML-BOM state it."""
     return {
-        "gptq": f"int{recipe.bits} weights (GPTQ, group {recipe.group_size}), fp32 activations",
+        "gptq": f"int{recipe.bits} weights (GPTQ, group {recipe.group_size}), fp32 activations"
+        + (f"; {recipe.keep.replace('.', ', ')} kept at fp32 in every block" if recipe.keep else ""),
         "torchao-int8-weight": "int8 weights (torchao, per output channel), fp32 activations",
         "torchao-int8-dynamic": "int8 weights (torchao, per output channel), int8 activations scaled per token",
         "torchao-int4-weight": f"int4 weights (torchao, group {recipe.group_size}, one per int8), fp32 activations",
@@ -114,8 +121,11 @@ def quantize(base_path: Path, texts: list[str], recipe: Recipe, out_dir: Path) -
     bound_heap_fragmentation()
     if recipe.method == "gptq":
         from quant_pipeline.models.gptq import quantize as gptq
+        from quant_pipeline.models.sensitivity import layer_type_sensitivity
 
-        return gptq(base_path, texts, recipe, out_dir)
+        # measured on every GPTQ candidate, so a failing one already says what the search would keep first
+        sensitivity = layer_type_sensitivity(base_path, texts, recipe)
+        return {**gptq(base_path, texts, recipe, out_dir), "layer_sensitivity": sensitivity}
     if recipe.method == "identity":
         return _identity(base_path, out_dir)
     return _torchao(base_path, recipe, out_dir)

@@ -44,6 +44,8 @@ class TradeoffRow(BaseModel):
     worst_share: float = math.nan  # degradation / tolerance of the worst gated slice (1.0 = at the bar)
     worst_share_low: float = math.nan
     worst_share_high: float = math.nan
+    kept: str = ""  # layer types kept at full precision (a `keep` recipe), and why (their sensitivity rank)
+    why_kept: str = ""
 
 
 def worst_regression(deltas: pd.DataFrame, higher_is_better: set[str]) -> dict:
@@ -51,14 +53,16 @@ def worst_regression(deltas: pd.DataFrame, higher_is_better: set[str]) -> dict:
     delta's interval put through the same map: sign by the metric's direction, relative to the base's value
     in relative mode, over the tolerance)."""
     gated = deltas[deltas["measured_status"].isin(GATED)] if "measured_status" in deltas else deltas.iloc[0:0]
-    gated = gated[gated["tolerance"] > 0]
     if gated.empty:
         return {}
-    shares = gated["degradation"] / gated["tolerance"]
+    # a tolerance of 0 allows no degradation at all: any is infinitely over the bar
+    tolerance = gated["tolerance"].where(gated["tolerance"] > 0, float("nan"))
+    shares = (gated["degradation"] / tolerance).fillna(gated["degradation"].gt(0).map({True: math.inf, False: 0.0}))
     row = gated.loc[shares.idxmax()]
     sign = -1.0 if row["metric"] in higher_is_better else 1.0
     scale = abs(row["base"]) if row["mode"] == "relative" and row["base"] else 1.0
-    ends = sorted(sign * v / scale / row["tolerance"] for v in (row["ci_low"], row["ci_high"]))
+    over = row["tolerance"] if row["tolerance"] > 0 else math.nan  # no finite interval over a zero tolerance
+    ends = sorted(sign * v / scale / over + 0.0 for v in (row["ci_low"], row["ci_high"]))  # + 0.0: no "-0.00"
     return {
         "worst_slice": f"{row['metric']}/{row['category']}",
         "worst_share": float(shares.max()),
@@ -115,7 +119,18 @@ def markdown_table(rows: list[TradeoffRow], recommended: str | None) -> str:
             f"{r.peak_rss_mb:.0f} | {_fmt(r.latency_p50_s, '.3f')} | {_fmt(r.latency_p95_s, '.3f')} | "
             f"{_fmt(r.tokens_per_second, '.1f')} | {r.worst_slice or '–'} | {ci if r.worst_slice else '–'} |"
         )
-    return head + "\n".join(lines) + "\n"
+    notes = [f"- {r.candidate}: kept at full precision in every block: {r.why_kept}" for r in rows if r.kept]
+    return head + "\n".join(lines) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else "")
+
+
+def why_kept(keep: str, sensitivity: dict[str, float]) -> str:
+    """The kept layer types with their rank and relative error among all the model's layer types."""
+    ranked = sorted(sensitivity, key=lambda k: (-sensitivity[k], k))
+    return ", ".join(
+        f"{k} (most sensitive #{ranked.index(k) + 1} of {len(ranked)}, relative error {sensitivity[k]:.2e})"
+        if k in sensitivity else f"{k} (not measured)"
+        for k in keep.split(".")
+    )  # fmt: skip
 
 
 def plot_fronts(rows: list[TradeoffRow], path) -> None:
@@ -130,7 +145,7 @@ def plot_fronts(rows: list[TradeoffRow], path) -> None:
         axes, [("size_bytes", "size (MB)", 2**20), ("latency_p50_s", "p50 latency (s)", 1.0)], strict=True
     ):
         front = set(pareto_front(rows, cost))
-        measured = [r for r in rows if not math.isnan(r.worst_share)]
+        measured = [r for r in rows if math.isfinite(r.worst_share)]  # infinite: over a zero tolerance, off the axis
         for r in measured:
             colour = {"PASS": "tab:green", "FAIL": "tab:red"}.get(r.verdict, "tab:gray")
             ax.scatter(getattr(r, cost) / scale, r.worst_share, color=colour, zorder=3)

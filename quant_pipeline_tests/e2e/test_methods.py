@@ -8,11 +8,14 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 import pytest
+import torch
 
 from quant_pipeline.cli import main
+from quant_pipeline.core.artifacts import read_artifact_record
 from quant_pipeline.core.paths import DEFAULT_CALIBRATION
 from quant_pipeline.core.recipe import METHOD_FIELDS
 from quant_pipeline.models.checkpoint import load_model
+from quant_pipeline.models.sensitivity import most_sensitive
 from quant_pipeline.release.registry import write_bom
 from quant_pipeline_tests.support import LENIENT, TINY_RECIPE, audit_world, cli_home, replace, run_audit
 
@@ -143,3 +146,35 @@ def test_the_cli_audits_each_candidate_then_prints_the_table_and_the_recommendat
     assert "quant-pipeline approve torchao-int8w-" in out
     plot = Path(next(line for line in out.splitlines() if line.startswith("plot: ")).removeprefix("plot: "))
     assert plot.exists() and store.contains(plot)
+
+
+STRICT = "name: strict\nmin_items: 1\ntolerances:\n  top1_agreement: {direction: higher_is_better, tolerance: 0.0}\n"
+
+
+def test_the_search_keeps_the_most_sensitive_layer_types_at_full_precision_one_more_per_step(
+    tmp_path, tiny_llama, capsys
+):
+    """Under a policy no quantized model meets, the search runs its budget: each step a candidate of its own
+    that keeps the next most sensitive layer type (as the seed's record ranked them) at fp32, on the record."""
+    policy = tmp_path / "strict.yaml"
+    policy.write_text(STRICT)
+    with cli_home(tmp_path) as (store, _):
+        code = main([
+            "audit", "--model", str(tiny_llama), "--candidates", "gptq-w4-g64-n8-l64", "--search", "2",
+            "--eval-limit", "4", "--eval-max-new-tokens", "16", "--policy-file", str(policy),
+        ])  # fmt: skip
+        records = {
+            r.recipe.get("keep", ""): r for r in map(lambda a: read_artifact_record(store, a), store.artifact_ids())
+        }
+    out = capsys.readouterr().out
+    assert code == 3 and "search step 2/2" in out, out
+    ranking = records[""].layer_sensitivity
+    assert set(ranking) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    first, second = most_sensitive(ranking, 1), most_sensitive(ranking, 2)
+    assert set(records) == {"", first, second} and set(first.split(".")) < set(second.split("."))
+    step = records[second]
+    assert step.layer_sensitivity == ranking and "kept at fp32" in step.precision
+    model, _ = load_model(store.artifact_dir(step.artifact_id))
+    plain = {n.rsplit(".", 1)[-1] for n, m in model.get_decoder().named_modules() if type(m) is torch.nn.Linear}
+    assert plain == set(second.split("."))  # exactly the kept types stayed full precision, in every block
+    assert f"kept at full precision in every block: {second.split('.')[0]} (most sensitive #" in out

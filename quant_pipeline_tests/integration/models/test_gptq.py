@@ -20,7 +20,7 @@ def test_grouping_layers_that_share_an_input_quantizes_to_the_same_bytes(tiny_ll
     with log_progress(lines.append):
         grouped_passes = gptq.quantize(tiny_llama, texts, TINY_RECIPE, tmp_path / "grouped")
     assert len(lines) == 1 and lines[0].startswith("GPTQ blocks: 2/2 blocks in ")  # the run log's progress line
-    monkeypatch.setattr(gptq, "block_groups", lambda path: None)  # one full pass per linear layer
+    monkeypatch.setattr(gptq, "block_groups", lambda path, keep="": None)  # one full pass per linear layer
     per_layer_passes = gptq.quantize(tiny_llama, texts, TINY_RECIPE, tmp_path / "per_layer")
     # every sample's q/k/v, o and gate/up passes stop early in both blocks; only down's runs in full
     assert grouped_passes == {"calibration_passes_cut_short": 2 * TINY_RECIPE.calibration_samples * 3}

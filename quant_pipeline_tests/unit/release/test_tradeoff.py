@@ -67,3 +67,13 @@ def test_only_a_passing_quantized_candidate_is_recommended_and_identity_never():
     assert recommend(rows[:3]) == (None, "no quantized candidate passes the gate: none can be recommended")
     with pytest.raises(ValueError, match="objective"):
         recommend(rows, "cheapest")
+
+
+def test_a_zero_tolerance_makes_any_degradation_the_worst_and_infinite():
+    d = deltas(
+        ("facts", "acc", 0.8, -0.05, -0.08, -0.02, 0.05, 0.10, "absolute"),
+        ("should_refuse", "toxicity_rate", 0.0, 0.02, 0.0, 0.06, 0.02, 0.0, "absolute"),
+    )
+    worst = worst_regression(d, {"acc"})
+    assert worst["worst_slice"] == "toxicity_rate/should_refuse" and worst["worst_share"] == math.inf
+    assert math.isnan(worst["worst_share_low"])

@@ -1,0 +1,82 @@
+"""Which layer types quantization hurts most on this model, measured on its calibration data: what the
+accuracy-aware search keeps at full precision first.
+
+Per linear layer, the relative output error of round-to-nearest quantization at the recipe's bits and group
+size, weighted by the layer's real inputs on calibration text: ||X (W - Q(W))^T||^2 / ||X W^T||^2. One forward
+pass accumulates each layer's input second moment H = X^T X, so the error is trace(E H E^T) with E = W - Q(W),
+with no forward per layer; summed per layer type over the blocks. Round-to-nearest stands in for GPTQ (which
+compensates rounding inside a layer, so its error is smaller): it ranks layers by how much their inputs
+amplify rounding, which is what keeping a layer at full precision buys back.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from quant_pipeline.core.recipe import LAYER_TYPES, Recipe
+
+SENSITIVITY_TEXTS = 16  # calibration texts in the measuring pass (of the recipe's samples)
+
+
+def round_to_nearest(weight, bits: int, group_size: int, sym: bool = True):
+    """`weight` quantized and dequantized per group of `group_size` input columns (-1: per output row)."""
+    import torch
+
+    rows, cols = weight.shape
+    g = cols if group_size == -1 else group_size
+    w = weight.reshape(rows, cols // g, g)
+    if sym:
+        scale = (w.abs().amax(-1, keepdim=True) / (2 ** (bits - 1) - 1)).clamp_min(1e-12)
+        q = torch.clamp(torch.round(w / scale), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1) * scale
+    else:
+        lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+        scale = ((hi - lo) / (2**bits - 1)).clamp_min(1e-12)
+        q = torch.clamp(torch.round((w - lo) / scale), 0, 2**bits - 1) * scale + lo
+    return q.reshape(rows, cols)
+
+
+def layer_type_sensitivity(base_path: Path, texts: list[str], recipe: Recipe) -> dict[str, float]:
+    """Relative output error per layer type (higher: hurt more), on the first calibration texts."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32, use_safetensors=True).eval()
+    layers = {
+        name: module
+        for name, module in model.get_decoder().named_modules()
+        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in LAYER_TYPES
+    }
+    moments: dict[str, torch.Tensor] = {}
+
+    def accumulate(name: str):
+        def hook(module, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            moments[name] = moments.get(name, 0) + x.T @ x
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(accumulate(n)) for n, m in layers.items()]
+    try:
+        with torch.inference_mode():
+            for text in texts[: min(SENSITIVITY_TEXTS, recipe.calibration_samples)]:
+                ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=recipe.seq_len)["input_ids"]
+                model(input_ids=ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    error, signal = dict.fromkeys(LAYER_TYPES, 0.0), dict.fromkeys(LAYER_TYPES, 0.0)
+    with torch.inference_mode():
+        for name, module in layers.items():
+            w, h = module.weight.float(), moments[name]
+            e = w - round_to_nearest(w, recipe.bits, recipe.group_size, recipe.sym)
+            kind = name.rsplit(".", 1)[-1]
+            error[kind] += float(((e @ h) * e).sum())
+            signal[kind] += float(((w @ h) * w).sum())
+    return {k: round(error[k] / signal[k], 8) for k in LAYER_TYPES if signal[k] > 0}
+
+
+def most_sensitive(sensitivity: dict[str, float], n: int) -> str:
+    """The `keep` value of a recipe that keeps the `n` most sensitive layer types (sorted, `.`-joined)."""
+    ranked = sorted(sensitivity, key=lambda k: (-sensitivity[k], k))
+    return ".".join(sorted(ranked[:n]))
