@@ -21,10 +21,10 @@ _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
 
-from quant_pipeline.core.paths import DEFAULT_CALIBRATION, default_gguf_path  # noqa: E402
+from quant_pipeline.core.paths import default_gguf_path  # noqa: E402
 from quant_pipeline.core.tracking import MlflowTracker  # noqa: E402
 from quant_pipeline.defs.resources import AuditSettings  # noqa: E402
-from quant_pipeline_tests.support import LENIENT, TINY_RECIPE, audit_world, run_audit  # noqa: E402
+from quant_pipeline_tests.support import TINY_RECIPE, audit_world, fresh_audit_world, run_audit  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -102,10 +102,7 @@ def instance(tmp_path):
 def audited_once(tmp_path_factory, tiny_llama):
     """One pending audit of the tiny model under a lenient policy, run once for the whole module."""
     root = tmp_path_factory.mktemp("audited")
-    (root / "policy.yaml").write_text(LENIENT)
-    shutil.copy(DEFAULT_CALIBRATION, root / "calibration.jsonl")
-    settings, tracker = audit_world(root, tiny_llama)
-    (root / "dagster").mkdir()
+    settings, tracker = fresh_audit_world(root, tiny_llama)
     with dg.instance_for_test(temp_dir=str(root / "dagster")) as instance:
         result = run_audit(settings, tracker, instance)
     assert result.success

@@ -2,11 +2,13 @@
 
 import contextlib
 import json
+import shutil
 from pathlib import Path
 
 import dagster as dg
 import pytest
 
+from quant_pipeline.core.paths import DEFAULT_CALIBRATION
 from quant_pipeline.core.recipe import Recipe
 from quant_pipeline.core.store import ArtifactStore
 from quant_pipeline.core.tracking import MlflowTracker
@@ -65,6 +67,14 @@ def audit_world(root: Path, tiny_llama: Path):
     )  # fmt: skip
     tracker = MlflowTracker(tracking_uri=f"sqlite:///{root}/mlflow.db", artifact_root=(root / "mlartifacts").as_uri())
     return settings, tracker
+
+
+def fresh_audit_world(root: Path, tiny_llama: Path):
+    """`audit_world` on a new root: the lenient policy, the shipped calibration file and Dagster's folder in place."""
+    (root / "policy.yaml").write_text(LENIENT)
+    shutil.copy(DEFAULT_CALIBRATION, root / "calibration.jsonl")
+    (root / "dagster").mkdir()
+    return audit_world(root, tiny_llama)
 
 
 @contextlib.contextmanager

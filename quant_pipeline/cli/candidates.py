@@ -98,7 +98,7 @@ def search_steps(overrides: dict, keys: list[str], budget: int):
     from quant_pipeline.defs.tradeoff import current_artifact
     from quant_pipeline.models.sensitivity import most_sensitive
 
-    seed = next((k for k in keys if recipe_from_key(k).method == "gptq" and not recipe_from_key(k).keep), None)
+    seed = next((k for k in keys if (r := recipe_from_key(k)).method == "gptq" and not r.keep), None)
     aid = current_artifact(_instance(), seed) if seed else None
     if aid is None:
         print("search: no plain GPTQ candidate was audited to start from (add gptq-w4-g64)", flush=True)

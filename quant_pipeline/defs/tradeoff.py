@@ -63,10 +63,10 @@ def candidate_row(settings: AuditSettings, base: dict, key: str, aid: str) -> tu
         evaluation = EvalRecord.read(store.eval_dir(report.eval_key) / "record.json")
         policy, _ = load_policy(pinned_policy_file(store, report.policy_hash))  # the policy it was judged under
         # recomputed from the verified tables, not read from the report's parquet (which no hash covers)
-        tables = [
+        base_results, quant_results, base_items, quant_items = (
             pd.read_parquet(store.eval_dir(k) / n) for n in EVAL_TABLES for k in (report.base_eval_key, report.eval_key)
-        ]
-        deltas = compute_deltas(tables[0], tables[1], policy, tables[2], tables[3])
+        )
+        deltas = compute_deltas(base_results, quant_results, policy, base_items, quant_items)
     except AuditInputError as e:
         empty = {"peak_rss_mb": 0.0, "latency_p50_s": float("nan"), "latency_p95_s": float("nan")}
         return TradeoffRow(**facts, **empty, tokens_per_second=0.0, verdict="UNVERIFIED", reason=str(e)), {}

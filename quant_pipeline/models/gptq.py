@@ -7,6 +7,7 @@ from pathlib import Path
 from quant_pipeline.core.perf import bound_heap_fragmentation
 from quant_pipeline.core.progress import Progress
 from quant_pipeline.core.recipe import Recipe
+from quant_pipeline.models.sensitivity import layer_type_sensitivity
 
 # Linear layers that read the same input share one calibration pass: their Hessians are identical,
 # so grouping them gives the same bytes as one pass per layer, with 4 block forwards instead of 7.
@@ -112,7 +113,8 @@ def quantize(base_path: Path, texts: list[str], recipe: Recipe, out_dir: Path) -
     """Run GPTQ on CPU (or GPU where present) and save the packed model with its tokenizer.
 
     Calls optimum's GPTQQuantizer (gptqmodel underneath) the way transformers' GPTQ integration
-    does, so that the calibration passes can stop early; returns how many passes were cut short."""
+    does, so that the calibration passes can stop early; returns how many passes were cut short and the
+    layer types' sensitivity (`models.sensitivity`)."""
     import torch
     from optimum.gptq import GPTQQuantizer
     from transformers import AutoModelForCausalLM, AutoTokenizer, GPTQConfig
@@ -136,6 +138,9 @@ def quantize(base_path: Path, texts: list[str], recipe: Recipe, out_dir: Path) -
     model = AutoModelForCausalLM.from_pretrained(
         base_path, device_map=device, dtype=torch.float32 if device == "cpu" else torch.float16, use_safetensors=True
     )
+    # measured on every GPTQ candidate, before its weights change, so a failing one already says what the
+    # accuracy-aware search would keep at full precision first
+    sensitivity = layer_type_sensitivity(model, tokenizer, texts, recipe)
     quantizer = GPTQQuantizer.from_dict(config.to_dict_optimum())
     order = [name for group in groups for name in group] if groups else []
     blocks = model.get_decoder().layers if groups else []
@@ -144,4 +149,4 @@ def quantize(base_path: Path, texts: list[str], recipe: Recipe, out_dir: Path) -
     model.config.quantization_config = GPTQConfig.from_dict(quantizer.to_dict())
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
-    return {"calibration_passes_cut_short": stopped["passes"]}
+    return {"calibration_passes_cut_short": stopped["passes"], "layer_sensitivity": sensitivity}

@@ -121,11 +121,8 @@ def quantize(base_path: Path, texts: list[str], recipe: Recipe, out_dir: Path) -
     bound_heap_fragmentation()
     if recipe.method == "gptq":
         from quant_pipeline.models.gptq import quantize as gptq
-        from quant_pipeline.models.sensitivity import layer_type_sensitivity
 
-        # measured on every GPTQ candidate, so a failing one already says what the search would keep first
-        sensitivity = layer_type_sensitivity(base_path, texts, recipe)
-        return {**gptq(base_path, texts, recipe, out_dir), "layer_sensitivity": sensitivity}
+        return gptq(base_path, texts, recipe, out_dir)
     if recipe.method == "identity":
         return _identity(base_path, out_dir)
     return _torchao(base_path, recipe, out_dir)

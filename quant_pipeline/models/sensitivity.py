@@ -11,8 +11,6 @@ amplify rounding, which is what keeping a layer at full precision buys back.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from quant_pipeline.core.recipe import LAYER_TYPES, Recipe
 
 SENSITIVITY_TEXTS = 16  # calibration texts in the measuring pass (of the recipe's samples)
@@ -35,13 +33,11 @@ def round_to_nearest(weight, bits: int, group_size: int, sym: bool = True):
     return q.reshape(rows, cols)
 
 
-def layer_type_sensitivity(base_path: Path, texts: list[str], recipe: Recipe) -> dict[str, float]:
-    """Relative output error per layer type (higher: hurt more), on the first calibration texts."""
+def layer_type_sensitivity(model, tokenizer, texts: list[str], recipe: Recipe) -> dict[str, float]:
+    """Relative output error per layer type (higher: hurt more), on the first calibration texts, of the base
+    model as loaded for quantization (GPTQ measures it before quantizing: one load, the same weights)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(base_path)
-    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32, use_safetensors=True).eval()
     layers = {
         name: module
         for name, module in model.get_decoder().named_modules()
@@ -61,7 +57,7 @@ def layer_type_sensitivity(base_path: Path, texts: list[str], recipe: Recipe) ->
         with torch.inference_mode():
             for text in texts[: min(SENSITIVITY_TEXTS, recipe.calibration_samples)]:
                 ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=recipe.seq_len)["input_ids"]
-                model(input_ids=ids)
+                model(input_ids=ids.to(model.device))
     finally:
         for handle in handles:
             handle.remove()

@@ -2,7 +2,6 @@
 the identity candidate (the base, copied) comes out with every quality delta exactly zero."""
 
 import json
-import shutil
 from pathlib import Path
 
 import dagster as dg
@@ -12,22 +11,26 @@ import torch
 
 from quant_pipeline.cli import main
 from quant_pipeline.core.artifacts import read_artifact_record
-from quant_pipeline.core.paths import DEFAULT_CALIBRATION
 from quant_pipeline.core.recipe import METHOD_FIELDS
 from quant_pipeline.models.checkpoint import load_model
 from quant_pipeline.models.sensitivity import most_sensitive
 from quant_pipeline.release.registry import write_bom
-from quant_pipeline_tests.support import LENIENT, TINY_RECIPE, audit_world, cli_home, replace, run_audit
+from quant_pipeline_tests.support import (
+    LENIENT,
+    TINY_RECIPE,
+    audit_world,
+    cli_home,
+    fresh_audit_world,
+    replace,
+    run_audit,
+)
 
 
 @pytest.fixture(scope="module")
 def audited_methods(tmp_path_factory, tiny_llama):
     """One store, one base evaluation, one audit per method (the base's work is reused by key)."""
     root = tmp_path_factory.mktemp("methods")
-    (root / "policy.yaml").write_text(LENIENT)
-    shutil.copy(DEFAULT_CALIBRATION, root / "calibration.jsonl")
-    settings, tracker = audit_world(root, tiny_llama)
-    (root / "dagster").mkdir()
+    settings, tracker = fresh_audit_world(root, tiny_llama)
     results = {}
     with dg.instance_for_test(temp_dir=str(root / "dagster")) as instance:
         for method in METHOD_FIELDS:

@@ -19,12 +19,16 @@ def test_round_to_nearest_keeps_representable_weights_and_bounds_the_error_by_ha
 
 
 def test_every_layer_type_is_ranked_and_more_bits_hurt_less(tiny_llama):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     texts = load_calibration_texts(DEFAULT_CALIBRATION)
-    four = layer_type_sensitivity(tiny_llama, texts, Recipe(calibration_samples=4, seq_len=32))
-    eight = layer_type_sensitivity(tiny_llama, texts, Recipe(bits=8, calibration_samples=4, seq_len=32))
+    four = layer_type_sensitivity(model, tokenizer, texts, Recipe(calibration_samples=4, seq_len=32))
+    eight = layer_type_sensitivity(model, tokenizer, texts, Recipe(bits=8, calibration_samples=4, seq_len=32))
     assert set(four) == set(LAYER_TYPES) and all(v > 0 for v in four.values())
     assert all(eight[k] < four[k] for k in LAYER_TYPES)
-    assert four == layer_type_sensitivity(tiny_llama, texts, Recipe(calibration_samples=4, seq_len=32))
+    assert four == layer_type_sensitivity(model, tokenizer, texts, Recipe(calibration_samples=4, seq_len=32))
 
 
 def test_the_most_sensitive_types_come_first_in_the_recipe_spelling():
