@@ -23,6 +23,8 @@ def test_grouping_layers_that_share_an_input_quantizes_to_the_same_bytes(tiny_ll
     monkeypatch.setattr(gptq, "block_groups", lambda path, keep="": None)  # one full pass per linear layer
     per_layer_passes = gptq.quantize(tiny_llama, texts, TINY_RECIPE, tmp_path / "per_layer")
     # every sample's q/k/v, o and gate/up passes stop early in both blocks; only down's runs in full
+    sensitivity = grouped_passes.pop("layer_sensitivity")  # measured on the base before GPTQ: the same both ways
+    assert sensitivity == per_layer_passes.pop("layer_sensitivity") and len(sensitivity) == 7
     assert grouped_passes == {"calibration_passes_cut_short": 2 * TINY_RECIPE.calibration_samples * 3}
     assert per_layer_passes == {"calibration_passes_cut_short": 0}
     grouped = json.loads((tmp_path / "grouped" / "config.json").read_text())["quantization_config"]
