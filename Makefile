@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-fast lint fmt ui mlflow bench check-deps clean serve
+.PHONY: install demo test test-fast lint fmt ui mlflow bench bench-candidates check-deps clean serve
 
 install: $(VENV)/.installed $(GGUF) $(DAGSTER_HOME)/dagster.yaml
 
@@ -81,6 +81,10 @@ mlflow: install
 
 bench: install
 	$(PY) -m quant_pipeline.cli.bench $(BENCH_ARGS)
+
+# What `make demo` runs, cold, in a store of its own: per candidate wall time, size, latency, worst regression.
+bench-candidates: install
+	$(PY) -m quant_pipeline.cli.bench $(DEMO_ARGS) $(BENCH_ARGS)
 
 clean:
 	rm -rf .store .mlflow .dagster_home

@@ -51,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         "--search",
         type=int,
         default=0,
-        help="with --candidates: when no quantized candidate passes, up to N more GPTQ candidates, each keeping one "
-        "more of the most sensitive layer types at full precision, until one passes",
+        help="with --candidates: when no quantized candidate passes, up to N more candidates of the one nearest to "
+        "passing, each keeping one more of its most sensitive layer types at full precision, until one passes",
     )
     audit.add_argument("--calibration-samples", type=int)
     audit.add_argument("--group-size", type=int)

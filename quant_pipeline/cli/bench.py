@@ -199,6 +199,50 @@ def cli_latency(work: Path, tracker, artifact_id: str, model_name: str) -> list[
     return rows
 
 
+def bench_candidates(keys: str, search: int, policy_file: str | None, eval_limit: int | None) -> int:
+    """`make bench BENCH_ARGS="--candidates all --search 2"`: what `make demo` runs, cold, in a store, MLflow and
+    Dagster instance of its own; per candidate its wall seconds (the first pays the shared base stages), size,
+    latency and worst regression, and the whole comparison's wall time."""
+    import json
+    import os
+
+    from quant_pipeline.cli.candidates import audit_candidates, parse_candidates
+
+    work = Path(tempfile.mkdtemp(prefix="qp-bench-candidates-"))
+    os.environ.update({
+        "DAGSTER_HOME": str(work / "dagster"), "QP_STORE_DIR": str(work / "store"),
+        "QP_MLFLOW_TRACKING_URI": f"sqlite:///{work}/mlflow.db",
+    })  # fmt: skip
+    overrides = {k: v for k, v in {"policy_file": policy_file, "eval_limit": eval_limit}.items() if v is not None}
+    print(f"bench store: {work} (cold: nothing reused)", flush=True)
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    code = audit_candidates(overrides, parse_candidates(keys), search=search, seconds=seconds)
+    total = time.perf_counter() - t0
+    found = sorted((work / "store").glob("reports/*/tradeoff/tradeoff.json"))
+    if not found:
+        print("bench: no tradeoff table was written")
+        return code
+    rows = {r["candidate"]: r for r in json.loads(found[0].read_text())["rows"]}
+    print("\n== per candidate (one run, cold; the first candidate pays the base checkpoint and base evaluation) ==")
+    print(
+        "| candidate | verdict | wall s | size MB | × base | p50 s | p95 s | tok/s | worst slice | share of tolerance |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|---|---:|")
+    for key, wall in seconds.items():
+        r = rows.get(key)
+        if r is None:
+            print(f"| {key} | not compared | {wall:.0f} | | | | | | | |")
+            continue
+        print(
+            f"| {key} | {r['verdict']} | {wall:.0f} | {r['size_bytes'] / 1e6:.1f} | {r['size_vs_base']:.3f} | "
+            f"{r['latency_p50_s']:.2f} | {r['latency_p95_s']:.2f} | {r['tokens_per_second']:.1f} | "
+            f"{r['worst_slice']} | {r['worst_share']:.2f} |"
+        )
+    print(f"\nwhole comparison: {total:.0f} s wall for {len(seconds)} candidates (exit {code})")
+    return 0  # a candidate that fails the gate is a finding, not a failure of the benchmark
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="quant_pipeline.bench")
     parser.add_argument("--eval-limit", type=int, default=None, help="items per eval task")
@@ -208,7 +252,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="stop after the cold/re-audit ratios and sizes (skip per-slice and serving)",
     )
+    parser.add_argument("--candidates", help="bench `audit --candidates` instead (keys, or all), cold")
+    parser.add_argument("--search", type=int, default=0, help="with --candidates: search steps, as audit --search")
+    parser.add_argument("--policy-file", help="with --candidates: the policy the candidates are judged under")
     args = parser.parse_args(argv)
+    if args.candidates:
+        return bench_candidates(args.candidates, args.search, args.policy_file, args.eval_limit)
 
     work = Path(tempfile.mkdtemp(prefix="qp-bench-"))
     calibration = Path(shutil.copy(DEFAULT_CALIBRATION, work / "calibration.jsonl"))

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from quant_pipeline.core.errors import EXIT_BAD_INPUT, EXIT_CRASHED, EXIT_GATE_FAILED, EXIT_PASSED, AuditInputError
-from quant_pipeline.core.recipe import candidate_key, recipe_from_key
+from quant_pipeline.core.recipe import METHOD_FIELDS, candidate_key, recipe_from_key
 
 # `--candidates all` (what `make demo` runs): every method once, identity first (the pipeline's own check).
 ALL_CANDIDATES = (
@@ -36,12 +36,16 @@ def parse_candidates(text: str) -> list[str]:
     return list(dict.fromkeys(keys))
 
 
-def audit_candidates(overrides: dict, keys: list[str], verbose: bool = False, search: int = 0) -> int:
+def audit_candidates(
+    overrides: dict, keys: list[str], verbose: bool = False, search: int = 0, seconds: dict | None = None
+) -> int:
     """Audit each candidate in turn, then the tradeoff (and, with `search`, the accuracy-aware search when no
-    quantized candidate passes); print one line per candidate and the table."""
+    quantized candidate passes); print one line per candidate and the table. `seconds` (the bench's) gets each
+    candidate's wall seconds."""
     from quant_pipeline.cli.audit import audit_outcome, run_audit
 
-    outcomes, seconds, start = {}, {}, time.perf_counter()
+    outcomes, start = {}, time.perf_counter()
+    seconds = {} if seconds is None else seconds
 
     def audit(key: str, label: str) -> None:
         print(f"\n== {label}: {key}", flush=True)
@@ -63,7 +67,8 @@ def audit_candidates(overrides: dict, keys: list[str], verbose: bool = False, se
     for n, key in enumerate(keys, 1):
         audit(key, f"candidate {n}/{len(keys)}")
     built = tradeoff()
-    for step, key in enumerate(search_steps(overrides, keys, search) if built and not built[0]["recommended"] else []):
+    steps = search_steps(overrides, keys, search, built[0]) if built and not built[0]["recommended"] else []
+    for step, key in enumerate(steps):
         audit(key, f"search step {step + 1}/{search}: the most sensitive layer types kept at full precision")
         built = tradeoff()
         if built is None or built[0]["recommended"]:
@@ -89,26 +94,38 @@ def audit_candidates(overrides: dict, keys: list[str], verbose: bool = False, se
     return EXIT_PASSED if table["recommended_artifact"] else EXIT_GATE_FAILED
 
 
-def search_steps(overrides: dict, keys: list[str], budget: int):
-    """The search's candidates, one per step: the first plain GPTQ candidate audited, keeping its 1, 2, ...
-    most sensitive layer types (as its own record measured them) at full precision, up to `budget` steps."""
+def search_seed(keys: list[str], table: dict) -> str | None:
+    """The candidate the search starts from: of those audited that keep nothing and can keep layer types, the
+    one nearest to passing (smallest worst share of tolerance, then the smaller), as the tradeoff measured it."""
+    rows = {r["candidate"]: r for r in table["rows"]}
+    keepable = [
+        k for k in keys
+        if k in rows and "keep" in METHOD_FIELDS[(r := recipe_from_key(k)).method] and not r.keep
+        and rows[k]["verdict"] in ("FAIL", "INCOMPLETE") and rows[k]["worst_share"] == rows[k]["worst_share"]
+    ]  # fmt: skip
+    return min(keepable, key=lambda k: (rows[k]["worst_share"], rows[k]["size_bytes"]), default=None)
+
+
+def search_steps(overrides: dict, keys: list[str], budget: int, table: dict):
+    """The search's candidates, one per step: the candidate nearest to passing (`search_seed`), keeping its 1,
+    2, ... most sensitive layer types (as its own record measured them) at full precision, up to `budget`."""
     from quant_pipeline.cli.audit import _instance
     from quant_pipeline.core.artifacts import read_artifact_record
     from quant_pipeline.defs.resources import build_resources
     from quant_pipeline.defs.tradeoff import current_artifact
     from quant_pipeline.models.sensitivity import most_sensitive
 
-    seed = next((k for k in keys if (r := recipe_from_key(k)).method == "gptq" and not r.keep), None)
+    seed = search_seed(keys, table)
     aid = current_artifact(_instance(), seed) if seed else None
     if aid is None:
-        print("search: no plain GPTQ candidate was audited to start from (add gptq-w4-g64)", flush=True)
+        print("search: no quantized candidate that could keep layer types was judged (add gptq-w4-g64)", flush=True)
         return
     sensitivity = read_artifact_record(build_resources(**overrides)["settings"].store, aid).layer_sensitivity
     if not sensitivity:
         print(f"search: {aid} records no layer sensitivity (made by an older version): re-audit {seed}", flush=True)
         return
     ranked = ", ".join(f"{k} {v:.2e}" for k, v in sorted(sensitivity.items(), key=lambda kv: -kv[1]))
-    print(f"\nsearch from {seed}: no quantized candidate passed; layer types by sensitivity: {ranked}", flush=True)
+    print(f"\nsearch from {seed} (nearest to passing); layer types by sensitivity: {ranked}", flush=True)
     seed_recipe = recipe_from_key(seed)
     for n in range(1, min(budget, len(sensitivity) - 1) + 1):
         yield candidate_key(seed_recipe.model_copy(update={"keep": most_sensitive(sensitivity, n)}))

@@ -10,9 +10,9 @@ from quant_pipeline.core.errors import AuditInputError
 # so changing a field a method ignores (GPTQ's damping for torchao int8) does not re-quantize or re-audit.
 METHOD_FIELDS: dict[str, tuple[str, ...]] = {
     "gptq": ("bits", "group_size", "desc_act", "sym", "damp_percent", "calibration_samples", "seq_len", "keep"),
-    "torchao-int8-weight": (),
-    "torchao-int8-dynamic": (),
-    "torchao-int4-weight": ("group_size",),
+    "torchao-int8-weight": ("keep",),
+    "torchao-int8-dynamic": ("keep",),
+    "torchao-int4-weight": ("group_size", "keep"),
     "identity": (),
 }
 CALIBRATED_METHODS = frozenset({"gptq"})  # the others are data-free: the calibration set is not an input
@@ -36,8 +36,8 @@ class Recipe(dg.Config):
     damp_percent: float = 0.1
     calibration_samples: int = 64
     seq_len: int = 256
-    # GPTQ only: the layer types left at full precision in every block, `.`-joined in sorted order
-    # (`down_proj.o_proj`): what the accuracy-aware search keeps when plain GPTQ does not pass
+    # Every method but identity: the layer types left at full precision in every block, `.`-joined in sorted
+    # order (`down_proj.o_proj`): what the accuracy-aware search keeps when no candidate passes
     keep: str = ""
 
     @property
@@ -54,6 +54,14 @@ class Recipe(dg.Config):
             )
         if self.method == "torchao-int4-weight" and self.group_size == -1:
             raise AuditInputError("recipe.group_size=-1: torchao-int4-weight needs a group size (e.g. 64)")
+        kept = self.keep.split(".") if self.keep else []
+        if kept and "keep" not in METHOD_FIELDS[self.method]:
+            raise AuditInputError(f"recipe.keep={self.keep!r}: {self.method} keeps no layer types; leave keep empty")
+        if kept != sorted(set(kept)) or not all(k in LAYER_TYPES for k in kept) or len(kept) == len(LAYER_TYPES):
+            raise AuditInputError(
+                f"recipe.keep={self.keep!r}: name layer types to keep at full precision, sorted, `.`-joined, not all "
+                f"of them ({', '.join(LAYER_TYPES)})"
+            )
         if not self.calibrated:
             return
         if self.bits not in (2, 3, 4, 8):
@@ -66,12 +74,6 @@ class Recipe(dg.Config):
             raise AuditInputError(f"recipe.calibration_samples={self.calibration_samples}: need at least 1")
         if self.seq_len < 8:
             raise AuditInputError(f"recipe.seq_len={self.seq_len}: need at least 8 tokens per calibration sample")
-        kept = self.keep.split(".") if self.keep else []
-        if kept != sorted(set(kept)) or not all(k in LAYER_TYPES for k in kept) or len(kept) == len(LAYER_TYPES):
-            raise AuditInputError(
-                f"recipe.keep={self.keep!r}: name layer types to keep at full precision, sorted, `.`-joined, not all "
-                f"of them ({', '.join(LAYER_TYPES)})"
-            )
 
     def as_dict(self) -> dict:
         """The method and the fields that determine its bytes (a GPTQ recipe that keeps nothing has the dict it
@@ -83,10 +85,10 @@ class Recipe(dg.Config):
 
 
 # A candidate's name is its recipe, written out: `gptq-w4-g64`, `gptq-w8-g64-n128`, `gptq-w4-g64-xdown_proj`
-# (down_proj kept at full precision), `torchao-int8-weight`, `torchao-int4-weight-g32`, `identity`. It is the
-# Dagster partition key, so a candidate added from the UI (a new partition) needs no code and no file: the key
-# says everything. Fields a method does not use cannot appear; GPTQ's bits and group always do, the others
-# only when they differ from the default.
+# (down_proj kept at full precision), `torchao-int8-weight`, `torchao-int8-weight-xv_proj`,
+# `torchao-int4-weight-g32`, `identity`. It is the Dagster partition key, so a candidate added from the UI (a new
+# partition) needs no code and no file: the key says everything. Fields a method does not use cannot appear;
+# GPTQ's bits and group always do, the others only when they differ from the default.
 _CODES = {"bits": "w", "group_size": "g", "calibration_samples": "n", "seq_len": "l", "damp_percent": "d"}
 _EXAMPLES = "e.g. gptq-w4-g64, gptq-w8-g64-n128, torchao-int8-weight, torchao-int4-weight-g64, identity"
 

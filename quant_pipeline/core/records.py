@@ -134,9 +134,11 @@ class ArtifactRecord(TreeRecord):
     runtime: dict[str, Any]
     # the bytes
     precision: str
-    # GPTQ: relative output error of each layer type under rounding, on calibration text (models.sensitivity):
-    # why a `keep` recipe kept the types it kept, and what the search would keep next
+    # relative output error of each layer type under the method's rounding, on calibration text
+    # (models.sensitivity): why a `keep` recipe kept the types it kept, and what the search would keep next;
+    # the calibration set it was measured on (for a data-free method that set chose nothing in its bytes)
     layer_sensitivity: dict[str, float] = {}
+    sensitivity_calibration_hash: Sha256 | None = None
     scales: ScaleSummary
     content_hash: Sha256
     size_bytes: int

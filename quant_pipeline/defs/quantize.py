@@ -49,14 +49,15 @@ def quantized_artifact(
     with StageMeter() as meter:
         if not reused:
             texts: list[str] = []
-            if recipe.calibrated:  # a data-free method reads no calibration text
+            if recipe.method != "identity":  # GPTQ calibrates on it; every method but identity measures on it
                 calib_path = Path(calibration_set["path"])
                 if sha256_file(calib_path) != calibration_set["hash"]:
                     raise AuditInputError(
                         f"calibration file {calib_path} changed since it was validated: re-materialize calibration_set"
                     )
                 texts = load_calibration_texts(calib_path)
-                check_enough_samples(texts, calib_path, recipe)
+                if recipe.calibrated:
+                    check_enough_samples(texts, calib_path, recipe)
             with atomic_directory(target) as tmp, log_progress(context.log.info):
                 passes = quantize(Path(base_checkpoint["path"]), texts, recipe, tmp)
                 sensitivity = passes.pop("layer_sensitivity", {})
@@ -73,6 +74,7 @@ def quantized_artifact(
                     runtime=runtime_environment["fingerprint"],
                     precision=precision(recipe),
                     layer_sensitivity=sensitivity,
+                    sensitivity_calibration_hash=calibration_set["hash"] if sensitivity else None,
                     scales=scale_summary(tmp),
                     files=files,
                     content_hash=tree_hash(files),

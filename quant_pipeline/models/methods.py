@@ -4,8 +4,9 @@ Methods are not interchangeable (on SmolLM2, int8 weight-only and int8 dynamic a
 differently), so each is a recipe of its own, with its own ID prefix and its own precision statement:
 - gptq: gptqmodel through optimum, calibrated on the calibration set (`models/gptq.py`);
 - torchao-int8-weight, torchao-int8-dynamic, torchao-int4-weight: torchao's data-free `quantize_` configs
-  through transformers' `TorchAoConfig`, saved as safetensors that transformers reloads (torchao keeps
-  each layer's quantized data, scale and zero point as plain tensors, no pickle);
+  through transformers' `TorchAoConfig` (kept layer types through its `modules_to_not_convert`), saved as
+  safetensors that transformers reloads (torchao keeps each layer's quantized data, scale and zero point as
+  plain tensors, no pickle);
 - identity: the base's files copied: evaluated like any candidate, every delta must be exactly zero,
   which checks the pipeline itself.
 torchao's int4 layout for CPU (`IntxWeightOnlyConfig`) stores the int4 values unpacked, one per int8: on
@@ -23,6 +24,7 @@ from quant_pipeline.core.hashing import RECORD_FILE, canonical_hash
 from quant_pipeline.core.perf import bound_heap_fragmentation
 from quant_pipeline.core.recipe import GROUPED_METHODS, Recipe
 from quant_pipeline.models.gptq import LLAMA_TYPES
+from quant_pipeline.models.sensitivity import layer_type_sensitivity
 
 # The tensors that hold a quantized layer's scaling: gptqmodel's and torchao's names for them.
 SCALE_SUFFIXES = (".scales", ".qzeros", "._weight_scale", "._weight_zero_point")
@@ -69,14 +71,14 @@ def artifact_id(base_hash: str, recipe: Recipe, calibration_hash: str | None, ru
 
 def precision(recipe: Recipe) -> str:
     """What the artifact computes in, as the record and the ML-BOM state it."""
+    kept = f"; {recipe.keep.replace('.', ', ')} kept at fp32 in every block" if recipe.keep else ""
     return {
-        "gptq": f"int{recipe.bits} weights (GPTQ, group {recipe.group_size}), fp32 activations"
-        + (f"; {recipe.keep.replace('.', ', ')} kept at fp32 in every block" if recipe.keep else ""),
+        "gptq": f"int{recipe.bits} weights (GPTQ, group {recipe.group_size}), fp32 activations",
         "torchao-int8-weight": "int8 weights (torchao, per output channel), fp32 activations",
         "torchao-int8-dynamic": "int8 weights (torchao, per output channel), int8 activations scaled per token",
         "torchao-int4-weight": f"int4 weights (torchao, group {recipe.group_size}, one per int8), fp32 activations",
         "identity": "fp32: the base's bytes, copied (the pipeline's own check: every delta must be zero)",
-    }[recipe.method]
+    }[recipe.method] + kept
 
 
 def _torchao_config(recipe: Recipe):
@@ -95,18 +97,31 @@ def _torchao_config(recipe: Recipe):
     return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(recipe.group_size))
 
 
-def _torchao(base_path: Path, recipe: Recipe, out_dir: Path) -> dict:
-    """torchao's `quantize_` on every linear layer of the blocks (the tied output layer stays as it is)."""
+def kept_modules(keep: str) -> list[str] | None:
+    """transformers' `modules_to_not_convert` for the kept layer types: one pattern matching them in every
+    block (matched from the start of the module name, so a bare `v_proj` would match nothing)."""
+    return [rf".*\.({keep.replace('.', '|')})"] if keep else None
+
+
+def _torchao(base_path: Path, texts: list[str], recipe: Recipe, out_dir: Path) -> dict:
+    """torchao's `quantize_` on every linear layer of the blocks but the kept types (the tied output layer
+    stays as it is); the layer types' sensitivity is measured first, on the base in fp32."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, TorchAoConfig
 
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    sensitivity = {}
+    if texts:
+        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32, use_safetensors=True)
+        sensitivity = layer_type_sensitivity(base, tokenizer, texts, recipe)
+        del base
+    config = TorchAoConfig(quant_type=_torchao_config(recipe), modules_to_not_convert=kept_modules(recipe.keep))
     model = AutoModelForCausalLM.from_pretrained(
-        base_path, dtype=torch.float32, device_map="cpu", use_safetensors=True,
-        quantization_config=TorchAoConfig(quant_type=_torchao_config(recipe)),
-    )  # fmt: skip
+        base_path, dtype=torch.float32, device_map="cpu", use_safetensors=True, quantization_config=config
+    )
     model.save_pretrained(out_dir, safe_serialization=True)
-    AutoTokenizer.from_pretrained(base_path).save_pretrained(out_dir)
-    return {}
+    tokenizer.save_pretrained(out_dir)
+    return {"layer_sensitivity": sensitivity}
 
 
 def _identity(base_path: Path, out_dir: Path) -> dict:
@@ -125,7 +140,7 @@ def quantize(base_path: Path, texts: list[str], recipe: Recipe, out_dir: Path) -
         return gptq(base_path, texts, recipe, out_dir)
     if recipe.method == "identity":
         return _identity(base_path, out_dir)
-    return _torchao(base_path, recipe, out_dir)
+    return _torchao(base_path, texts, recipe, out_dir)
 
 
 def scale_summary(artifact_dir: Path) -> dict:

@@ -6,7 +6,11 @@ size, weighted by the layer's real inputs on calibration text: ||X (W - Q(W))^T|
 pass accumulates each layer's input second moment H = X^T X, so the error is trace(E H E^T) with E = W - Q(W),
 with no forward per layer; summed per layer type over the blocks. Round-to-nearest stands in for GPTQ (which
 compensates rounding inside a layer, so its error is smaller): it ranks layers by how much their inputs
-amplify rounding, which is what keeping a layer at full precision buys back.
+amplify rounding, which is what keeping a layer at full precision buys back. Each method is measured on its
+own grid (`rtn_grid`): torchao's int8 is per output channel, its int4 and GPTQ per group. Data-free methods
+are measured on the calibration set too (it is text the model was not evaluated on): it chooses what the
+search keeps, it never enters their bytes, and the record names the set it was measured on. For int8 dynamic
+activations only the weights' share of the error is measured.
 """
 
 from __future__ import annotations
@@ -33,9 +37,18 @@ def round_to_nearest(weight, bits: int, group_size: int, sym: bool = True):
     return q.reshape(rows, cols)
 
 
+def rtn_grid(recipe: Recipe) -> tuple[int, int, bool]:
+    """(bits, group size, symmetric) of the round-to-nearest that stands in for the recipe's method."""
+    if recipe.method.startswith("torchao-int8"):
+        return 8, -1, True  # torchao's Int8 configs: symmetric, one scale per output channel
+    if recipe.method == "torchao-int4-weight":
+        return 4, recipe.group_size, True
+    return recipe.bits, recipe.group_size, recipe.sym
+
+
 def layer_type_sensitivity(model, tokenizer, texts: list[str], recipe: Recipe) -> dict[str, float]:
     """Relative output error per layer type (higher: hurt more), on the first calibration texts, of the base
-    model as loaded for quantization (GPTQ measures it before quantizing: one load, the same weights)."""
+    model in fp32 before any weight changes (GPTQ measures the model it loaded for quantizing: one load)."""
     import torch
 
     layers = {
@@ -62,10 +75,11 @@ def layer_type_sensitivity(model, tokenizer, texts: list[str], recipe: Recipe) -
         for handle in handles:
             handle.remove()
     error, signal = dict.fromkeys(LAYER_TYPES, 0.0), dict.fromkeys(LAYER_TYPES, 0.0)
+    bits, group_size, sym = rtn_grid(recipe)
     with torch.inference_mode():
         for name, module in layers.items():
             w, h = module.weight.float(), moments[name]
-            e = w - round_to_nearest(w, recipe.bits, recipe.group_size, recipe.sym)
+            e = w - round_to_nearest(w, bits, group_size, sym)
             kind = name.rsplit(".", 1)[-1]
             error[kind] += float(((e @ h) * e).sum())
             signal[kind] += float(((w @ h) * w).sum())

@@ -163,6 +163,8 @@ def _model_properties(artifact: dict, deltas: list[dict], approvals: list[dict])
     ]
     props += [_prop(f"recipe:{k}", v) for k, v in sorted((artifact.get("recipe") or {}).items())]
     props += [_prop(f"sensitivity:{k}", v) for k, v in sorted((artifact.get("layer_sensitivity") or {}).items())]
+    if artifact.get("layer_sensitivity"):
+        props.append(_prop("sensitivity:calibration_hash", artifact.get("sensitivity_calibration_hash")))
     props.append(_prop("runtime:hash", artifact.get("runtime_hash")))
     props += [_prop(f"runtime:{k}", runtime[k]) for k in ("python", "platform", "machine") if k in runtime]
     props += [_prop(f"runtime:{lib}", version) for lib, version in sorted((runtime.get("libraries") or {}).items())]

@@ -181,3 +181,37 @@ def test_the_search_keeps_the_most_sensitive_layer_types_at_full_precision_one_m
     plain = {n.rsplit(".", 1)[-1] for n, m in model.get_decoder().named_modules() if type(m) is torch.nn.Linear}
     assert plain == set(second.split("."))  # exactly the kept types stayed full precision, in every block
     assert f"kept at full precision in every block: {second.split('.')[0]} (most sensitive #" in out
+
+
+def test_the_search_from_a_data_free_candidate_keeps_its_most_sensitive_layer_type_out_of_torchao(
+    tmp_path, tiny_llama, capsys
+):
+    """A torchao candidate is measured on its own int8 grid (on calibration text it never read for its bytes);
+    the search step keeps the top type as plain fp32 Linear in every block and quantizes everything else."""
+    policy = tmp_path / "strict.yaml"
+    policy.write_text(STRICT)
+    with cli_home(tmp_path) as (store, _):
+        code = main([
+            "audit", "--model", str(tiny_llama), "--candidates", "torchao-int8-weight", "--search", "1",
+            "--eval-limit", "4", "--eval-max-new-tokens", "16", "--policy-file", str(policy),
+        ])  # fmt: skip
+        records = {
+            r.recipe.get("keep", ""): r for r in map(lambda a: read_artifact_record(store, a), store.artifact_ids())
+        }
+    out = capsys.readouterr().out
+    assert code == 3 and "search from torchao-int8-weight (nearest to passing)" in out, out
+    seed = records[""]
+    assert seed.calibration_hash is None and seed.sensitivity_calibration_hash is not None
+    kept = most_sensitive(seed.layer_sensitivity, 1)
+    step = records[kept]
+    assert step.recipe == {"method": "torchao-int8-weight", "keep": kept} and step.artifact_id.startswith(
+        "torchao-int8w-"
+    )
+    model, _ = load_model(store.artifact_dir(step.artifact_id))
+    weights = {
+        (n.rsplit(".", 1)[-1], type(m.weight).__name__)
+        for n, m in model.get_decoder().named_modules()
+        if isinstance(m, torch.nn.Linear)
+    }
+    assert {t for t, w in weights if w == "Parameter"} == {kept}
+    assert {w for t, w in weights if t != kept} == {"Int8Tensor"}

@@ -73,6 +73,8 @@ def test_usage_errors_exit_2_and_help_exits_0(capsys):
         ("gptq", "write it as 'gptq-w4-g64'"),
         ("awq-w4", "no known method starts it"),
         ("torchao-int8-weight-w4", "'w4' is not a setting of torchao-int8-weight"),
+        ("identity-xv_proj", "'xv_proj' is not a setting of identity"),
+        ("torchao-int8-weight-xv_proj.down_proj", "sorted, `.`-joined"),
         ("", "--candidates is empty"),
     ],
 )

@@ -3,8 +3,9 @@
 import pytest
 
 from quant_pipeline.core.errors import AuditInputError
-from quant_pipeline.core.recipe import Recipe
-from quant_pipeline.models.methods import artifact_id
+from quant_pipeline.core.recipe import Recipe, candidate_key, recipe_from_key
+from quant_pipeline.models.methods import artifact_id, precision
+from quant_pipeline.models.sensitivity import rtn_grid
 
 
 def test_artifact_id_is_stable_and_changes_with_each_input():
@@ -49,3 +50,19 @@ def test_the_gptq_id_is_what_it_was_before_methods_existed():
 def test_an_unknown_method_or_a_setting_it_cannot_take_is_refused_by_name(recipe, named):
     with pytest.raises(AuditInputError, match=named):
         recipe.validate_values()
+
+
+def test_a_data_free_candidate_that_keeps_layer_types_is_another_id_and_its_key_round_trips():
+    plain, kept = Recipe(method="torchao-int8-weight"), Recipe(method="torchao-int8-weight", keep="v_proj")
+    assert plain.as_dict() == {"method": "torchao-int8-weight"}  # plain torchao IDs stand
+    assert artifact_id("b" * 64, plain, None, "r" * 64) != artifact_id("b" * 64, kept, None, "r" * 64)
+    assert artifact_id("b" * 64, kept, "c" * 64, "r" * 64) == artifact_id("b" * 64, kept, "C" * 64, "r" * 64)
+    assert candidate_key(kept) == "torchao-int8-weight-xv_proj" and recipe_from_key(candidate_key(kept)) == kept
+    assert "v_proj kept at fp32" in precision(kept)
+
+
+def test_each_method_is_ranked_on_its_own_rounding_grid():
+    assert rtn_grid(Recipe(method="torchao-int8-weight")) == (8, -1, True)
+    assert rtn_grid(Recipe(method="torchao-int8-dynamic")) == (8, -1, True)
+    assert rtn_grid(Recipe(method="torchao-int4-weight", group_size=32)) == (4, 32, True)
+    assert rtn_grid(Recipe(bits=3, group_size=128, sym=False)) == (3, 128, False)
