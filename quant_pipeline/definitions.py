@@ -1,9 +1,10 @@
 """The table of contents of quant_pipeline: every stage, check, job, sensor and resource of the audit.
 
 base_checkpoint -> calibration_set -> quantized_artifact -> eval results (base and quantized)
--> delta_report (+ checks) -> approval -> audit_report; runtime_environment feeds every artifact ID.
-The stages from quantized_artifact to approval are partitioned by candidate (`defs/candidates.py`); the base
-stages are shared, and candidate_tradeoff compares every candidate of the model and recommends one.
+-> delta_report (+ checks) -> approval -> candidate_tradeoff -> audit_report; runtime_environment feeds every
+artifact ID. A model's own stages and its comparison are partitioned by model, the stages from quantized_artifact
+to approval by model x candidate (`defs/candidates.py`): the base evaluation is shared by every candidate of its
+model, and candidate_tradeoff compares them and recommends one.
 """
 
 import dagster as dg
@@ -11,11 +12,11 @@ import dagster as dg
 from quant_pipeline.defs.automation import (
     base_model_sensor,
     calibration_data_sensor,
-    full_audit_job,
-    periodic_reaudit_job,
+    next_phases_sensor,
     periodic_reaudit_schedule,
     runtime_sensor,
 )
+from quant_pipeline.defs.candidates import candidate_stages_job, comparison_job, model_stages_job
 from quant_pipeline.defs.evaluate import base_eval_results, quantized_eval_results
 from quant_pipeline.defs.gate import (
     delta_report,
@@ -53,8 +54,8 @@ AUDIT_CHECKS = [slices_within_tolerance, every_gated_slice_informative, policy_m
 defs = dg.Definitions(
     assets=AUDIT_ASSETS,
     asset_checks=AUDIT_CHECKS,
-    jobs=[full_audit_job, periodic_reaudit_job],
-    sensors=[base_model_sensor, calibration_data_sensor, runtime_sensor],
+    jobs=[model_stages_job, candidate_stages_job, comparison_job],  # an audit's three runs, in this order
+    sensors=[base_model_sensor, calibration_data_sensor, runtime_sensor, next_phases_sensor],
     schedules=[periodic_reaudit_schedule],
     resources=build_resources(deferred=True),  # QP_* variables as dg.EnvVar, resolved per run
     # Model stages share two cores and gigabytes of weights: run them one after another in one process.

@@ -13,7 +13,7 @@ from quant_pipeline.core.recipe import Recipe
 from quant_pipeline.core.store import ArtifactStore
 from quant_pipeline.core.tracking import MlflowTracker
 from quant_pipeline.definitions import AUDIT_ASSETS, AUDIT_CHECKS
-from quant_pipeline.defs.candidates import register_candidate, takes_candidate
+from quant_pipeline.defs.candidates import AuditRuns, register, run_phases
 from quant_pipeline.defs.resources import AuditSettings
 
 TINY_RECIPE = Recipe(bits=4, group_size=64, calibration_samples=8, seq_len=64)
@@ -30,23 +30,26 @@ def run_audit(
     note: str = "",
     selection=None,
     tags: dict | None = None,
-):
-    """Materialize the audit graph (or a selection of it) for the settings' candidate, with real resources;
-    never raises."""
-    return dg.materialize(
-        [*AUDIT_ASSETS, *AUDIT_CHECKS],
-        resources={"settings": settings, "mlflow": tracker},
-        instance=instance,
-        run_config={"ops": {"approval": {"config": {"approver": approver, "note": note}}}}
-        if selection is None or "approval" in str(selection)
-        else None,
-        raise_on_error=False,
-        selection=selection,
-        tags=tags,
-        partition_key=register_candidate(instance, settings.recipe)
-        if takes_candidate(AUDIT_ASSETS, selection)
-        else None,
-    )
+) -> AuditRuns:
+    """Materialize the audit graph (or a selection of it) for the settings' model and candidate, with real
+    resources, in the runs it takes (the model's stages, the candidate's, the comparison); never raises."""
+
+    def execute(phase: str, stages: list[str], partition_key):
+        return dg.materialize(
+            [*AUDIT_ASSETS, *AUDIT_CHECKS],
+            resources={"settings": settings, "mlflow": tracker},
+            instance=instance,
+            run_config={"ops": {"approval": {"config": {"approver": approver, "note": note}}}}
+            if "approval" in stages
+            else None,
+            raise_on_error=False,
+            selection=stages,
+            tags=tags,
+            partition_key=partition_key,
+        )
+
+    model = register(instance, settings.model, settings.recipe)
+    return run_phases(execute, [str(s) for s in selection] if selection is not None else None, model, settings.recipe)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_BAD_INPUT
         outcome = audit_outcome(result)
         print(summarize(result))
-        print(f"\nDagster run {result.run_id}: `make ui` then http://127.0.0.1:3000/runs/{result.run_id}")
+        print(f"\nDagster runs {', '.join(result.run_ids)}: `make ui` then http://127.0.0.1:3000/runs/{result.run_id}")
         print("MLflow runs and registry: `make mlflow` then http://127.0.0.1:5000\n")
         print(outcome.verdict, flush=True)  # last: the verdict and where the report is
         if outcome.error:

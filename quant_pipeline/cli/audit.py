@@ -1,5 +1,6 @@
 """`quant-pipeline audit`: the whole asset graph, in-process, against the project's Dagster instance,
-so headless runs show up in the Dagster UI exactly like runs launched from it.
+so headless runs show up in the Dagster UI exactly like runs launched from it (one run per phase: the
+model's stages, the candidate's, the comparison).
 
 A run ends one of these ways, and the exit code says which (see `AuditOutcome`): the audit
 completed with verdict PASS (0); it completed with verdict FAIL or INCOMPLETE (3: that is the
@@ -22,11 +23,10 @@ import dagster as dg
 from quant_pipeline.core.errors import EXIT_BAD_INPUT, EXIT_CRASHED, EXIT_GATE_FAILED, EXIT_PASSED, AuditInputError
 from quant_pipeline.core.paths import project_home
 from quant_pipeline.definitions import AUDIT_ASSETS, AUDIT_CHECKS
-from quant_pipeline.defs.candidates import register_candidate, takes_candidate
+from quant_pipeline.defs.candidates import PHASE_JOBS, AuditRuns, phases, register, run_phases
 from quant_pipeline.defs.preflight import preflight
 from quant_pipeline.defs.resources import build_resources
 
-AUDIT_JOB = "__ephemeral_asset_job__"  # the name dg.materialize gives its job: CLI runs look as they always did
 GATED_ASSET = "delta_report"
 
 
@@ -111,20 +111,17 @@ def run_audit(
     raise_on_error: bool = False,
     tags: dict | None = None,
     verbose: bool = False,
-):
-    """Preflight, then materialize the audit assets (all, or a selection); returns the ExecuteInProcessResult.
+) -> AuditRuns:
+    """Preflight, then materialize the audit assets (all, or a selection) of the settings' model and candidate,
+    in the runs they take (`defs.candidates.phases`: the model's stages, the candidate's, the comparison).
 
-    Built like `dg.materialize` (an asset job over the audit graph), but with the console logger above."""
+    Each run is built like `dg.materialize` (an asset job over the audit graph), but with the console logger
+    above and named after its phase."""
     resources = build_resources(**settings_overrides)
     if tracker is not None:
         resources["mlflow"] = tracker
-    preflight(resources["settings"])
-    defs = dg.Definitions(
-        jobs=[dg.define_asset_job(name=AUDIT_JOB, selection=selection)],
-        assets=[*AUDIT_ASSETS, *AUDIT_CHECKS],
-        resources=resources,
-        loggers={"console": AUDIT_CONSOLE},
-    )
+    settings = resources["settings"]
+    preflight(settings, settings.recipe)
     instance = instance or _instance()
     # A job's own logger runs only when the run config names it; the level is what Dagster's default uses.
     # Dagster's DEBUG engine events and lm-eval's per-task warnings bury the progress lines and the
@@ -132,18 +129,28 @@ def run_audit(
     level = "DEBUG" if verbose else (instance.python_log_level or "INFO")
     if not verbose:
         _quiet_libraries()
-    run_config: dict = {"loggers": {"console": {"config": {"log_level": level}}}}
-    if selection is None or "approval" in selection:
-        run_config["ops"] = {"approval": {"config": {"approver": approver, "note": note}}}
-    return defs.resolve_job_def(AUDIT_JOB).execute_in_process(
-        instance=instance,
-        run_config=run_config,
-        raise_on_error=raise_on_error,
-        tags=tags or {"quant_pipeline/trigger": "cli"},
-        partition_key=register_candidate(instance, resources["settings"].recipe)
-        if takes_candidate(AUDIT_ASSETS, selection)
-        else None,
-    )
+
+    def execute(phase: str, stages: list[str], partition_key):
+        defs = dg.Definitions(
+            jobs=[dg.define_asset_job(name=PHASE_JOBS[phase].name, selection=stages)],
+            assets=[*AUDIT_ASSETS, *AUDIT_CHECKS],
+            resources=resources,
+            loggers={"console": AUDIT_CONSOLE},
+        )
+        run_config: dict = {"loggers": {"console": {"config": {"log_level": level}}}}
+        if "approval" in stages:
+            run_config["ops"] = {"approval": {"config": {"approver": approver, "note": note}}}
+        return defs.resolve_job_def(PHASE_JOBS[phase].name).execute_in_process(
+            instance=instance,
+            run_config=run_config,
+            raise_on_error=raise_on_error,
+            tags=tags or {"quant_pipeline/trigger": "cli"},
+            partition_key=partition_key,
+        )
+
+    candidate = any(phase == "candidate" for phase, _ in phases(selection))
+    model = register(instance, settings.model, settings.recipe if candidate else None)
+    return run_phases(execute, selection, model, settings.recipe)
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,10 @@
 """`quant-pipeline audit --candidates ...`: audit several candidates of one model, then compare them.
 
-Each candidate is its own Dagster run of its own partition (the base checkpoint and the base evaluation
-are made once and reused by the others), so each keeps its history in the UI; the tradeoff run that
-follows reads them all back and recommends one for sign-off. Exit codes: 0 a candidate is recommended
-(at least one quantized candidate PASSED), 3 none passed (every verdict is recorded), 2 bad input, 1 a
-stage crashed.
+Each candidate is its own Dagster run of its own model x candidate partition (after a run of the model's own
+stages, whose work is made once and reused by the others), so each keeps its history in the UI; the comparison
+run that follows reads them all back, recommends one for sign-off and writes the model's audit report. Exit
+codes: 0 a candidate is recommended (at least one quantized candidate PASSED), 3 none passed (every verdict is
+recorded), 2 bad input, 1 a stage crashed.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 
 from quant_pipeline.core.errors import EXIT_BAD_INPUT, EXIT_CRASHED, EXIT_GATE_FAILED, EXIT_PASSED, AuditInputError
 from quant_pipeline.core.recipe import METHOD_FIELDS, candidate_key, recipe_from_key
+from quant_pipeline.defs.candidates import CANDIDATE_STAGES, COMPARISON_STAGES, MODEL_STAGES
 
 # `--candidates all` (what `make demo` runs): every method once, identity first (the pipeline's own check).
 ALL_CANDIDATES = (
@@ -50,14 +51,17 @@ def audit_candidates(
     def audit(key: str, label: str) -> None:
         print(f"\n== {label}: {key}", flush=True)
         t0 = time.perf_counter()
-        outcome = audit_outcome(run_audit({**overrides, "recipe": recipe_from_key(key)}, verbose=verbose))
+        selection = [*MODEL_STAGES, *CANDIDATE_STAGES]  # the comparison runs once, after the last candidate
+        outcome = audit_outcome(
+            run_audit({**overrides, "recipe": recipe_from_key(key)}, selection=selection, verbose=verbose)
+        )
         outcomes[key], seconds[key] = outcome, time.perf_counter() - t0
         print(f"{outcome.verdict.splitlines()[0]} ({seconds[key]:.0f} s)", flush=True)
         if outcome.code not in (EXIT_PASSED, EXIT_GATE_FAILED):  # bad input or a crash: say so, go on
             print(f"quant-pipeline: {key}: {outcome.error}", flush=True)
 
     def tradeoff() -> tuple[dict, Path] | None:
-        result = run_audit(overrides, selection=["candidate_tradeoff"], verbose=verbose)
+        result = run_audit(overrides, selection=COMPARISON_STAGES, verbose=verbose)
         if not result.success:
             print("quant-pipeline: error: the tradeoff could not be built: see the Dagster run", result.run_id)
             return None
@@ -111,16 +115,18 @@ def search_steps(overrides: dict, keys: list[str], budget: int, table: dict):
     2, ... most sensitive layer types (as its own record measured them) at full precision, up to `budget`."""
     from quant_pipeline.cli.audit import _instance
     from quant_pipeline.core.artifacts import read_artifact_record
+    from quant_pipeline.defs.candidates import model_key
     from quant_pipeline.defs.resources import build_resources
     from quant_pipeline.defs.tradeoff import current_artifact
     from quant_pipeline.models.sensitivity import most_sensitive
 
+    settings = build_resources(**overrides)["settings"]
     seed = search_seed(keys, table)
-    aid = current_artifact(_instance(), seed) if seed else None
+    aid = current_artifact(_instance(), model_key(settings.model), seed) if seed else None
     if aid is None:
         print("search: no quantized candidate that could keep layer types was judged (add gptq-w4-g64)", flush=True)
         return
-    sensitivity = read_artifact_record(build_resources(**overrides)["settings"].store, aid).layer_sensitivity
+    sensitivity = read_artifact_record(settings.store, aid).layer_sensitivity
     if not sensitivity:
         print(f"search: {aid} records no layer sensitivity (made by an older version): re-audit {seed}", flush=True)
         return

@@ -15,7 +15,19 @@ import dagster as dg
 
 from quant_pipeline.core.errors import AuditInputError
 from quant_pipeline.core.runtime import fingerprint_changes, fingerprint_hash, runtime_fingerprint
-from quant_pipeline.defs.candidates import candidates
+from quant_pipeline.defs.candidates import (
+    CANDIDATE_STAGES,
+    COMPARISON_STAGES,
+    MODEL_STAGES,
+    MODELS,
+    PARTITION_TAG,
+    PHASE_JOBS,
+    audited,
+    candidate_stages_job,
+    comparison_job,
+    model_stages_job,
+    phases,
+)
 from quant_pipeline.defs.resources import AuditSettings
 from quant_pipeline.models.calibration import calibration_version
 from quant_pipeline.models.checkpoint import resolve_model_source, source_stat, source_version
@@ -24,71 +36,63 @@ TRIGGER_TAG = "quant_pipeline/trigger"
 FROM_TAG = "quant_pipeline/from_version"
 TO_TAG = "quant_pipeline/to_version"
 FORCE_REEVAL_TAG = "quant_pipeline/force_reeval"
+STAGES_TAG = "quant_pipeline/stages"  # what the re-audit runs after its model stages succeed
+CANDIDATES_TAG = "quant_pipeline/candidates"  # which of the model's candidates it re-audits
 
-ALL_STAGES = [
-    "base_checkpoint",
-    "calibration_set",
-    "runtime_environment",
-    "quantized_artifact",
-    "base_eval_results",
-    "quantized_eval_results",
-    "delta_report",
-    "approval",
-    "audit_report",
-    "candidate_tradeoff",
-]
+ALL_STAGES = [*MODEL_STAGES, *CANDIDATE_STAGES, *COMPARISON_STAGES]
 # A calibration change cannot change the base model's scores: its eval is not re-run.
-CALIBRATION_STAGES = [
-    "calibration_set",
-    "quantized_artifact",
-    "quantized_eval_results",
-    "delta_report",
-    "approval",
-    "audit_report",
-    "candidate_tradeoff",
-]
+CALIBRATION_STAGES = ["calibration_set", *CANDIDATE_STAGES, *COMPARISON_STAGES]
 PERIODIC_STAGES = [
     "runtime_environment",
     "base_eval_results",
     "quantized_eval_results",
     "delta_report",
     "approval",
-    "audit_report",
-    "candidate_tradeoff",
+    *COMPARISON_STAGES,
 ]
 
 INTERVAL = int(os.environ.get("QP_SENSOR_INTERVAL_SECONDS", "30"))
 
-full_audit_job = dg.define_asset_job(
-    "full_audit", selection=ALL_STAGES, description="Every stage, base checkpoint to approval."
-)
-periodic_reaudit_job = dg.define_asset_job(
-    "periodic_reaudit",
-    selection=PERIODIC_STAGES,
-    tags={TRIGGER_TAG: "schedule", FORCE_REEVAL_TAG: "true"},
-    description="Re-evaluate the current artifacts and re-judge them, even when no input changed.",
-)
 
-
-def latest_metadata(instance: dg.DagsterInstance, asset: str, key: str):
-    event = instance.get_latest_materialization_event(dg.AssetKey(asset))
-    if event is None or event.asset_materialization is None:
+def latest_metadata(instance: dg.DagsterInstance, asset: str, key: str, partition: str | None = None):
+    """A metadata value of the asset's latest materialization (of one partition, if named)."""
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition] if partition else None),
+        limit=1,
+    ).records
+    if not records:
         return None
-    value = event.asset_materialization.metadata.get(key)
+    value = records[0].asset_materialization.metadata.get(key)
     return getattr(value, "value", value)
 
 
+def reaudit(
+    trigger: str, previous: str, current: str, stages: list[str], audited_by_model: dict, details: str = "",
+    extra: dict | None = None,
+) -> list[dg.RunRequest]:  # fmt: skip
+    """One run request per model: its share of `stages` (the model's own stages); tags carry what changed and
+    what follows once it succeeds (each candidate's stages, then the comparison: `next_phases_sensor`)."""
+    tags = {TRIGGER_TAG: trigger, FROM_TAG: previous, TO_TAG: current, STAGES_TAG: ",".join(stages), **(extra or {})}
+    if details:
+        tags["quant_pipeline/changes"] = details[:1000]
+    model_stages = [s for s in stages if s in MODEL_STAGES]
+    return [
+        dg.RunRequest(
+            run_key=f"{trigger}:{previous}->{current}:{model}",
+            job_name=model_stages_job.name,
+            asset_selection=[dg.AssetKey(s) for s in model_stages],
+            tags={**tags, CANDIDATES_TAG: ",".join(keys)},
+            partition_key=model,
+        )
+        for model, keys in audited_by_model.items()
+    ]
+
+
 def change_request(
-    trigger: str,
-    previous: str | None,
-    current: str,
-    stages: list[str],
-    cursor: dict,
-    keys: list[str],
+    trigger: str, previous: str | None, current: str, stages: list[str], cursor: dict, audited_by_model: dict,
     details: str = "",
-) -> dg.SensorResult | dg.SkipReason:
-    """Skip when nothing changed (saying why), else one run request per candidate partition in `keys`, for the
-    affected stages (the shared base stages run in the first and are reused by the others)."""
+) -> dg.SensorResult:  # fmt: skip
+    """Skip when nothing changed (saying why), else a re-audit of every model with candidates it affects."""
     cursor = {**cursor, "version": current}
     if previous is None:
         return dg.SensorResult(
@@ -97,51 +101,91 @@ def change_request(
         )
     if previous == current:
         return dg.SensorResult(skip_reason=f"{trigger} unchanged at {current}", cursor=json.dumps(cursor))
-    if not keys:
+    if not audited_by_model:
         return dg.SensorResult(
-            skip_reason=f"{trigger} changed to {current}, but no candidate it affects is registered",
+            skip_reason=f"{trigger} changed to {current}, but no audited candidate depends on it",
             cursor=json.dumps(cursor),
         )
-    tags = {TRIGGER_TAG: trigger, FROM_TAG: previous, TO_TAG: current}
-    if details:
-        tags["quant_pipeline/changes"] = details[:1000]
-    return dg.SensorResult(
-        run_requests=[
-            dg.RunRequest(
-                run_key=f"{trigger}:{previous}->{current}:{key}",
-                asset_selection=[dg.AssetKey(s) for s in stages],
-                tags=tags,
-                partition_key=key,
-            )
-            for key in keys
-        ],
-        cursor=json.dumps(cursor),
-    )
+    requests = reaudit(trigger, previous, current, stages, audited_by_model, details)
+    return dg.SensorResult(run_requests=requests, cursor=json.dumps(cursor))
 
 
 def audit_sensor(description: str):
     """A sensor that requests re-audits: running by default, every INTERVAL seconds."""
     return dg.sensor(
-        job=full_audit_job,
+        jobs=[model_stages_job],
         minimum_interval_seconds=INTERVAL,
         default_status=dg.DefaultSensorStatus.RUNNING,
         description=description,
     )
 
 
-@audit_sensor("Base model: the configured checkpoint's files changed, or the config names another model.")
-def base_model_sensor(context: dg.SensorEvaluationContext, settings: AuditSettings):
+@dg.run_status_sensor(
+    run_status=dg.DagsterRunStatus.SUCCESS,
+    monitored_jobs=[model_stages_job],
+    request_jobs=[candidate_stages_job, comparison_job],
+    minimum_interval_seconds=INTERVAL,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="After a re-audit's model stages succeed: each candidate's stages, then the model's comparison.",
+)
+def next_phases_sensor(context: dg.RunStatusSensorContext):
+    """Requested together, in order: the run queue (one run at a time) runs the comparison after every
+    candidate. A model run that failed requests nothing: no candidate is judged against a base that did not
+    build. Runs of the model stages started by hand carry no plan and request nothing either."""
+    run = context.dagster_run
+    stages = [s for s in run.tags.get(STAGES_TAG, "").split(",") if s]
+    if not stages:
+        return dg.SkipReason(f"run {run.run_id} is not a re-audit: nothing follows it")
+    model = run.tags[PARTITION_TAG]
+    tags = {k: v for k, v in run.tags.items() if k.startswith("quant_pipeline/") and k != STAGES_TAG}
+    tags["quant_pipeline/after_run"] = run.run_id
+    requests = []
+    for phase, chosen in phases(stages):
+        if phase == "model":
+            continue
+        keys = [k for k in run.tags.get(CANDIDATES_TAG, "").split(",") if k] if phase == "candidate" else [""]
+        requests += [
+            dg.RunRequest(
+                run_key=f"{run.run_id}:{phase}:{key}",
+                job_name=PHASE_JOBS[phase].name,
+                asset_selection=[dg.AssetKey(s) for s in chosen],
+                tags=tags,
+                partition_key=dg.MultiPartitionKey({"model": model, "candidate": key}) if key else model,
+            )
+            for key in keys
+        ]
+    return requests
+
+
+@audit_sensor("Base model: a model partition's checkpoint files changed.")
+def base_model_sensor(context: dg.SensorEvaluationContext):
+    """Every model partition's source, watched on its own: files, sizes and mtimes first (cheap), the content
+    version when those moved. A model never audited is left alone (nothing to compare with)."""
     cursor = json.loads(context.cursor) if context.cursor else {}
-    try:
-        source = resolve_model_source(settings.model)
-    except AuditInputError as e:
-        return dg.SkipReason(f"model setting unusable: {e}")
-    stat = source_stat(source)
-    if cursor.get("stat") == stat and cursor.get("version"):
-        return dg.SkipReason(f"base model unchanged at {cursor['version']} (same files, sizes and mtimes)")
-    previous = cursor.get("version") or latest_metadata(context.instance, "base_checkpoint", "source_version")
-    keys = candidates(context.instance)
-    return change_request("base_model", previous, source_version(source), ALL_STAGES, {"stat": stat}, keys)
+    requests, notes, seen = [], [], {}
+    audited_by_model = audited(context.instance)
+    for model in context.instance.get_dynamic_partitions(MODELS.name):
+        try:
+            source = resolve_model_source(model)
+        except AuditInputError as e:
+            notes.append(f"{model}: unusable ({e})")
+            continue
+        stat, known = source_stat(source), cursor.get(model, {})
+        if known.get("stat") == stat and known.get("version"):
+            seen[model] = known
+            notes.append(f"{model} unchanged at {known['version']} (same files, sizes and mtimes)")
+            continue
+        current = source_version(source)
+        previous = known.get("version") or latest_metadata(context.instance, "base_checkpoint", "source_version", model)
+        seen[model] = {"stat": stat, "version": current}
+        if previous is None or previous == current or model not in audited_by_model:
+            notes.append(f"{model}: {'unchanged at ' + current if previous == current else 'no audit recorded yet'}")
+            continue
+        requests += reaudit("base_model", previous, current, ALL_STAGES, {model: audited_by_model[model]})
+    return dg.SensorResult(
+        run_requests=requests, skip_reason=None if requests else "; ".join(notes) or "no model registered yet",
+        cursor=json.dumps(seen),
+    )  # fmt: skip
 
 
 @audit_sensor("Calibration data: the calibration file's content changed.")
@@ -151,8 +195,8 @@ def calibration_data_sensor(context: dg.SensorEvaluationContext, settings: Audit
     if not path.is_file():
         return dg.SkipReason(f"calibration file {path} does not exist")
     previous = cursor.get("version") or latest_metadata(context.instance, "calibration_set", "version")
-    keys = candidates(context.instance, calibrated_only=True)  # a data-free candidate read no calibration
-    return change_request("calibration", previous, calibration_version(path), CALIBRATION_STAGES, {}, keys)
+    affected = audited(context.instance, calibrated_only=True)  # a data-free candidate read no calibration
+    return change_request("calibration", previous, calibration_version(path), CALIBRATION_STAGES, {}, affected)
 
 
 @audit_sensor("Runtime: the fingerprint recorded with the latest audit differs from the current one.")
@@ -171,24 +215,24 @@ def runtime_sensor(context: dg.SensorEvaluationContext):
     if cursor.get("version") == current_hash:
         return dg.SkipReason(f"re-audit for runtime {current_hash} already requested")
     changes = "; ".join(fingerprint_changes(recorded, current))
-    keys = candidates(context.instance)
-    return change_request("runtime", recorded_hash, current_hash, ALL_STAGES, {}, keys, details=changes)
+    affected = audited(context.instance)
+    return change_request("runtime", recorded_hash, current_hash, ALL_STAGES, {}, affected, details=changes)
 
 
 @dg.schedule(
-    job=periodic_reaudit_job,
+    job=model_stages_job,
     cron_schedule=os.environ.get("QP_REAUDIT_CRON", "0 6 * * 1"),  # Mondays 06:00
     default_status=dg.DefaultScheduleStatus.STOPPED
     if os.environ.get("QP_REAUDIT_SCHEDULE", "on") == "off"
     else dg.DefaultScheduleStatus.RUNNING,
     description=(
-        "Weekly re-evaluation of every candidate's current artifact even when nothing changed "
-        "(QP_REAUDIT_CRON, QP_REAUDIT_SCHEDULE=off)."
+        "Weekly re-evaluation of every audited candidate's current artifact even when nothing changed "
+        "(QP_REAUDIT_CRON, QP_REAUDIT_SCHEDULE=off); each model's base first, its candidates after."
     ),
 )
 def periodic_reaudit_schedule(context: dg.ScheduleEvaluationContext):
-    keys = candidates(context.instance)
-    if not keys:
-        return dg.SkipReason("no candidate registered yet: audit one first")
+    affected = audited(context.instance)
+    if not affected:
+        return dg.SkipReason("no candidate audited yet: audit one first")
     tick = context.scheduled_execution_time.isoformat() if context.scheduled_execution_time else "now"
-    return [dg.RunRequest(run_key=f"schedule:{tick}:{key}", partition_key=key) for key in keys]
+    return reaudit("schedule", "-", tick, PERIODIC_STAGES, affected, extra={FORCE_REEVAL_TAG: "true"})

@@ -20,7 +20,7 @@ from quant_pipeline.core.progress import log_progress
 from quant_pipeline.core.records import EvalRecord
 from quant_pipeline.core.store import atomic_file
 from quant_pipeline.core.tracking import MlflowTracker
-from quant_pipeline.defs.candidates import CANDIDATES
+from quant_pipeline.defs.candidates import AUDITS, MODELS
 from quant_pipeline.defs.resources import AuditSettings
 from quant_pipeline.evaluation.generation import plan
 from quant_pipeline.evaluation.suite import (
@@ -188,7 +188,7 @@ def evaluate_checkpoint(
     )
 
 
-@dg.asset(group_name="audit", kinds={"pandas", "parquet"})
+@dg.asset(group_name="audit", kinds={"pandas", "parquet"}, partitions_def=MODELS)
 def base_eval_results(
     context: dg.AssetExecutionContext,
     settings: AuditSettings,
@@ -200,7 +200,7 @@ def base_eval_results(
     return evaluate_checkpoint(context, settings, mlflow, EvalTarget.base(base_checkpoint), runtime_environment["hash"])
 
 
-@dg.asset(group_name="audit", kinds={"pandas", "parquet"}, partitions_def=CANDIDATES)
+@dg.asset(group_name="audit", kinds={"pandas", "parquet"}, partitions_def=AUDITS)
 def quantized_eval_results(
     context: dg.AssetExecutionContext,
     settings: AuditSettings,

@@ -18,7 +18,7 @@ from quant_pipeline.core.hashing import canonical_hash, sha256_file
 from quant_pipeline.core.records import DeltaReportRecord
 from quant_pipeline.core.store import ArtifactStore, atomic_directory
 from quant_pipeline.core.tracking import MlflowTracker
-from quant_pipeline.defs.candidates import CANDIDATES
+from quant_pipeline.defs.candidates import AUDITS
 from quant_pipeline.defs.resources import AuditSettings
 from quant_pipeline.evaluation import delta as delta_module
 from quant_pipeline.evaluation import policy as policy_module
@@ -111,7 +111,7 @@ def judge(
     return record, deltas, item_table(base_items, quant_items), key
 
 
-@dg.asset(group_name="audit", kinds={"pandas", "html"}, partitions_def=CANDIDATES)
+@dg.asset(group_name="audit", kinds={"pandas", "html"}, partitions_def=AUDITS)
 def delta_report(
     context: dg.AssetExecutionContext,
     settings: AuditSettings,
@@ -188,7 +188,7 @@ def delta_report(
 
 @dg.asset_check(
     asset=delta_report,
-    partitions_def=CANDIDATES,
+    partitions_def=AUDITS,
     description="No slice regressed beyond the policy's tolerance (FAIL otherwise).",
 )
 def slices_within_tolerance(delta_report: dict) -> dg.AssetCheckResult:
@@ -204,7 +204,7 @@ def slices_within_tolerance(delta_report: dict) -> dg.AssetCheckResult:
 
 @dg.asset_check(
     asset=delta_report,
-    partitions_def=CANDIDATES,
+    partitions_def=AUDITS,
     description="Every gated slice could show a regression: enough items, a value, a base above floor and chance "
     "(INCOMPLETE otherwise; waived slices are listed, not counted).",
 )
@@ -223,7 +223,7 @@ def every_gated_slice_informative(delta_report: dict) -> dg.AssetCheckResult:
 
 @dg.asset_check(
     asset=delta_report,
-    partitions_def=CANDIDATES,
+    partitions_def=AUDITS,
     description="Every metric the policy names was measured on both models.",
 )
 def policy_metrics_measured(delta_report: dict) -> dg.AssetCheckResult:

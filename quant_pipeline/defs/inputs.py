@@ -15,10 +15,12 @@ import dagster as dg
 
 from quant_pipeline.core.hashing import sha256_file
 from quant_pipeline.core.perf import StageMeter
+from quant_pipeline.core.recipe import Recipe
 from quant_pipeline.core.runtime import fingerprint_hash, runtime_fingerprint
 from quant_pipeline.core.tracking import MlflowTracker
+from quant_pipeline.defs.candidates import MODELS, context_model
 from quant_pipeline.defs.resources import AuditSettings
-from quant_pipeline.models.calibration import check_enough_samples, load_calibration_texts, token_stats
+from quant_pipeline.models.calibration import load_calibration_texts, token_stats
 from quant_pipeline.models.checkpoint import (
     describe_checkpoint,
     materialize_checkpoint,
@@ -28,13 +30,13 @@ from quant_pipeline.models.checkpoint import (
 from quant_pipeline.release.reference import base_artifact_id, log_registered_pyfunc
 
 
-@dg.asset(group_name="audit", kinds={"pytorch", "huggingface"})
+@dg.asset(group_name="audit", kinds={"pytorch", "huggingface"}, partitions_def=MODELS)
 def base_checkpoint(
     context: dg.AssetExecutionContext, settings: AuditSettings, mlflow: MlflowTracker
 ) -> dg.MaterializeResult:
     """The full-precision model under audit, as a hashed local safetensors checkpoint (kept baseline)."""
     with StageMeter() as meter:
-        source = resolve_model_source(settings.model)
+        source = resolve_model_source(context_model(context))
         path = materialize_checkpoint(source, settings.store)
         record = {
             "model_name": source.name,
@@ -75,25 +77,23 @@ def base_checkpoint(
     )
 
 
-@dg.asset(group_name="audit", kinds={"json"})
+@dg.asset(group_name="audit", kinds={"json"}, partitions_def=MODELS)
 def calibration_set(
     context: dg.AssetExecutionContext, settings: AuditSettings, mlflow: MlflowTracker, base_checkpoint: dict
 ) -> dg.MaterializeResult:
-    """The validated, hashed calibration texts and their token statistics under the base tokenizer."""
+    """The validated, hashed calibration texts and their token statistics under the base tokenizer (all of
+    them, at the default sequence length: which samples a candidate reads is its recipe's business)."""
     from transformers import AutoTokenizer  # heavy: only when the stage runs
 
     path = Path(settings.calibration_file)
     with StageMeter() as meter:
-        texts = load_calibration_texts(path)
-        check_enough_samples(texts, path, settings.recipe)
-        used = texts[: settings.recipe.calibration_samples]
+        texts = load_calibration_texts(path)  # each candidate checks it has the samples its recipe reads
         tokenizer = AutoTokenizer.from_pretrained(base_checkpoint["path"])
-        stats = token_stats(used, tokenizer, settings.recipe.seq_len)
+        stats = token_stats(texts, tokenizer, Recipe().seq_len)
     record = {
         "path": str(path.resolve()),
         "hash": sha256_file(path),
         "count": len(texts),
-        "used": len(used),
         **stats,
         "perf": meter.metadata(),
     }
@@ -112,7 +112,6 @@ def calibration_set(
             "content_hash": record["hash"],
             "version": f"{path.name}@{record['hash'][:16]}",
             "samples": record["count"],
-            "samples_used": record["used"],
             **stats,
             **meter.metadata(),
             **run.metadata(),

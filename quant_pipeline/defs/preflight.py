@@ -34,17 +34,20 @@ def check_eval_sizes(settings) -> None:
         )
 
 
-def preflight(settings, recipe=None) -> None:
-    """Raise AuditInputError (one line: what, where, how to fix) for the first bad input found. `recipe`: the
-    run's candidate (its partition), else the settings' own."""
-    recipe = recipe or settings.recipe
+def preflight(settings, recipe=None, model: str | None = None) -> None:
+    """Raise AuditInputError (one line: what, where, how to fix) for the first bad input found. `model`: the
+    run's model partition (else the settings' model); `recipe`: the candidate to check against the model and
+    the calibration set (None: a run of the model's own stages, which has none)."""
     check_eval_sizes(settings)
     if settings.objective not in OBJECTIVES:
         raise AuditInputError(f"objective {settings.objective!r} (`QP_OBJECTIVE`): use one of {', '.join(OBJECTIVES)}")
-    recipe.validate_values()
-    source = resolve_model_source(settings.model)
+    if recipe is not None:
+        recipe.validate_values()
+    source = resolve_model_source(model or settings.model)
     check_weights_readable(source)
-    check_recipe_fits(recipe, read_model_config(source), source.name)
     calibration = Path(settings.calibration_file)
-    check_enough_samples(load_calibration_texts(calibration), calibration, recipe)
+    texts = load_calibration_texts(calibration)
+    if recipe is not None:
+        check_recipe_fits(recipe, read_model_config(source), source.name)
+        check_enough_samples(texts, calibration, recipe)
     load_policy(Path(settings.policy_file))

@@ -20,7 +20,7 @@ from quant_pipeline.core.progress import log_progress
 from quant_pipeline.core.records import ArtifactRecord
 from quant_pipeline.core.store import atomic_directory
 from quant_pipeline.core.tracking import MlflowTracker
-from quant_pipeline.defs.candidates import CANDIDATES, candidate_recipe
+from quant_pipeline.defs.candidates import AUDITS, candidate_recipe
 from quant_pipeline.defs.resources import AuditSettings
 from quant_pipeline.models.calibration import check_enough_samples, load_calibration_texts
 from quant_pipeline.models.methods import artifact_id, precision, quantize, scale_summary
@@ -28,7 +28,7 @@ from quant_pipeline.release.reference import log_registered_pyfunc
 from quant_pipeline.release.signoff import record_event
 
 
-@dg.asset(group_name="audit", kinds={"pytorch", "gptq", "torchao"}, partitions_def=CANDIDATES)
+@dg.asset(group_name="audit", kinds={"pytorch", "gptq", "torchao"}, partitions_def=AUDITS)
 def quantized_artifact(
     context: dg.AssetExecutionContext,
     settings: AuditSettings,

@@ -15,7 +15,7 @@ from quant_pipeline.core.paths import DEFAULT_CALIBRATION, DEFAULT_POLICY, defau
 from quant_pipeline.core.recipe import Recipe
 from quant_pipeline.core.store import ArtifactStore
 from quant_pipeline.core.tracking import MlflowTracker
-from quant_pipeline.defs.candidates import run_recipe
+from quant_pipeline.defs.candidates import run_partition
 from quant_pipeline.defs.preflight import preflight
 from quant_pipeline.defs.recovery import fail_orphaned_runs, process_tags
 
@@ -62,7 +62,8 @@ class AuditSettings(dg.ConfigurableResource):
         context.instance.add_run_tags(context.run.run_id, process_tags())
         for run_id in fail_orphaned_runs(context.instance, context.run.run_id):
             context.log.warning(f"marked run {run_id} failed: its process died before it finished")
-        preflight(self, run_recipe(context.run))
+        model, recipe = run_partition(context.run)
+        preflight(self, recipe, model)
         for path in self.store.sweep_stale():  # temp files of a run that was killed mid-write
             context.log.warning(f"removed {path}, left by a process that no longer runs")
 

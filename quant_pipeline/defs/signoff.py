@@ -14,7 +14,7 @@ import dagster as dg
 
 from quant_pipeline.core.artifacts import read_artifact_record
 from quant_pipeline.core.tracking import APPROVED_ALIAS, MlflowTracker
-from quant_pipeline.defs.candidates import CANDIDATES
+from quant_pipeline.defs.candidates import AUDITS
 from quant_pipeline.defs.resources import AuditSettings
 from quant_pipeline.release import signoff
 from quant_pipeline.release.evidence import judged_report
@@ -36,7 +36,7 @@ class ApprovalConfig(dg.Config):
     override: bool = False
 
 
-@dg.asset(group_name="audit", kinds={"mlflow"}, deps=["delta_report"], partitions_def=CANDIDATES)
+@dg.asset(group_name="audit", kinds={"mlflow"}, deps=["delta_report"], partitions_def=AUDITS)
 def approval(
     context: dg.AssetExecutionContext,
     config: ApprovalConfig,

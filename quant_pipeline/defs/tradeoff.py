@@ -1,8 +1,8 @@
 """The tradeoff across a model's candidates: the table, the Pareto frontiers and the recommended candidate.
 
-Unpartitioned (one per model), downstream of every candidate's verdict and decision. Which artifact is a candidate's
-current one comes from Dagster (its partition's latest quantized_artifact); everything else is read back from
-the store and re-verified against the trail the gate wrote (`release.evidence.judged_report`) and the
+Partitioned by model, downstream of every candidate's verdict and decision. Which artifact is a candidate's
+current one comes from Dagster (its model x candidate partition's latest quantized_artifact); everything else is
+read back from the store and re-verified against the trail the gate wrote (`release.evidence.judged_report`) and the
 artifact's own hashes, so a report or table edited after the gate judged it turns the candidate UNVERIFIED.
 """
 
@@ -17,7 +17,7 @@ from quant_pipeline.core.perf import StageMeter
 from quant_pipeline.core.records import EvalRecord
 from quant_pipeline.core.store import atomic_directory
 from quant_pipeline.core.tracking import MlflowTracker
-from quant_pipeline.defs.candidates import candidates
+from quant_pipeline.defs.candidates import MODELS, audited, context_model
 from quant_pipeline.defs.resources import AuditSettings
 from quant_pipeline.evaluation.delta import compute_deltas
 from quant_pipeline.evaluation.policy import load_policy
@@ -36,8 +36,9 @@ from quant_pipeline.release.tradeoff import (
 QUALITY = "category != 'cost'"  # identity's check: every delta but measured time and memory
 
 
-def current_artifact(instance: dg.DagsterInstance, key: str) -> str | None:
-    """The artifact ID the candidate's latest quantized_artifact materialization produced."""
+def current_artifact(instance: dg.DagsterInstance, model: str, candidate: str) -> str | None:
+    """The artifact ID the model's candidate's latest quantized_artifact materialization produced."""
+    key = str(dg.MultiPartitionKey({"model": model, "candidate": candidate}))
     records = instance.fetch_materializations(
         dg.AssetRecordsFilter(asset_key=dg.AssetKey("quantized_artifact"), asset_partitions=[key]), limit=1
     ).records
@@ -79,7 +80,7 @@ def candidate_row(settings: AuditSettings, base: dict, key: str, aid: str) -> tu
     return row, {"deltas": deltas}
 
 
-@dg.asset(group_name="audit", kinds={"pandas", "html"}, deps=["approval"])
+@dg.asset(group_name="audit", kinds={"pandas", "html"}, deps=["approval"], partitions_def=MODELS)
 def candidate_tradeoff(
     context: dg.AssetExecutionContext, settings: AuditSettings, mlflow: MlflowTracker, base_checkpoint: dict
 ) -> dg.MaterializeResult:
@@ -87,8 +88,9 @@ def candidate_tradeoff(
     with its interval, verdict), the Pareto frontiers, and the candidate recommended for sign-off."""
     rows, identity_moved, skipped = [], None, []
     with StageMeter() as meter:
-        for key in candidates(context.instance):
-            aid = current_artifact(context.instance, key)
+        model = context_model(context)
+        for key in audited(context.instance).get(model, []):
+            aid = current_artifact(context.instance, model, key)
             if aid is None:
                 skipped.append(f"{key}: not audited yet")
                 continue
@@ -123,7 +125,13 @@ def candidate_tradeoff(
         run.log_metrics({f"{r.candidate}.worst_share": r.worst_share for r in rows})
         run.set_tags({"recommended": best.candidate if best else "none", "objective": settings.objective})
     return dg.MaterializeResult(
-        value={"path": str(out), "recommended": best.artifact_id if best else None, "identity_moved": identity_moved},
+        value={
+            "path": str(out),
+            "model_name": base_checkpoint["model_name"],
+            "artifacts": [r.artifact_id for r in rows],
+            "recommended": best.artifact_id if best else None,
+            "identity_moved": identity_moved,
+        },  # fmt: skip
         metadata={
             "tradeoff": dg.MetadataValue.md(table),
             "recommendation": why,

@@ -129,4 +129,5 @@ def test_same_inputs_reuse_the_artifact_and_evaluations(tiny_settings, mlflow_tr
     assert first.success and second.success
     a, b = first.output_for_node("quantized_artifact"), second.output_for_node("quantized_artifact")
     assert a["artifact_id"] == b["artifact_id"] and b["reused"] and a["registry_version"] == b["registry_version"]
-    assert second.output_for_node("base_eval_results")["reused_from_run"] == first.run_id
+    assert second.output_for_node("base_eval_results")["reused_from_run"] == first.run_ids[0]  # the model's run
+    assert second.output_for_node("quantized_eval_results")["reused_from_run"] == first.run_id  # the candidate's

@@ -7,26 +7,33 @@ import pytest
 
 from quant_pipeline.core.errors import AuditInputError
 from quant_pipeline.core.recipe import Recipe
+from quant_pipeline.defs.candidates import MODEL_STAGES
 from quant_pipeline.defs.preflight import preflight
-from quant_pipeline_tests.support import replace, run_audit, write_jsonl
+from quant_pipeline_tests.support import TINY_RECIPE, replace, run_audit, write_jsonl
 
 
-def assert_nothing_left(settings, tracker, result):
+def assert_nothing_left(settings, tracker, result, candidate_only: bool = False):
+    """Nothing at all; or, for a candidate's bad input (`candidate_only`), nothing past the model's own stages,
+    which ran in a run of their own and are valid without the candidate."""
     assert not result.success
-    assert result.get_asset_materialization_events() == []
+    made = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
+    assert made <= set(MODEL_STAGES) if candidate_only else made == set()
     store = Path(settings.store_dir)
     assert not (store / "artifacts").exists() or not any((store / "artifacts").iterdir())
-    assert not (store / "trail").exists()
-    assert tracker.client().search_registered_models() == []
+    versions = tracker.client().search_model_versions() if candidate_only else []
+    assert {v.tags.get("kind") for v in versions} <= {"base"}
+    if not candidate_only:
+        assert not (store / "trail").exists()
+        assert tracker.client().search_registered_models() == []
 
 
-def run_bad(settings, tracker, instance, expected: str):
+def run_bad(settings, tracker, instance, expected: str, candidate_only: bool = False):
     with pytest.raises(AuditInputError) as err:
-        preflight(settings)
+        preflight(settings, settings.recipe)
     message = str(err.value)
     assert "\n" not in message and expected in message
     result = run_audit(settings, tracker, instance)
-    assert_nothing_left(settings, tracker, result)
+    assert_nothing_left(settings, tracker, result, candidate_only)
     failure = next(e for e in result.all_events if e.is_failure)
     assert expected in failure.message or expected in str(failure.event_specific_data)
     return message
@@ -85,20 +92,21 @@ def test_an_eval_size_of_zero_is_refused_by_its_name(tiny_settings, mlflow_track
 
 def test_calibration_too_short_for_recipe(tiny_settings, mlflow_tracker, instance, tmp_path):
     short = write_jsonl(tmp_path / "short.jsonl", [{"text": f"sample {i}"} for i in range(3)])
-    message = run_bad(replace(tiny_settings, calibration_file=str(short)), mlflow_tracker, instance, "has 3 samples")
+    settings = replace(tiny_settings, calibration_file=str(short))
+    message = run_bad(settings, mlflow_tracker, instance, "has 3 samples", candidate_only=True)
     assert "calibration_samples is 8" in message
 
 
 def test_group_size_that_does_not_divide_the_model_is_refused(tiny_settings, mlflow_tracker, instance):
     settings = replace(tiny_settings, recipe=Recipe(group_size=96, calibration_samples=8, seq_len=64))
-    message = run_bad(settings, mlflow_tracker, instance, "group_size=96 does not divide")
+    message = run_bad(settings, mlflow_tracker, instance, "group_size=96 does not divide", candidate_only=True)
     assert "hidden_size 128" in message and "use group_size" in message
 
 
 def test_default_model_group_size_128_is_refused_before_loading(tiny_settings):
     settings = replace(tiny_settings, model="default", recipe=Recipe(group_size=128))
     with pytest.raises(AuditInputError, match="hidden_size 576: use group_size 64"):
-        preflight(settings)
+        preflight(settings, settings.recipe)
 
 
 def test_policy_with_unknown_metric_is_refused(tiny_settings, mlflow_tracker, instance, tmp_path):
@@ -116,4 +124,4 @@ def test_model_directory_with_pickled_weights_only_is_refused(tiny_settings, tmp
     (legacy / "config.json").write_text("{}")
     (legacy / "pytorch_model.bin").write_bytes(b"not loaded")
     with pytest.raises(AuditInputError, match="safetensors only"):
-        preflight(replace(tiny_settings, model=str(legacy)))
+        preflight(replace(tiny_settings, model=str(legacy)), TINY_RECIPE)

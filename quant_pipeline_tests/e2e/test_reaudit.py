@@ -11,25 +11,37 @@ from quant_pipeline.core.paths import DEFAULT_CALIBRATION
 from quant_pipeline.core.recipe import Recipe, candidate_key
 from quant_pipeline.core.runtime import fingerprint_hash, runtime_fingerprint
 from quant_pipeline.core.tracking import APPROVED_ALIAS
+from quant_pipeline.definitions import AUDIT_ASSETS, AUDIT_CHECKS
 from quant_pipeline.defs.automation import (
+    ALL_STAGES,
     CALIBRATION_STAGES,
+    CANDIDATES_TAG,
     FROM_TAG,
+    STAGES_TAG,
     TO_TAG,
     TRIGGER_TAG,
     base_model_sensor,
     calibration_data_sensor,
+    next_phases_sensor,
     runtime_sensor,
 )
-from quant_pipeline.defs.candidates import register_candidate
+from quant_pipeline.defs.candidates import CANDIDATE_STAGES, register
 from quant_pipeline.defs.signoff import PENDING
 from quant_pipeline_tests.support import LENIENT, TINY_RECIPE, change_policy, replace, run_audit
 
 
+def audited(instance, model: str, *recipes: Recipe) -> str:
+    """Register the model and mark each recipe audited for it (as a first audit's quantized_artifact would)."""
+    key = register(instance, model)
+    for recipe in recipes:
+        register(instance, model, recipe)
+        partition = dg.MultiPartitionKey({"model": key, "candidate": candidate_key(recipe)})
+        instance.report_runless_asset_event(dg.AssetMaterialization("quantized_artifact", partition=str(partition)))
+    return key
+
+
 def tick(sensor, instance, cursor=None, settings=None):
-    """One sensor evaluation, with the settings' candidate registered (as its first audit would have) and a
-    data-free candidate beside it (no calibration: the calibration sensor must leave it alone)."""
-    register_candidate(instance, settings.recipe if settings is not None else TINY_RECIPE)
-    register_candidate(instance, Recipe(method="torchao-int8-weight"))
+    """One sensor evaluation; returns its run requests, its skip message and its new cursor."""
     resources = {"settings": settings} if settings is not None else {}
     ctx = dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources)
     result = sensor(ctx)
@@ -40,6 +52,9 @@ def tick(sensor, instance, cursor=None, settings=None):
     return requests, skip, result.cursor or cursor
 
 
+DATA_FREE = Recipe(method="torchao-int8-weight")
+
+
 @pytest.fixture
 def calibration_copy(tmp_path) -> Path:
     return Path(shutil.copy(DEFAULT_CALIBRATION, tmp_path / "calibration.jsonl"))
@@ -47,6 +62,7 @@ def calibration_copy(tmp_path) -> Path:
 
 def test_calibration_change_requests_one_reaudit_of_the_affected_stages(tiny_settings, instance, calibration_copy):
     settings = replace(tiny_settings, calibration_file=str(calibration_copy))
+    model = audited(instance, settings.model, settings.recipe, DATA_FREE)
     requests, skip, cursor = tick(calibration_data_sensor, instance, None, settings)
     assert requests == [] and "no audit recorded yet" in skip
     requests, skip, cursor = tick(calibration_data_sensor, instance, cursor, settings)
@@ -56,51 +72,59 @@ def test_calibration_change_requests_one_reaudit_of_the_affected_stages(tiny_set
     with open(calibration_copy, "a") as f:
         f.write(json.dumps({"text": "A new calibration sample about tide tables and harbour pilots."}) + "\n")
     requests, skip, cursor = tick(calibration_data_sensor, instance, cursor, settings)
-    assert len(requests) == 1  # the GPTQ candidate only: the data-free one read no calibration text
+    assert len(requests) == 1  # the model's own stages first; its candidates follow once they succeed
     request = requests[0]
-    assert request.partition_key == candidate_key(settings.recipe)
+    assert request.partition_key == model and request.job_name == "model_stages"
+    assert [k.to_user_string() for k in request.asset_selection] == ["calibration_set"]
+    assert request.tags[CANDIDATES_TAG] == candidate_key(settings.recipe)  # the data-free one read no calibration
+    assert request.tags[STAGES_TAG].split(",") == CALIBRATION_STAGES and "base_eval_results" not in CALIBRATION_STAGES
     assert request.tags[TRIGGER_TAG] == "calibration"
     assert request.tags[FROM_TAG] == before and request.tags[TO_TAG] == json.loads(cursor)["version"] != before
-    assert sorted(k.to_user_string() for k in request.asset_selection) == sorted(CALIBRATION_STAGES)
-    assert "base_eval_results" not in CALIBRATION_STAGES
 
     # The same change seen again launches nothing more.
     requests, skip, _ = tick(calibration_data_sensor, instance, cursor, settings)
     assert requests == [] and "unchanged" in skip
 
 
-def test_base_model_sensor_sees_a_rewritten_checkpoint_file_and_a_new_model(
-    tiny_settings, instance, tiny_llama, tmp_path
-):
+def test_base_model_sensor_watches_each_model_partition_on_its_own(tiny_settings, instance, tiny_llama, tmp_path):
     model = Path(shutil.copytree(tiny_llama, tmp_path / "model"))
-    settings = replace(tiny_settings, model=str(model))
-    _, skip, cursor = tick(base_model_sensor, instance, None, settings)
-    _, skip, cursor = tick(base_model_sensor, instance, cursor, settings)
-    assert "unchanged" in skip
-    before = json.loads(cursor)["version"]
+    key = audited(instance, str(model), TINY_RECIPE, DATA_FREE)
+    other = audited(instance, str(tiny_llama), TINY_RECIPE)
+    _, skip, cursor = tick(base_model_sensor, instance, None)
+    _, skip, cursor = tick(base_model_sensor, instance, cursor)
+    assert f"{key} unchanged" in skip and f"{other} unchanged" in skip
+    before = json.loads(cursor)[key]["version"]
 
     config = json.loads((model / "config.json").read_text())
     config["rms_norm_eps"] = 1e-5 if config.get("rms_norm_eps") != 1e-5 else 1e-6
     (model / "config.json").write_text(json.dumps(config))
-    requests, _, cursor = tick(base_model_sensor, instance, cursor, settings)
-    assert len(requests) == 2 and {r.tags[TRIGGER_TAG] for r in requests} == {"base_model"}  # one per candidate
-    assert requests[0].tags[FROM_TAG] == before and requests[0].tags[TO_TAG].startswith("model@")
-    assert tick(base_model_sensor, instance, cursor, settings)[0] == []
+    requests, _, cursor = tick(base_model_sensor, instance, cursor)
+    assert len(requests) == 1 and requests[0].partition_key == key  # the other model did not change
+    assert requests[0].tags[TRIGGER_TAG] == "base_model" and requests[0].tags[FROM_TAG] == before
+    assert requests[0].tags[TO_TAG].startswith("model@") and requests[0].tags[STAGES_TAG].split(",") == ALL_STAGES
+    assert sorted(requests[0].tags[CANDIDATES_TAG].split(",")) == sorted(
+        [candidate_key(TINY_RECIPE), "torchao-int8-weight"]
+    )
+    assert tick(base_model_sensor, instance, cursor)[0] == []
 
-    other = replace(settings, model=str(tiny_llama))  # the config now names another model
-    requests, _, _ = tick(base_model_sensor, instance, cursor, other)
-    assert len(requests) == 2 and requests[0].tags[TO_TAG].startswith(f"{tiny_llama.name}@")
+    fresh = register(instance, str(shutil.copytree(tiny_llama, tmp_path / "never-audited")))
+    requests, skip, _ = tick(base_model_sensor, instance, cursor)
+    assert requests == [] and f"{fresh}: no audit recorded yet" in skip  # a new model partition: audit it first
 
 
 def test_runtime_sensor_compares_with_the_fingerprint_of_the_latest_audit(instance):
     assert tick(runtime_sensor, instance)[0] == []  # no audit yet
+    audited(instance, "tiny", TINY_RECIPE, DATA_FREE)
     older = json.loads(json.dumps(runtime_fingerprint()))
     older["libraries"]["torch"] = "2.12.0"
     instance.report_runless_asset_event(
         dg.AssetMaterialization("runtime_environment", metadata={"fingerprint": dg.MetadataValue.json(older)})
     )
     requests, _, cursor = tick(runtime_sensor, instance)
-    assert sorted(r.partition_key for r in requests) == sorted([candidate_key(TINY_RECIPE), "torchao-int8-weight"])
+    assert [r.partition_key for r in requests] == ["tiny"]
+    assert sorted(requests[0].tags[CANDIDATES_TAG].split(",")) == sorted(
+        [candidate_key(TINY_RECIPE), "torchao-int8-weight"]
+    )
     assert requests[0].tags[TRIGGER_TAG] == "runtime"
     assert requests[0].tags[FROM_TAG] == fingerprint_hash(older)[:16]
     assert "libraries.torch: 2.12.0 -> " in requests[0].tags["quant_pipeline/changes"]
@@ -121,6 +145,7 @@ def test_sensor_cursor_survives_a_new_instance_on_the_same_storage(tiny_settings
     home.mkdir()
     settings = replace(tiny_settings, calibration_file=str(calibration_copy))
     with dg.instance_for_test(temp_dir=str(home)) as first:
+        audited(first, settings.model, settings.recipe)
         first.report_runless_asset_event(
             dg.AssetMaterialization("calibration_set", metadata={"version": "calibration.jsonl@0000000000000000"})
         )
@@ -130,6 +155,41 @@ def test_sensor_cursor_survives_a_new_instance_on_the_same_storage(tiny_settings
         assert second.get_latest_materialization_event(dg.AssetKey("calibration_set")) is not None
         requests, skip, _ = tick(calibration_data_sensor, second, cursor, settings)
         assert requests == [] and "unchanged" in skip
+
+
+def test_after_the_model_stages_succeed_each_candidate_then_the_comparison_is_requested(
+    tiny_settings, mlflow_tracker, instance, calibration_copy, lenient_policy
+):
+    """The chain the daemon follows: the run a trigger requested (the model's stages) succeeds, and the next
+    sensor requests every candidate it names, then the comparison, each tagged with what changed."""
+    settings = replace(tiny_settings, calibration_file=str(calibration_copy), policy_file=str(lenient_policy))
+    assert run_audit(settings, mlflow_tracker, instance).success
+    with open(calibration_copy, "a") as f:
+        f.write(json.dumps({"text": "A new calibration sample about tide tables and harbour pilots."}) + "\n")
+    requests, _, _ = tick(calibration_data_sensor, instance, json.dumps({"version": "calibration.jsonl@0"}), settings)
+    (request,) = requests
+    model_run = dg.materialize(
+        [*AUDIT_ASSETS, *AUDIT_CHECKS], resources={"settings": settings, "mlflow": mlflow_tracker}, instance=instance,
+        selection=request.asset_selection, partition_key=request.partition_key, tags=request.tags,
+    )  # fmt: skip
+    assert model_run.success
+    (success,) = instance.all_logs(model_run.run_id, of_type=dg.DagsterEventType.RUN_SUCCESS)
+    ctx = dg.build_run_status_sensor_context(
+        sensor_name=next_phases_sensor.name, dagster_event=success.dagster_event, dagster_instance=instance,
+        dagster_run=model_run.dagster_run,
+    )  # fmt: skip
+    follow = next_phases_sensor(ctx)
+    assert [r.job_name for r in follow] == ["candidate_stages", "comparison"]
+    candidate, comparison = follow
+    assert candidate.partition_key.keys_by_dimension == {
+        "model": request.partition_key,
+        "candidate": candidate_key(settings.recipe),
+    }
+    assert comparison.partition_key == request.partition_key
+    assert {k.to_user_string() for k in candidate.asset_selection} == set(CANDIDATE_STAGES)
+    assert (
+        candidate.tags[TRIGGER_TAG] == "calibration" and candidate.tags["quant_pipeline/after_run"] == model_run.run_id
+    )
 
 
 def test_calibration_reaudit_reuses_base_eval_and_starts_a_new_pending_approval(
@@ -149,6 +209,7 @@ def test_calibration_reaudit_reuses_base_eval_and_starts_a_new_pending_approval(
     assert second.success
     ran = {e.asset_key.to_user_string() for e in second.get_asset_materialization_events()}
     assert ran == set(CALIBRATION_STAGES)  # base model's eval not re-run
+    assert len(second.run_ids) == 3  # the model's stages, the candidate's, the comparison
     new = second.output_for_node("quantized_artifact")
     assert new["artifact_id"] != old["artifact_id"] and not new["reused"]
     assert second.output_for_node("quantized_eval_results")["reused_from_run"] is None
@@ -174,5 +235,5 @@ def test_policy_change_rejudges_without_rerunning_any_model(tiny_settings, mlflo
     # A full run after the policy change reuses the artifact and both evaluations by hash.
     full = run_audit(settings, mlflow_tracker, instance)
     assert full.output_for_node("quantized_artifact")["reused"]
-    assert full.output_for_node("base_eval_results")["reused_from_run"] == first.run_id
-    assert full.output_for_node("quantized_eval_results")["reused_from_run"] == first.run_id
+    assert full.output_for_node("base_eval_results")["reused_from_run"] == first.run_ids[0]  # the model's run
+    assert full.output_for_node("quantized_eval_results")["reused_from_run"] == first.run_id  # the candidate's

@@ -159,9 +159,7 @@ def test_daemon_launches_and_completes_a_reaudit_after_a_calibration_change(
     from dagster._core.storage.dagster_run import DagsterRunStatus, RunsFilter
 
     from quant_pipeline.core.paths import DEFAULT_CALIBRATION
-    from quant_pipeline.definitions import AUDIT_ASSETS, AUDIT_CHECKS
     from quant_pipeline.defs.automation import CALIBRATION_STAGES, FROM_TAG, TO_TAG, TRIGGER_TAG
-    from quant_pipeline.defs.candidates import register_candidate
     from quant_pipeline.defs.resources import build_resources
 
     home = tmp_path / "dagster_home"
@@ -178,11 +176,9 @@ def test_daemon_launches_and_completes_a_reaudit_after_a_calibration_change(
         monkeypatch.setenv(key, value)
     with dg.DagsterInstance.get() as instance:  # the same storage the daemon will use
         resources = build_resources()
-        key = register_candidate(instance, resources["settings"].recipe)
-        first = dg.materialize(
-            [*AUDIT_ASSETS, *AUDIT_CHECKS], resources=resources, instance=instance, partition_key=key
-        )
+        first = run_audit(resources["settings"], resources["mlflow"], instance)
         assert first.success
+        model = first.results[0].dagster_run.tags["dagster/partition"]
 
     port, log = free_port(), tmp_path / "dagster_dev.log"
     proc = start_server(
@@ -199,16 +195,26 @@ def test_daemon_launches_and_completes_a_reaudit_after_a_calibration_change(
                 )
 
             def reaudit_finished():
+                """The calibration re-audit's three runs, once the last (the comparison) has finished."""
                 runs = instance.get_runs(filters=RunsFilter(tags={TRIGGER_TAG: "calibration"}))
                 done = [r for r in runs if r.status in (DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE)]
-                return done[0] if done else None
+                failed = [r for r in done if r.status == DagsterRunStatus.FAILURE]
+                return sorted(runs, key=lambda r: r.job_name) if failed or len(done) == 3 else None
 
-            run = wait_until(reaudit_finished, timeout=420, interval=3, proc=proc, log=log)
-            assert run.status == DagsterRunStatus.SUCCESS, tail(log)
-            assert run.tags[FROM_TAG] != run.tags[TO_TAG] and run.tags[TO_TAG].startswith("calibration.jsonl@")
-            assert {k.to_user_string() for k in run.asset_selection} == set(CALIBRATION_STAGES)
-            assert run.tags["dagster/partition"] == key  # the candidate the change affects
-            time.sleep(12)  # two more sensor intervals: the same change must not launch a second run
-            assert len(instance.get_runs(filters=RunsFilter(tags={TRIGGER_TAG: "calibration"}))) == 1
+            runs = wait_until(reaudit_finished, timeout=480, interval=3, proc=proc, log=log)
+            assert [r.status for r in runs] == [DagsterRunStatus.SUCCESS] * 3, tail(log)
+            candidate, comparison, model_run = runs  # by job name: candidate_stages, comparison, model_stages
+            assert model_run.tags[FROM_TAG] != model_run.tags[TO_TAG]
+            assert (
+                model_run.tags[TO_TAG].startswith("calibration.jsonl@") and model_run.tags["dagster/partition"] == model
+            )
+            assert candidate.tags["quant_pipeline/after_run"] == model_run.run_id  # only after the model's run
+            assert (
+                candidate.tags["dagster/partition/model"] == model and candidate.tags[TO_TAG] == model_run.tags[TO_TAG]
+            )
+            assert {k.to_user_string() for r in runs for k in r.asset_selection} == set(CALIBRATION_STAGES)
+            assert comparison.tags["dagster/partition"] == model
+            time.sleep(12)  # two more sensor intervals: the same change must not launch a second re-audit
+            assert len(instance.get_runs(filters=RunsFilter(tags={TRIGGER_TAG: "calibration"}))) == 3
     finally:
         stop_process_group(proc)

@@ -38,12 +38,13 @@ def test_a_killed_audit_is_marked_failed_at_the_next_start_and_its_temp_files_sw
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     instance = dg.DagsterInstance.from_config(str(home))  # the instance the CLI used
-    runs = instance.get_runs()
-    assert len(runs) == 1 and runs[0].status == dg.DagsterRunStatus.STARTED and runs[0].tags[PID_TAG] == str(proc.pid)
+    model_run, candidate_run = sorted(instance.get_runs(), key=lambda r: r.job_name, reverse=True)
+    assert model_run.job_name == "model_stages" and model_run.status == dg.DagsterRunStatus.SUCCESS
+    assert candidate_run.status == dg.DagsterRunStatus.STARTED and candidate_run.tags[PID_TAG] == str(proc.pid)
     leftovers = list((store / "artifacts").glob(f"{TMP_PREFIX}*"))
     assert leftovers
 
-    assert fail_orphaned_runs(instance) == [runs[0].run_id]
-    assert instance.get_run_by_id(runs[0].run_id).status == dg.DagsterRunStatus.FAILURE
+    assert fail_orphaned_runs(instance) == [candidate_run.run_id]
+    assert instance.get_run_by_id(candidate_run.run_id).status == dg.DagsterRunStatus.FAILURE
     assert set(ArtifactStore(store).sweep_stale()) == set(leftovers)
     assert not list((store / "artifacts").iterdir())  # no partial artifact for a later audit to reuse

@@ -14,12 +14,9 @@ import pytest
 
 from quant_pipeline.cli import main
 from quant_pipeline.core.tracking import MlflowTracker
-from quant_pipeline.defs.candidates import register_candidate
-from quant_pipeline.defs.inputs import base_checkpoint, calibration_set, runtime_environment
-from quant_pipeline.defs.quantize import quantized_artifact
 from quant_pipeline.defs.resources import AuditSettings
 from quant_pipeline.serving import Server, ServingError, find_request
-from quant_pipeline_tests.support import TINY_RECIPE
+from quant_pipeline_tests.support import TINY_RECIPE, run_audit
 
 
 @pytest.fixture(scope="module")
@@ -30,12 +27,8 @@ def pending(tmp_path_factory, tiny_llama):
     settings = AuditSettings(model=str(tiny_llama), store_dir=str(root / "store"), recipe=TINY_RECIPE)
     (root / "dagster").mkdir()
     with dg.instance_for_test(temp_dir=str(root / "dagster")) as instance:
-        result = dg.materialize(
-            [base_checkpoint, calibration_set, runtime_environment, quantized_artifact],
-            resources={"settings": settings, "mlflow": tracker},
-            instance=instance,
-            partition_key=register_candidate(instance, settings.recipe),
-        )
+        result = run_audit(settings, tracker, instance, selection=["base_checkpoint", "calibration_set",
+                           "runtime_environment", "quantized_artifact"])  # fmt: skip
     artifact, base = result.output_for_node("quantized_artifact"), result.output_for_node("base_checkpoint")
     version = str(artifact["registry_version"])
     source = tracker.client().get_model_version(artifact["model_name"], version).source

@@ -13,11 +13,14 @@ from quant_pipeline.defs.resources import AuditSettings
 
 
 def test_a_sensor_tick_reports_an_unusable_model_as_its_own_skip_reason(tmp_path):
-    settings = AuditSettings(model=str(tmp_path / "no-such-model"), store_dir=str(tmp_path / "store"))
+    gone = tmp_path / "no-such-model"
     with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
-        context = dg.build_sensor_context(instance=instance, resources={"settings": settings})
-        skipped = base_model_sensor(context)
-    assert isinstance(skipped, dg.SkipReason) and "model setting unusable" in skipped.skip_message
+        instance.add_dynamic_partitions("model", [str(gone)])  # a model partition whose folder went away
+        result = base_model_sensor(dg.build_sensor_context(instance=instance))
+    assert (
+        not result.run_requests
+        and f"{gone}: unusable (model path {gone} does not exist" in result.skip_reason.skip_message
+    )
 
 
 def test_a_sensor_tick_reports_a_missing_calibration_file(tmp_path):
