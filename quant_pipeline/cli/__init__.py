@@ -40,7 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     audit.add_argument("--calibration-file")
     audit.add_argument("--policy-file")
     audit.add_argument(
-        "--method", help="gptq (default), torchao-int8-weight, torchao-int8-dynamic, torchao-int4-weight, identity"
+        "--method",
+        help="gptq (default), torchao-int8-weight, torchao-int8-dynamic, torchao-int4-weight, bnb-int8, bnb-nf4, "
+        "identity",
     )
     audit.add_argument(
         "--candidates",

@@ -24,6 +24,8 @@ ALL_CANDIDATES = (
     "torchao-int8-weight",
     "torchao-int8-dynamic",
     "torchao-int4-weight-g64",
+    "bnb-int8",
+    "bnb-nf4",
 )
 
 

@@ -13,6 +13,8 @@ METHOD_FIELDS: dict[str, tuple[str, ...]] = {
     "torchao-int8-weight": ("keep",),
     "torchao-int8-dynamic": ("keep",),
     "torchao-int4-weight": ("group_size", "keep"),
+    "bnb-int8": ("keep",),
+    "bnb-nf4": ("keep",),
     "identity": (),
 }
 CALIBRATED_METHODS = frozenset({"gptq"})  # the others are data-free: the calibration set is not an input
@@ -26,7 +28,8 @@ class Recipe(dg.Config):
     group 64, which suits SmolLM2-135M (its hidden size 576 is not divisible by 128).
 
     `method`: gptq (gptqmodel, calibrated), torchao-int8-weight, torchao-int8-dynamic,
-    torchao-int4-weight (torchao, data-free), or identity (the base copied: every delta must be zero)."""
+    torchao-int4-weight (torchao, data-free), bnb-int8, bnb-nf4 (bitsandbytes, data-free), or identity (the
+    base copied: every delta must be zero)."""
 
     method: str = "gptq"
     bits: int = 4

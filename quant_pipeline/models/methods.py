@@ -7,6 +7,10 @@ differently), so each is a recipe of its own, with its own ID prefix and its own
   through transformers' `TorchAoConfig` (kept layer types through its `modules_to_not_convert`), saved as
   safetensors that transformers reloads (torchao keeps each layer's quantized data, scale and zero point as
   plain tensors, no pickle);
+- bnb-int8, bnb-nf4: bitsandbytes' CPU backend through transformers' `BitsAndBytesConfig` (LLM.int8 with
+  its fp16 outlier path; NF4 4-bit blocks of 64 computing in fp32), data-free, saved as safetensors (the
+  scales as plain tensors); NF4 is saved before any forward pass, since bitsandbytes' first CPU forward
+  repacks the weights into a layout that reloads as garbage without an error;
 - identity: the base's files copied: evaluated like any candidate, every delta must be exactly zero,
   which checks the pipeline itself.
 torchao's int4 layout for CPU (`IntxWeightOnlyConfig`) stores the int4 values unpacked, one per int8: on
@@ -27,7 +31,7 @@ from quant_pipeline.models.gptq import LLAMA_TYPES
 from quant_pipeline.models.sensitivity import layer_type_sensitivity
 
 # The tensors that hold a quantized layer's scaling: gptqmodel's and torchao's names for them.
-SCALE_SUFFIXES = (".scales", ".qzeros", "._weight_scale", "._weight_zero_point")
+SCALE_SUFFIXES = (".scales", ".qzeros", "._weight_scale", "._weight_zero_point", ".SCB", ".absmax", ".quant_map")
 
 
 def check_recipe_fits(recipe: Recipe, config: dict, model_label: str) -> None:
@@ -56,6 +60,8 @@ def id_prefix(recipe: Recipe) -> str:
         "torchao-int8-weight": "torchao-int8w",
         "torchao-int8-dynamic": "torchao-int8dyn",
         "torchao-int4-weight": f"torchao-int4w-g{recipe.group_size}",
+        "bnb-int8": "bnb-int8",
+        "bnb-nf4": "bnb-nf4",
         "identity": "identity",
     }[recipe.method]
 
@@ -77,6 +83,8 @@ def precision(recipe: Recipe) -> str:
         "torchao-int8-weight": "int8 weights (torchao, per output channel), fp32 activations",
         "torchao-int8-dynamic": "int8 weights (torchao, per output channel), int8 activations scaled per token",
         "torchao-int4-weight": f"int4 weights (torchao, group {recipe.group_size}, one per int8), fp32 activations",
+        "bnb-int8": "int8 weights (bitsandbytes LLM.int8, per row, outliers above 6.0 in fp16), fp16 matmul inputs",
+        "bnb-nf4": "NF4 weights (bitsandbytes, blocks of 64), fp32 compute",
         "identity": "fp32: the base's bytes, copied (the pipeline's own check: every delta must be zero)",
     }[recipe.method] + kept
 
@@ -103,11 +111,29 @@ def kept_modules(keep: str) -> list[str] | None:
     return [rf".*\.({keep.replace('.', '|')})"] if keep else None
 
 
-def _torchao(base_path: Path, texts: list[str], recipe: Recipe, out_dir: Path) -> dict:
-    """torchao's `quantize_` on every linear layer of the blocks but the kept types (the tied output layer
-    stays as it is); the layer types' sensitivity is measured first, on the base in fp32."""
+def _quantization_config(recipe: Recipe):
+    """transformers' config for a data-free method, with the kept layer types left out."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TorchAoConfig
+    from transformers import BitsAndBytesConfig, TorchAoConfig
+
+    # bitsandbytes' skip list replaces its default one, which leaves the (tied) output layer alone: name it too
+    skip = ["lm_head", *kept_modules(recipe.keep)] if recipe.keep else None
+    if recipe.method == "bnb-int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    if recipe.method == "bnb-nf4":
+        return BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
+            llm_int8_skip_modules=skip,
+        )  # fmt: skip
+    return TorchAoConfig(quant_type=_torchao_config(recipe), modules_to_not_convert=kept_modules(recipe.keep))
+
+
+def _data_free(base_path: Path, texts: list[str], recipe: Recipe, out_dir: Path) -> dict:
+    """torchao's or bitsandbytes' quantization of every linear layer of the blocks but the kept types (the tied
+    output layer stays as it is), applied as transformers loads the base, and saved before any forward pass;
+    the layer types' sensitivity is measured first, on the base in fp32."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     sensitivity = {}
@@ -115,7 +141,7 @@ def _torchao(base_path: Path, texts: list[str], recipe: Recipe, out_dir: Path) -
         base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32, use_safetensors=True)
         sensitivity = layer_type_sensitivity(base, tokenizer, texts, recipe)
         del base
-    config = TorchAoConfig(quant_type=_torchao_config(recipe), modules_to_not_convert=kept_modules(recipe.keep))
+    config = _quantization_config(recipe)
     model = AutoModelForCausalLM.from_pretrained(
         base_path, dtype=torch.float32, device_map="cpu", use_safetensors=True, quantization_config=config
     )
@@ -140,7 +166,7 @@ def quantize(base_path: Path, texts: list[str], recipe: Recipe, out_dir: Path) -
         return gptq(base_path, texts, recipe, out_dir)
     if recipe.method == "identity":
         return _identity(base_path, out_dir)
-    return _torchao(base_path, texts, recipe, out_dir)
+    return _data_free(base_path, texts, recipe, out_dir)
 
 
 def scale_summary(artifact_dir: Path) -> dict:

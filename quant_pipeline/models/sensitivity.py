@@ -7,10 +7,10 @@ pass accumulates each layer's input second moment H = X^T X, so the error is tra
 with no forward per layer; summed per layer type over the blocks. Round-to-nearest stands in for GPTQ (which
 compensates rounding inside a layer, so its error is smaller): it ranks layers by how much their inputs
 amplify rounding, which is what keeping a layer at full precision buys back. Each method is measured on its
-own grid (`rtn_grid`): torchao's int8 is per output channel, its int4 and GPTQ per group. Data-free methods
-are measured on the calibration set too (it is text the model was not evaluated on): it chooses what the
-search keeps, it never enters their bytes, and the record names the set it was measured on. For int8 dynamic
-activations only the weights' share of the error is measured.
+own grid (`rtn_grid`): torchao's int8 and LLM.int8 per output channel; torchao's int4, NF4 and GPTQ per group.
+Data-free methods are measured on the calibration set too (it is text the model was not evaluated on): it
+chooses what the search keeps, it never enters their bytes, and the record names the set it was measured on.
+For int8 dynamic activations only the weights' share of the error is measured.
 """
 
 from __future__ import annotations
@@ -39,8 +39,10 @@ def round_to_nearest(weight, bits: int, group_size: int, sym: bool = True):
 
 def rtn_grid(recipe: Recipe) -> tuple[int, int, bool]:
     """(bits, group size, symmetric) of the round-to-nearest that stands in for the recipe's method."""
-    if recipe.method.startswith("torchao-int8"):
-        return 8, -1, True  # torchao's Int8 configs: symmetric, one scale per output channel
+    if recipe.method.startswith("torchao-int8") or recipe.method == "bnb-int8":
+        return 8, -1, True  # torchao's Int8 configs and LLM.int8: symmetric, one scale per output row
+    if recipe.method == "bnb-nf4":
+        return 4, 64, True  # NF4's 16 levels are not uniform: 4-bit absmax blocks of 64 stand in for them
     if recipe.method == "torchao-int4-weight":
         return 4, recipe.group_size, True
     return recipe.bits, recipe.group_size, recipe.sym

@@ -72,6 +72,8 @@ def test_each_artifact_is_safetensors_that_transformers_reloads(audited_methods,
     kernels = {type(getattr(m, "weight", None)).__name__ for m in model.modules() if hasattr(m, "weight")}
     if method.startswith("torchao"):
         assert kernels & {"Int8Tensor", "IntxUnpackedToInt8Tensor"}, kernels
+    if method.startswith("bnb"):  # bitsandbytes' own parameter types: the layers reloaded quantized
+        assert kernels & {"Int8Params", "Params4bit"}, kernels
 
 
 def test_the_identity_candidate_moves_no_quality_metric_at_all(audited_methods):
