@@ -45,7 +45,8 @@ check-deps:
 # A FAIL or INCOMPLETE verdict is a finding about the quantized model, not a broken demo: make exits 0 for it.
 # By default every method is audited as a candidate of the default model, then compared (`--candidates all`),
 # under SmolLM2's own policy (quant_pipeline/policies/smollm2-135m-instruct.yaml: why, in the file); if no
-# quantized candidate passes, the search tries two more GPTQ candidates. DEMO_ARGS="--method gptq" audits one.
+# quantized candidate passes, the search tries up to two more candidates of the one nearest to passing, each
+# keeping one more of its most sensitive layer types at fp32. DEMO_ARGS="--method gptq" audits one.
 DEMO_ARGS ?= --candidates all --search 2 --policy-file quant_pipeline/policies/smollm2-135m-instruct.yaml
 demo: install
 	@echo "$(VENV)/bin/quant-pipeline audit $(DEMO_ARGS)"
