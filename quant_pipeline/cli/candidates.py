@@ -4,7 +4,8 @@ Each candidate is its own Dagster run of its own model x candidate partition (af
 stages, whose work is made once and reused by the others), so each keeps its history in the UI; the comparison
 run that follows reads them all back, recommends one for sign-off and writes the model's audit report. Exit
 codes: 0 a candidate is recommended (at least one quantized candidate PASSED), 3 none passed (every verdict is
-recorded), 2 bad input, 1 a stage crashed.
+recorded), 2 bad input, 1 a stage crashed, 130 interrupted (a signal stops the whole command, not only the
+candidate it hit).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from pathlib import Path
 from quant_pipeline.core.errors import EXIT_BAD_INPUT, EXIT_CRASHED, EXIT_GATE_FAILED, EXIT_PASSED, AuditInputError
 from quant_pipeline.core.recipe import METHOD_FIELDS, candidate_key, recipe_from_key
 from quant_pipeline.defs.candidates import CANDIDATE_STAGES, COMPARISON_STAGES, MODEL_STAGES
+
+EXIT_INTERRUPTED = 130  # the shell's code for a command stopped by a signal: nothing after it was audited
 
 # `--candidates all` (what `make demo` runs): every method once, identity first (the pipeline's own check).
 ALL_CANDIDATES = (
@@ -59,6 +62,8 @@ def audit_candidates(
         )
         outcomes[key], seconds[key] = outcome, time.perf_counter() - t0
         print(f"{outcome.verdict.splitlines()[0]} ({seconds[key]:.0f} s)", flush=True)
+        if "DagsterExecutionInterruptedError" in outcome.error:  # a person stopped the command, not this stage
+            raise KeyboardInterrupt(key)
         if outcome.code not in (EXIT_PASSED, EXIT_GATE_FAILED):  # bad input or a crash: say so, go on
             print(f"quant-pipeline: {key}: {outcome.error}", flush=True)
 
@@ -70,15 +75,20 @@ def audit_candidates(
         out = Path(result.output_for_node("candidate_tradeoff")["path"])
         return json.loads((out / "tradeoff.json").read_text()), out
 
-    for n, key in enumerate(keys, 1):
-        audit(key, f"candidate {n}/{len(keys)}")
-    built = tradeoff()
-    steps = search_steps(overrides, keys, search, built[0]) if built and not built[0]["recommended"] else []
-    for step, key in enumerate(steps):
-        audit(key, f"search step {step + 1}/{search}: the most sensitive layer types kept at full precision")
+    try:
+        for n, key in enumerate(keys, 1):
+            audit(key, f"candidate {n}/{len(keys)}")
         built = tradeoff()
-        if built is None or built[0]["recommended"]:
-            break
+        steps = search_steps(overrides, keys, search, built[0]) if built and not built[0]["recommended"] else []
+        for step, key in enumerate(steps):
+            audit(key, f"search step {step + 1}/{search}: the most sensitive layer types kept at full precision")
+            built = tradeoff()
+            if built is None or built[0]["recommended"]:
+                break
+    except KeyboardInterrupt as stopped:
+        print(f"quant-pipeline: interrupted during {stopped.args[0] if stopped.args else 'a run'}: "
+              "no further candidate was audited", flush=True)  # fmt: skip
+        return EXIT_INTERRUPTED
     if built is None:
         return EXIT_CRASHED
     table, out = built

@@ -48,3 +48,33 @@ def test_a_killed_audit_is_marked_failed_at_the_next_start_and_its_temp_files_sw
     assert instance.get_run_by_id(candidate_run.run_id).status == dg.DagsterRunStatus.FAILURE
     assert set(ArtifactStore(store).sweep_stale()) == set(leftovers)
     assert not list((store / "artifacts").iterdir())  # no partial artifact for a later audit to reuse
+
+
+def test_a_signal_during_one_candidate_stops_the_whole_comparison(tmp_path, tiny_llama):
+    """`kill` (SIGTERM) while the first candidate runs: Dagster fails that run as interrupted, and the command
+    stops there with 130, instead of treating it as one crashed candidate and auditing the next."""
+    env = {
+        **os.environ, "DAGSTER_HOME": str(tmp_path / "dagster_home"), "QP_STORE_DIR": str(tmp_path / "store"),
+        "QP_MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "QP_EVAL_LIMIT": "4",
+        "QP_EVAL_MAX_NEW_TOKENS": "16",
+    }  # fmt: skip
+    log = tmp_path / "out.log"
+    cmd = [
+        str(Path(sys.executable).parent / "quant-pipeline"), "audit", "--model", str(tiny_llama),
+        "--candidates", "torchao-int8-weight,identity",
+    ]  # fmt: skip
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 240
+            while time.monotonic() < deadline and "quantized harness" not in log.read_text():
+                time.sleep(0.2)  # the first candidate's evaluation has started
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert code == 130, text[-3000:]
+    assert "interrupted during torchao-int8-weight: no further candidate was audited" in text
+    assert "== candidate 2/2" not in text
