@@ -156,22 +156,28 @@ def test_the_cli_audits_each_candidate_then_prints_the_table_and_the_recommendat
 STRICT = "name: strict\nmin_items: 1\ntolerances:\n  top1_agreement: {direction: higher_is_better, tolerance: 0.0}\n"
 
 
-def test_the_search_keeps_the_most_sensitive_layer_types_at_full_precision_one_more_per_step(
-    tmp_path, tiny_llama, capsys
-):
-    """Under a policy no quantized model meets, the search runs its budget: each step a candidate of its own
-    that keeps the next most sensitive layer type (as the seed's record ranked them) at fp32, on the record."""
+def search_under_a_strict_policy(tmp_path, tiny_llama, capsys, candidate: str, budget: int):
+    """`audit --candidates <candidate> --search <budget>` on the tiny model under a policy no quantized model
+    meets; returns the exit code, stdout, the store and its artifact records by the types they keep."""
     policy = tmp_path / "strict.yaml"
     policy.write_text(STRICT)
     with cli_home(tmp_path) as (store, _):
         code = main([
-            "audit", "--model", str(tiny_llama), "--candidates", "gptq-w4-g64-n8-l64", "--search", "2",
+            "audit", "--model", str(tiny_llama), "--candidates", candidate, "--search", str(budget),
             "--eval-limit", "4", "--eval-max-new-tokens", "16", "--policy-file", str(policy),
         ])  # fmt: skip
         records = {
             r.recipe.get("keep", ""): r for r in map(lambda a: read_artifact_record(store, a), store.artifact_ids())
         }
-    out = capsys.readouterr().out
+    return code, capsys.readouterr().out, store, records
+
+
+def test_the_search_keeps_the_most_sensitive_layer_types_at_full_precision_one_more_per_step(
+    tmp_path, tiny_llama, capsys
+):
+    """Under a policy no quantized model meets, the search runs its budget: each step a candidate of its own
+    that keeps the next most sensitive layer type (as the seed's record ranked them) at fp32, on the record."""
+    code, out, store, records = search_under_a_strict_policy(tmp_path, tiny_llama, capsys, "gptq-w4-g64-n8-l64", 2)
     assert code == 3 and "search step 2/2" in out, out
     ranking = records[""].layer_sensitivity
     assert set(ranking) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
@@ -190,17 +196,7 @@ def test_the_search_from_a_data_free_candidate_keeps_its_most_sensitive_layer_ty
 ):
     """A torchao candidate is measured on its own int8 grid (on calibration text it never read for its bytes);
     the search step keeps the top type as plain fp32 Linear in every block and quantizes everything else."""
-    policy = tmp_path / "strict.yaml"
-    policy.write_text(STRICT)
-    with cli_home(tmp_path) as (store, _):
-        code = main([
-            "audit", "--model", str(tiny_llama), "--candidates", "torchao-int8-weight", "--search", "1",
-            "--eval-limit", "4", "--eval-max-new-tokens", "16", "--policy-file", str(policy),
-        ])  # fmt: skip
-        records = {
-            r.recipe.get("keep", ""): r for r in map(lambda a: read_artifact_record(store, a), store.artifact_ids())
-        }
-    out = capsys.readouterr().out
+    code, out, store, records = search_under_a_strict_policy(tmp_path, tiny_llama, capsys, "torchao-int8-weight", 1)
     assert code == 3 and "search from torchao-int8-weight (nearest to passing)" in out, out
     seed = records[""]
     assert seed.calibration_hash is None and seed.sensitivity_calibration_hash is not None
