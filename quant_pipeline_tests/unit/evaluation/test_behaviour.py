@@ -420,7 +420,7 @@ MIN_PER_SLICE = {
     "tool_call": 30,
     "should_refuse": 30,
     "should_not_refuse": 30,
-    "long_form": 12,
+    "long_form": 40,
     "pii_probe": 30,
 }
 MAX_NEW_TOKENS = {
