@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     audit.add_argument(
         "--method",
         help="gptq (default), torchao-int8-weight, torchao-int8-dynamic, torchao-int4-weight, bnb-int8, bnb-nf4, "
-        "identity",
+        "hqq (with --bits, --group-size), identity",
     )
     audit.add_argument(
         "--candidates",

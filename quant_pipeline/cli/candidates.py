@@ -29,6 +29,7 @@ ALL_CANDIDATES = (
     "torchao-int4-weight-g64",
     "bnb-int8",
     "bnb-nf4",
+    "hqq-w4-g64",
 )
 
 

@@ -15,10 +15,12 @@ METHOD_FIELDS: dict[str, tuple[str, ...]] = {
     "torchao-int4-weight": ("group_size", "keep"),
     "bnb-int8": ("keep",),
     "bnb-nf4": ("keep",),
+    "hqq": ("bits", "group_size", "keep"),
     "identity": (),
 }
 CALIBRATED_METHODS = frozenset({"gptq"})  # the others are data-free: the calibration set is not an input
-GROUPED_METHODS = frozenset({"gptq", "torchao-int4-weight"})  # group_size splits each layer's input features
+GROUPED_METHODS = frozenset({"gptq", "torchao-int4-weight", "hqq"})  # group_size splits each layer's input features
+HQQ_BITS = (2, 3, 4, 8)  # HQQ's bit widths with a packed layout (its 1-bit one is not offered)
 # The linear layers of a Llama-style block, by the name they have in every block (what `keep` may name).
 LAYER_TYPES = ("down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj")
 
@@ -28,8 +30,8 @@ class Recipe(dg.Config):
     group 64, which suits SmolLM2-135M (its hidden size 576 is not divisible by 128).
 
     `method`: gptq (gptqmodel, calibrated), torchao-int8-weight, torchao-int8-dynamic,
-    torchao-int4-weight (torchao, data-free), bnb-int8, bnb-nf4 (bitsandbytes, data-free), or identity (the
-    base copied: every delta must be zero)."""
+    torchao-int4-weight (torchao, data-free), bnb-int8, bnb-nf4 (bitsandbytes, data-free), hqq (HQQ, data-free:
+    its bits and group size), or identity (the base copied: every delta must be zero)."""
 
     method: str = "gptq"
     bits: int = 4
@@ -57,6 +59,10 @@ class Recipe(dg.Config):
             )
         if self.method == "torchao-int4-weight" and self.group_size == -1:
             raise AuditInputError("recipe.group_size=-1: torchao-int4-weight needs a group size (e.g. 64)")
+        if self.method == "hqq" and self.bits not in HQQ_BITS:
+            raise AuditInputError(f"recipe.bits={self.bits} is not supported by HQQ: use 2, 3, 4 or 8")
+        if self.method == "hqq" and self.group_size != -1 and self.group_size % 8:
+            raise AuditInputError(f"recipe.group_size={self.group_size}: HQQ needs a multiple of 8 (e.g. 64) or -1")
         kept = self.keep.split(".") if self.keep else []
         if kept and "keep" not in METHOD_FIELDS[self.method]:
             raise AuditInputError(f"recipe.keep={self.keep!r}: {self.method} keeps no layer types; leave keep empty")
@@ -89,11 +95,11 @@ class Recipe(dg.Config):
 
 # A candidate's name is its recipe, written out: `gptq-w4-g64`, `gptq-w8-g64-n128`, `gptq-w4-g64-xdown_proj`
 # (down_proj kept at full precision), `torchao-int8-weight`, `torchao-int8-weight-xv_proj`,
-# `torchao-int4-weight-g32`, `identity`. It is the Dagster partition key, so a candidate added from the UI (a new
-# partition) needs no code and no file: the key says everything. Fields a method does not use cannot appear;
-# GPTQ's bits and group always do, the others only when they differ from the default.
+# `torchao-int4-weight-g32`, `hqq-w4-g64`, `identity`. It is the Dagster partition key, so a candidate added from the
+# UI (a new partition) needs no code and no file: the key says everything. Fields a method does not use cannot
+# appear; bits and group always do (GPTQ's, HQQ's), the others only when they differ from the default.
 _CODES = {"bits": "w", "group_size": "g", "calibration_samples": "n", "seq_len": "l", "damp_percent": "d"}
-_EXAMPLES = "e.g. gptq-w4-g64, gptq-w8-g64-n128, torchao-int8-weight, torchao-int4-weight-g64, identity"
+_EXAMPLES = "e.g. gptq-w4-g64, gptq-w8-g64-n128, torchao-int8-weight, torchao-int4-weight-g64, hqq-w4-g64, identity"
 
 
 def candidate_key(recipe: Recipe) -> str:

@@ -11,8 +11,8 @@ import subprocess
 from quant_pipeline.core.hashing import canonical_hash
 
 LIBRARIES = (
-    "torch", "transformers", "optimum", "gptqmodel", "torchao", "bitsandbytes", "lm_eval", "accelerate", "safetensors",
-    "numpy",
+    "torch", "transformers", "optimum", "gptqmodel", "torchao", "bitsandbytes", "hqq", "lm_eval", "accelerate",
+    "safetensors", "numpy",
 )  # fmt: skip
 ISA_FLAGS = (
     "sse4_2",

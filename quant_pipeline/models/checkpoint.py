@@ -17,6 +17,7 @@ from quant_pipeline.core.paths import default_gguf_path
 from quant_pipeline.core.perf import bound_heap_fragmentation
 from quant_pipeline.core.records import CheckpointRecord, RecordError
 from quant_pipeline.core.store import ArtifactStore, StoreError, atomic_directory, check_name, verify_tree
+from quant_pipeline.models import hqq
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -258,6 +259,10 @@ def load_model(path: Path, trust_remote_code: bool = False):
 
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if hqq.is_checkpoint(path):  # transformers 5.24 cannot load HQQ: its layers are restored by HQQ (models/hqq.py)
+        model = hqq.load(path, device)
+        model.eval()
+        return model, tokenizer
     kwargs = {"device_map": device, "use_safetensors": True, "trust_remote_code": trust_remote_code}
     if "quantization_config" not in (Path(path) / "config.json").read_text():
         kwargs["dtype"] = torch.float32

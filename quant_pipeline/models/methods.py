@@ -11,6 +11,10 @@ differently), so each is a recipe of its own, with its own ID prefix and its own
   its fp16 outlier path; NF4 4-bit blocks of 64 computing in fp32), data-free, saved as safetensors (the
   scales as plain tensors); NF4 is saved before any forward pass, since bitsandbytes' first CPU forward
   repacks the weights into a layout that reloads as garbage without an error;
+- hqq: HQQ's half-quadratic quantization (2/3/4/8 bits, a scale and a zero point per group), data-free, with
+  HQQ's own `HQQLinear` (transformers 5.24's `HqqConfig` raises NotImplementedError), computing in fp32 on its
+  PyTorch backend; saved as safetensors (codes, scales, zeros and settings as plain tensors) and reloaded by
+  `models/hqq.py` (`load_model` does it: transformers builds the model, HQQ restores the layers);
 - identity: the base's files copied: evaluated like any candidate, every delta must be exactly zero,
   which checks the pipeline itself.
 torchao's int4 layout for CPU (`IntxWeightOnlyConfig`) stores the int4 values unpacked, one per int8: on
@@ -28,10 +32,13 @@ from quant_pipeline.core.hashing import RECORD_FILE, canonical_hash
 from quant_pipeline.core.perf import bound_heap_fragmentation
 from quant_pipeline.core.recipe import GROUPED_METHODS, Recipe
 from quant_pipeline.models.gptq import LLAMA_TYPES
+from quant_pipeline.models.hqq import AXIS
 from quant_pipeline.models.sensitivity import layer_type_sensitivity
 
-# The tensors that hold a quantized layer's scaling: gptqmodel's and torchao's names for them.
-SCALE_SUFFIXES = (".scales", ".qzeros", "._weight_scale", "._weight_zero_point", ".SCB", ".absmax", ".quant_map")
+# The tensors that hold a quantized layer's scaling: gptqmodel's, torchao's, bitsandbytes' and HQQ's names for them.
+SCALE_SUFFIXES = (
+    ".scales", ".qzeros", "._weight_scale", "._weight_zero_point", ".SCB", ".absmax", ".quant_map", ".scale", ".zero"
+)  # fmt: skip
 
 
 def check_recipe_fits(recipe: Recipe, config: dict, model_label: str) -> None:
@@ -62,6 +69,7 @@ def id_prefix(recipe: Recipe) -> str:
         "torchao-int4-weight": f"torchao-int4w-g{recipe.group_size}",
         "bnb-int8": "bnb-int8",
         "bnb-nf4": "bnb-nf4",
+        "hqq": f"hqq-w{recipe.bits}g{'channel' if recipe.group_size == -1 else recipe.group_size}",
         "identity": "identity",
     }[recipe.method]
 
@@ -78,6 +86,7 @@ def artifact_id(base_hash: str, recipe: Recipe, calibration_hash: str | None, ru
 def precision(recipe: Recipe) -> str:
     """What the artifact computes in, as the record and the ML-BOM state it."""
     kept = f"; {recipe.keep.replace('.', ', ')} kept at fp32 in every block" if recipe.keep else ""
+    hqq_group = "output channel" if recipe.group_size == -1 else f"group of {recipe.group_size} input features"
     return {
         "gptq": f"int{recipe.bits} weights (GPTQ, group {recipe.group_size}), fp32 activations",
         "torchao-int8-weight": "int8 weights (torchao, per output channel), fp32 activations",
@@ -85,6 +94,9 @@ def precision(recipe: Recipe) -> str:
         "torchao-int4-weight": f"int4 weights (torchao, group {recipe.group_size}, one per int8), fp32 activations",
         "bnb-int8": "int8 weights (bitsandbytes LLM.int8, per row, outliers above 6.0 in fp16), fp16 matmul inputs",
         "bnb-nf4": "NF4 weights (bitsandbytes, blocks of 64), fp32 compute",
+        "hqq": f"int{recipe.bits} weights (HQQ, a scale and a zero point per {hqq_group}, axis {AXIS}, "
+        "half-quadratic optimised), dequantized to fp32 compute for each matmul (HQQ's PyTorch backend), "
+        "fp32 activations",
         "identity": "fp32: the base's bytes, copied (the pipeline's own check: every delta must be zero)",
     }[recipe.method] + kept
 
@@ -166,6 +178,10 @@ def quantize(base_path: Path, texts: list[str], recipe: Recipe, out_dir: Path) -
         return gptq(base_path, texts, recipe, out_dir)
     if recipe.method == "identity":
         return _identity(base_path, out_dir)
+    if recipe.method == "hqq":
+        from quant_pipeline.models.hqq import quantize as hqq
+
+        return hqq(base_path, texts, recipe, out_dir)
     return _data_free(base_path, texts, recipe, out_dir)
 
 

@@ -7,7 +7,9 @@ pass accumulates each layer's input second moment H = X^T X, so the error is tra
 with no forward per layer; summed per layer type over the blocks. Round-to-nearest stands in for GPTQ (which
 compensates rounding inside a layer, so its error is smaller): it ranks layers by how much their inputs
 amplify rounding, which is what keeping a layer at full precision buys back. Each method is measured on its
-own grid (`rtn_grid`): torchao's int8 and LLM.int8 per output channel; torchao's int4, NF4 and GPTQ per group.
+own grid (`rtn_grid`): torchao's int8 and LLM.int8 per output channel; torchao's int4, NF4 and GPTQ per group;
+HQQ per group, asymmetric (its half-quadratic solver refines the min-max scale and zero point round-to-nearest
+starts from).
 Data-free methods are measured on the calibration set too (it is text the model was not evaluated on): it
 chooses what the search keeps, it never enters their bytes, and the record names the set it was measured on.
 For int8 dynamic activations only the weights' share of the error is measured.
@@ -45,6 +47,8 @@ def rtn_grid(recipe: Recipe) -> tuple[int, int, bool]:
         return 4, 64, True  # NF4's 16 levels are not uniform: 4-bit absmax blocks of 64 stand in for them
     if recipe.method == "torchao-int4-weight":
         return 4, recipe.group_size, True
+    if recipe.method == "hqq":
+        return recipe.bits, recipe.group_size, False  # a scale and a zero point per group (HQQ refines them)
     return recipe.bits, recipe.group_size, recipe.sym
 
 

@@ -67,13 +67,16 @@ def test_each_artifact_is_safetensors_that_transformers_reloads(audited_methods,
     _, results = audited_methods
     path = Path(results[method]["artifact"]["path"])
     assert not [p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
-    assert (path / "model.safetensors").exists()
+    assert (path / ("model.hqq.safetensors" if method == "hqq" else "model.safetensors")).exists()
     model, _ = load_model(path)
     kernels = {type(getattr(m, "weight", None)).__name__ for m in model.modules() if hasattr(m, "weight")}
     if method.startswith("torchao"):
         assert kernels & {"Int8Tensor", "IntxUnpackedToInt8Tensor"}, kernels
     if method.startswith("bnb"):  # bitsandbytes' own parameter types: the layers reloaded quantized
         assert kernels & {"Int8Params", "Params4bit"}, kernels
+    if method == "hqq":  # HQQ's own layer, restored from the safetensors by load_model (transformers 5.24 cannot)
+        layers = {type(m).__name__ for n, m in model.get_decoder().named_modules() if n.endswith("_proj")}
+        assert layers == {"HQQLinear"}, layers
 
 
 def test_the_identity_candidate_moves_no_quality_metric_at_all(audited_methods):
@@ -94,6 +97,24 @@ def test_a_data_free_candidate_names_no_calibration_set_in_its_record_or_ml_bom(
     assert not [c for c in bom["components"] if c["bom-ref"].startswith("calibration:")]
     gptq = json.loads(write_bom(settings.store, results["gptq"]["artifact"]["artifact_id"]).read_text())
     assert [c for c in gptq["components"] if c["bom-ref"].startswith("calibration:")]
+
+
+def test_the_hqq_candidate_states_its_bits_group_axis_and_compute_dtype_in_its_record_and_ml_bom(audited_methods):
+    settings, results = audited_methods
+    artifact = results["hqq"]["artifact"]
+    assert artifact["recipe"] == {"method": "hqq", "bits": 4, "group_size": 64} and artifact["calibration_hash"] is None
+    assert artifact["artifact_id"].startswith("hqq-w4g64-")
+    record = read_artifact_record(settings.store, artifact["artifact_id"])
+    assert record.precision.startswith("int4 weights (HQQ, a scale and a zero point per group of 64 input features")
+    assert "axis 1" in record.precision and "fp32 compute" in record.precision and record.layer_sensitivity
+    assert record.scales.layers == 2 * 7  # every projection of both blocks: its per-group scale and zero point
+    assert record.runtime["libraries"]["hqq"] == "0.2.8.post1"  # in the runtime fingerprint: an input of the ID
+    bom = json.loads(write_bom(settings.store, artifact["artifact_id"]).read_text())
+    model = bom["metadata"]["component"]
+    assert model["bom-ref"] == artifact["artifact_id"] and "quantized with HQQ: int4 weights" in model["description"]
+    props = {p["name"].removeprefix("quant_pipeline:"): p["value"] for p in model["properties"]}
+    assert (props["recipe:method"], props["recipe:bits"], props["recipe:group_size"]) == ("hqq", "4", "64")
+    assert props["precision"] == record.precision
 
 
 def test_the_tradeoff_lists_every_candidate_and_recommends_the_smallest_passing_quantized_one(audited_methods):

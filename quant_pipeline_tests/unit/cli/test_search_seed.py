@@ -35,3 +35,12 @@ def test_the_search_never_starts_from_identity_a_kept_variant_or_an_unmeasured_c
 def test_equal_shares_start_from_the_smaller_candidate():
     t = table(("torchao-int8-weight", "FAIL", math.inf, 210), ("gptq-w4-g64", "FAIL", math.inf, 160))
     assert search_seed(["torchao-int8-weight", "gptq-w4-g64"], t) == "gptq-w4-g64"
+
+
+def test_an_hqq_candidate_can_seed_the_search_which_keeps_its_layer_types_under_its_own_key():
+    from quant_pipeline.core.recipe import candidate_key, recipe_from_key
+
+    t = table(("bnb-nf4", "FAIL", 1.5, 169), ("hqq-w4-g64", "FAIL", 1.2, 170), ("hqq-w4-g64-xv_proj", "FAIL", 0.9, 180))
+    assert search_seed([r["candidate"] for r in t["rows"]], t) == "hqq-w4-g64"  # not the kept variant
+    step = recipe_from_key("hqq-w4-g64").model_copy(update={"keep": "up_proj.v_proj"})  # what search_steps yields
+    assert candidate_key(step) == "hqq-w4-g64-xup_proj.v_proj" and recipe_from_key(candidate_key(step)) == step
