@@ -24,6 +24,15 @@ def _model_name(settings, given: str | None) -> str:
 
 
 def serve_command(args) -> int:
+    from quant_pipeline.core.errors import AuditInputError
+
+    if args.http and (args.prompt or args.critical):
+        raise AuditInputError("--http takes its prompts (and `critical`) from requests: drop --prompt/--critical")
+    config = None  # the defaults: production only, one request generating at a time
+    if args.config:  # refused (exit 2) before any model or registry work
+        from quant_pipeline.serving.config import load_serving_config
+
+        config = load_serving_config(args.config)
     from quant_pipeline.serving import Server
 
     settings, tracker = _resources()
@@ -35,21 +44,56 @@ def serve_command(args) -> int:
         log_prompts=not args.no_log_prompts,
         critical_rules=args.critical_rule,
         allow_unapproved=args.allow_unapproved,
+        config=config,
     )
+    if args.http:
+        return _serve_http(server, args.host, args.port)
     prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     for prompt in prompts:
-        rec = server.generate(prompt, max_new_tokens=args.max_new_tokens, seed=args.seed, critical=args.critical)
+        budget = args.max_new_tokens if args.max_new_tokens is not None else min(64, server.config.max_new_tokens)
+        rec = server.generate(prompt, max_new_tokens=budget, seed=args.seed, critical=args.critical)
         keys = (
             "request_id",
             "model_version",
             "artifact_id",
             "served_by",
+            "arm",
             "route_reason",
             "alias_changed",
             "latency_s",
             "output",
         )
         print(json.dumps({k: rec.get(k) for k in keys}, ensure_ascii=False))
+    return 0
+
+
+def _serve_http(server, host: str, port: int) -> int:
+    """Serve until SIGINT or SIGTERM, then drain: requests admitted or queued finish and are logged."""
+    import signal
+    import threading
+
+    from quant_pipeline.serving.http import HttpFrontend
+
+    front = HttpFrontend(server, host, port)
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        front.start()
+        state = server.state()
+        canary = f", canary v{state['canary']['model_version']}" if state["canary"] else ""
+        print(
+            f"quant-pipeline: serving {server.model_name} at {front.url} "
+            f"(production v{state['production']['model_version']}{canary}, mode {server.config.mode}, "
+            f"canary_share {server.config.canary_share}); POST /v1/generate, GET /healthz, GET /v1/stats",
+            flush=True,
+        )
+        while not stop.wait(0.5):
+            pass
+    finally:
+        front.shutdown()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    print(f"quant-pipeline: drained and stopped: {json.dumps(server.stats())}", flush=True)
     return 0
 
 
@@ -97,8 +141,20 @@ def add_serving_commands(subparsers) -> None:
         action="store_true",
         help="serve a version without a recorded approval (testing only; written into every request's log entry)",
     )
-    serve.add_argument("--max-new-tokens", type=int, default=64)
+    serve.add_argument("--max-new-tokens", type=int, help="per prompt (default 64, or the config's budget if lower)")
     serve.add_argument("--seed", type=int, default=0)
+    serve.add_argument(
+        "--config",
+        help="serving config YAML: canary share or shadow mode, token budgets, concurrency, queue, timeout "
+        "(every field: quant_pipeline/serving/serving.example.yaml)",
+    )
+    serve.add_argument(
+        "--http",
+        action="store_true",
+        help="serve over HTTP (POST /v1/generate, GET /healthz, GET /v1/stats) until SIGINT/SIGTERM, then drain",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="with --http: address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8080, help="with --http: port (0: any free port; default 8080)")
     serve.set_defaults(func=serve_command)
     rep = subparsers.add_parser(
         "reproduce", help="re-run a logged request on its exact artifact and compare outputs token by token"

@@ -11,7 +11,15 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Self
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, StringConstraints, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
 
 from quant_pipeline.core.errors import AuditInputError
 from quant_pipeline.core.hashing import tree_hash
@@ -253,24 +261,84 @@ class Decision(BaseModel):
     dagster_run_id: str | None = None
 
 
+RequestStatus = Literal["ok", "error", "busy", "over_budget", "timeout"]
+Arm = Literal["production", "canary", "base"]
+
+
+class OutputValidation(BaseModel):
+    """A structured-output check of one answer, by the behaviour suite's own validator (schema or tool call)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["schema", "tool"]
+    valid: bool
+    error: str | None = None
+
+
+class RequestBudget(BaseModel):
+    """The per-request token budgets a request was held to."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_prompt_tokens: int
+    max_new_tokens: int
+
+
+class ShadowOutcome(BaseModel):
+    """The canary's answer to a request production answered (shadow mode): never sent to the client, logged
+    beside production's so the two can be compared on live traffic. `error` says why a shadow run failed
+    (the canary refused, or it raised); the output fields are then null."""
+
+    model_config = ConfigDict(extra="forbid")
+    arm: Literal["canary"] = "canary"
+    model_version: Version = None
+    artifact_id: str | None = None
+    content_hash: str | None = None
+    output: str | None = None
+    output_ids: list[int] | None = None
+    identical: bool | None = None  # the same token ids as production's answer
+    prefix_agreement: Annotated[float, Field(ge=0, le=1)] | None = None  # shared prefix / longer output
+    latency_s: float | None = None
+    refused: bool | None = None
+    validation: OutputValidation | None = None
+    error: str | None = None
+
+
 class RequestLogEntry(BaseModel):
-    """One served request: what was asked, which exact bytes answered, how, and how long it took."""
+    """One request: what was asked, which exact bytes answered (or why none did), how, and how long it took.
+
+    Entries written before canary routing, budgets and backpressure existed lack the newer fields and
+    read with their defaults. `arm` is null when the request never reached routing (busy, over budget,
+    timed out while queued)."""
 
     model_config = ConfigDict(extra="allow")
     request_id: str
     time: str
     model_name: str
     ref: str
-    status: Literal["ok", "error"]
+    status: RequestStatus
     prompt: str | None = None
     prompt_logged: bool = True
     prompt_sha256: str
     decoding: dict[str, Any]
+    arm: Arm | None = None
+    arm_reason: str | None = None
+    arm_bucket: float | None = None  # the request ID's bucket, where a canary split was asked
+    fallback: bool = False  # the routing chose an arm that could not serve; another answered
+    fallback_reason: str | None = None
+    canary_changed: str | None = None  # the canary alias moved since the last request ("v3->v5", "v5->none")
+    error: str | None = None  # why a request was not answered
+    model_version: Version = None
     artifact_id: str | None = None
     content_hash: str | None = None
     output: str | None = None
     output_ids: list[int] | None = None
+    prompt_tokens: int | None = None
+    output_tokens: int | None = None
     latency_s: float | None = None
+    generate_s: float | None = None
+    refused: bool = False  # the answer opens with a refusal (evaluation.behaviour.is_refusal)
+    validation: OutputValidation | None = None
+    shadow: ShadowOutcome | None = None
+    budget: RequestBudget | None = None
     schema_version: Literal[1] = 1  # entries written before the field existed read as version 1
 
     @classmethod

@@ -21,6 +21,7 @@ from typing import Protocol
 from quant_pipeline.core.store import check_name
 
 APPROVED_ALIAS = "approved"
+CANARY_ALIAS = "canary"  # an approved version serving a share of live traffic (release/canary.py)
 # Alembic revisions of MLflow's SQL schema whose registry tables this reader was checked against (the
 # installed MLflow's newest; a test fails when an upgrade creates another, so the list is re-checked).
 SCHEMA_REVISIONS = frozenset({"dc11669786a5"})

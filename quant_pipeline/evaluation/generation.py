@@ -39,8 +39,9 @@ DECODER = "greedy_rows/1: argmax, key/value cache, finished rows leave the batch
 
 
 def linear_layers(model) -> list:
-    """The model's matrix-multiplying layers: `nn.Linear`, and quantized linears (their packed `qweight`)."""
-    return [m for m in model.modules() if isinstance(m, torch.nn.Linear) or hasattr(m, "qweight")]
+    """The model's matrix-multiplying layers: `nn.Linear`, and quantized linears (their packed `qweight`, HQQ's
+    `W_q`)."""
+    return [m for m in model.modules() if isinstance(m, torch.nn.Linear) or hasattr(m, "qweight") or hasattr(m, "W_q")]
 
 
 def plan(harness_batch: int) -> dict:
@@ -143,17 +144,27 @@ def greedy_rows(model, enc: dict, budgets: list[int], stops: set[int], on_step=N
 
 
 def generate_greedy(
-    model, tokenizer, prompts: list[str], max_new_tokens: list[int], batch_size: int = GENERATION_BATCH, label: str = ""
+    model,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: list[int],
+    batch_size: int = GENERATION_BATCH,
+    label: str = "",
+    on_step=None,
 ) -> list[dict]:
     """Greedy outputs for each prompt: new token ids, text, and the batch's seconds per item.
 
     Each output is cut at its own budget and at its first stop token. With a ``label`` the loop
-    reports its progress (prompts done, tokens/s; see core/progress.py)."""
+    reports its progress (prompts done, tokens/s; see core/progress.py). ``on_step(finished, tokens)``
+    runs after every decode step; whatever it raises stops the generation there (the server's
+    request deadline), and it never changes a token."""
     torch.manual_seed(0)
     stops = stop_ids(model, tokenizer)
     out: list[dict | None] = [None] * len(prompts)
     progress = Progress(label, len(prompts), "prompts") if label else None
-    on_step = (lambda finished, tokens: progress.advance(finished, tokens=tokens)) if progress else None
+    hooks = [] if progress is None else [lambda finished, tokens: progress.advance(finished, tokens=tokens)]
+    hooks += [on_step] if on_step is not None else []
+    on_step = (lambda finished, tokens: [hook(finished, tokens) for hook in hooks]) if hooks else None
     for idx, enc, _ in greedy_batches(tokenizer, prompts, max_new_tokens, batch_size):
         t0 = time.perf_counter()
         rows = greedy_rows(model, enc, [max_new_tokens[i] for i in idx], stops, on_step)

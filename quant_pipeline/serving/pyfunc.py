@@ -12,6 +12,7 @@ import pandas as pd
 
 from quant_pipeline.core.paths import default_mlflow_uri, default_store_dir
 from quant_pipeline.core.tracking import MlflowTracker
+from quant_pipeline.serving.config import load_serving_config
 from quant_pipeline.serving.server import Server
 
 
@@ -27,7 +28,8 @@ class QuantizedLLM(mlflow.pyfunc.PythonModel):
     request with `request_id`, `output`, `artifact_id`, `served_by` (and the route and version).
     Environment: QP_STORE_DIR (where the request log goes; default the store the artifact lies in),
     QP_SERVE_REF (follow an alias such as `production` per request instead of this version),
-    QP_SERVE_LOG_PROMPTS=0 (log prompt hashes only), QP_SERVE_CRITICAL_RULES (JSON list of regexes).
+    QP_SERVE_LOG_PROMPTS=0 (log prompt hashes only), QP_SERVE_CRITICAL_RULES (JSON list of regexes),
+    QP_SERVE_CONFIG (a serving config YAML: canary share or shadow, budgets, concurrency; serving/config.py).
     Only an approved version (or the kept base) loads, exactly as `quant-pipeline serve` enforces it;
     QP_SERVE_ALLOW_UNAPPROVED=1 is for testing and is written into every request it serves."""
 
@@ -51,6 +53,8 @@ class QuantizedLLM(mlflow.pyfunc.PythonModel):
             "no",
         )
         tracker = MlflowTracker(tracking_uri=os.environ.get("QP_MLFLOW_TRACKING_URI") or default_mlflow_uri())
+        config_file = os.environ.get("QP_SERVE_CONFIG") or config.get("serving_config")
+        serving = load_serving_config(config_file) if config_file else None
         self.server = Server(
             tracker,
             ref["model_name"],
@@ -60,6 +64,7 @@ class QuantizedLLM(mlflow.pyfunc.PythonModel):
             critical_rules=rules,
             known_refs=[ref],
             allow_unapproved=os.environ.get("QP_SERVE_ALLOW_UNAPPROVED", "0").lower() in ("1", "true", "yes"),
+            config=serving,
         )  # fmt: skip  -- Server re-hashes every file against the reference before loading, or raises
 
     # Annotated as a DataFrame (what the scoring server passes) so MLflow infers no schema from the

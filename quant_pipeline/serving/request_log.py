@@ -4,7 +4,9 @@ A served answer is only auditable if one can say, for that one request, which ex
 it and how. So every request gets a record: which registry version and artifact (content hash,
 base hash, recipe, calibration hash), the runtime fingerprint it ran on, the greedy decoding
 parameters, the prompt (or only its sha256), the output and its token ids, the latency, and why
-it was routed where it went; findable in MLflow by its `request_id` tag.
+it was routed where it went (arm, canary bucket, fallback, shadow comparison); findable in MLflow by
+its `request_id` tag. Requests that were not answered (busy, over budget, timed out) get a line too,
+with their status, so the log accounts for all traffic.
 """
 
 from __future__ import annotations
@@ -25,9 +27,9 @@ from quant_pipeline.release.reference import ServingError
 
 # Provenance fields copied into trace tags (searchable); the full record is a root-span attribute.
 TRACE_TAG_FIELDS = (
-    "request_id", "model_name", "model_version", "artifact_id", "served_by", "route_reason", "alias_changed",
-    "content_hash", "base_hash", "quant_method", "bits", "group_size", "calibration_hash", "runtime_hash",
-    "prompt_sha256",
+    "request_id", "status", "model_name", "model_version", "artifact_id", "served_by", "arm", "route_reason",
+    "alias_changed", "canary_changed", "content_hash", "base_hash", "quant_method", "bits", "group_size",
+    "calibration_hash", "runtime_hash", "prompt_sha256",
 )  # fmt: skip
 
 

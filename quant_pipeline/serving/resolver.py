@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -168,6 +169,44 @@ class ModelResolver:
             **{k: v for k, v in record.items() if v is not None},
         }
         return build_ref(directory, record, self.store.root)
+
+
+class AliasWatch:
+    """An alias other than the served ref (the canary), re-read before every request: which version it
+    names now, that version's checked reference (cached per version: a version's source never changes),
+    and whether it moved since the last request. Thread-safe; a move is reported to one request only."""
+
+    def __init__(self, resolver: ModelResolver, alias: str):
+        self.resolver, self.alias = resolver, check_name(alias, "alias")
+        self.seen: str | None = None  # the version the alias named at the last look
+        self._targets: dict[str, Resolved] = {}
+        self._lock = threading.Lock()
+
+    def follow(self) -> tuple[str | None, Resolved | None, str | None, str | None]:
+        """(version the alias names or None, its reference or None, why it has none, the move: "v3->v5",
+        "v5->none", or None when it did not move)."""
+        mv = self.resolver.alias_version(self.alias)
+        version = None if mv is None else str(mv.version)
+        target, problem = None, None
+        if mv is not None:
+            with self._lock:
+                target = self._targets.get(version)
+            if target is None:
+                try:
+                    target = self.resolver.for_version(mv)
+                except ServingError as e:  # its registry tags disagree with its reference
+                    problem = str(e)
+                else:
+                    with self._lock:
+                        self._targets[version] = target
+        with self._lock:
+            old, self.seen = self.seen, version
+        moved = None if old == version else f"{_v(old)}->{_v(version)}"
+        return version, target, problem, moved
+
+
+def _v(version: str | None) -> str:
+    return "none" if version is None else f"v{version}"
 
 
 def unapproved_reason(store: ArtifactStore, model_name: str, ref: dict) -> str | None:
