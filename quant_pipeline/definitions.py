@@ -5,6 +5,9 @@ base_checkpoint -> calibration_set -> quantized_artifact -> eval results (base a
 artifact ID. A model's own stages and its comparison are partitioned by model, the stages from quantized_artifact
 to approval by model x candidate (`defs/candidates.py`): the base evaluation is shared by every candidate of its
 model, and candidate_tradeoff compares them and recommends one.
+
+After release, live monitoring: live_signals (model x hour: per-arm signals of the served traffic, prompt drift,
+the dashboard) and its blocking check, which rolls a canary back when the rollback policy trips.
 """
 
 import dagster as dg
@@ -25,6 +28,13 @@ from quant_pipeline.defs.gate import (
     slices_within_tolerance,
 )
 from quant_pipeline.defs.inputs import base_checkpoint, calibration_set, runtime_environment
+from quant_pipeline.defs.monitoring import (
+    canary_within_rollback_policy,
+    hourly_monitoring_schedule,
+    live_monitoring_job,
+    live_signals,
+    request_volume_sensor,
+)
 from quant_pipeline.defs.quantize import quantized_artifact
 from quant_pipeline.defs.release import audit_report
 from quant_pipeline.defs.resources import build_resources
@@ -50,13 +60,17 @@ AUDIT_ASSETS = [
     candidate_tradeoff,
 ]
 AUDIT_CHECKS = [slices_within_tolerance, every_gated_slice_informative, policy_metrics_measured, identity_moves_nothing]
+# live monitoring: one model's served traffic per hour, and the canary held to the rollback policy
+MONITORING_ASSETS = [live_signals]
+MONITORING_CHECKS = [canary_within_rollback_policy]
 
 defs = dg.Definitions(
-    assets=AUDIT_ASSETS,
-    asset_checks=AUDIT_CHECKS,
-    jobs=[model_stages_job, candidate_stages_job, comparison_job],  # an audit's three runs, in this order
-    sensors=[base_model_sensor, calibration_data_sensor, runtime_sensor, next_phases_sensor],
-    schedules=[periodic_reaudit_schedule],
+    assets=[*AUDIT_ASSETS, *MONITORING_ASSETS],
+    asset_checks=[*AUDIT_CHECKS, *MONITORING_CHECKS],
+    # an audit's three runs, in this order, and live monitoring's
+    jobs=[model_stages_job, candidate_stages_job, comparison_job, live_monitoring_job],
+    sensors=[base_model_sensor, calibration_data_sensor, runtime_sensor, next_phases_sensor, request_volume_sensor],
+    schedules=[periodic_reaudit_schedule, hourly_monitoring_schedule],
     resources=build_resources(deferred=True),  # QP_* variables as dg.EnvVar, resolved per run
     # Model stages share two cores and gigabytes of weights: run them one after another in one process.
     executor=dg.in_process_executor,

@@ -76,6 +76,14 @@ def add_registry_commands(sub) -> None:
         print(f"production -> v{entry['registry_version']} ({a.artifact_id})")
         return 0
 
+    def canary(a):
+        from quant_pipeline.release.canary import set_canary
+
+        store, tracker = _store_and_tracker()
+        entry = set_canary(store, tracker, a.artifact_id, a.by, a.note)
+        print(f"canary -> v{entry['registry_version']} ({a.artifact_id}): the serving config sets its share")
+        return 0
+
     def rollback(a):
         from quant_pipeline.release import signoff
 
@@ -160,6 +168,12 @@ def add_registry_commands(sub) -> None:
         ),
         ("reject", reject, "record a rejection with its reason", ["artifact_id", "--by", "--note"]),
         ("promote", promote, "move `production` to an approved artifact", ["artifact_id", "--by", "--note"]),
+        (
+            "canary",
+            canary,
+            "point `canary` at an approved artifact (live traffic share)",
+            ["artifact_id", "--by", "--note"],
+        ),
         (
             "rollback",
             rollback,

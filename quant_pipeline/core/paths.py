@@ -52,3 +52,5 @@ def default_gguf_path() -> Path:
 EVALS_DIR = PACKAGE_DIR / "evals"
 DEFAULT_CALIBRATION = PACKAGE_DIR / "data" / "calibration" / "default.jsonl"
 DEFAULT_POLICY = PACKAGE_DIR / "policies" / "default.yaml"
+# The rollback policy live monitoring judges a canary by (monitoring/rollback.py), not a tolerance policy.
+DEFAULT_ROLLBACK_POLICY = PACKAGE_DIR / "policies" / "canary-rollback.yaml"

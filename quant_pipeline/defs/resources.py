@@ -11,7 +11,7 @@ import os
 import dagster as dg
 from pydantic import Field
 
-from quant_pipeline.core.paths import DEFAULT_CALIBRATION, DEFAULT_POLICY, default_store_dir
+from quant_pipeline.core.paths import DEFAULT_CALIBRATION, DEFAULT_POLICY, DEFAULT_ROLLBACK_POLICY, default_store_dir
 from quant_pipeline.core.recipe import Recipe
 from quant_pipeline.core.store import ArtifactStore
 from quant_pipeline.core.tracking import MlflowTracker
@@ -89,11 +89,36 @@ class AuditSettings(dg.ConfigurableResource):
         return cls(**kwargs)
 
 
+class MonitoringSettings(dg.ConfigurableResource):
+    """What live monitoring reads: the store holding the request logs, and the rollback policy a canary is held
+    to (`monitoring/rollback.py`). Its own resource, not AuditSettings: a monitoring run audits nothing, so it
+    must not run the audit's pre-run check (a model or calibration file that moved would stop the monitoring
+    that is meant to catch trouble)."""
+
+    store_dir: str = ""  # empty: the project's `.store` (or QP_STORE_DIR), as AuditSettings
+    rollback_policy_file: str = str(DEFAULT_ROLLBACK_POLICY)
+
+    @property
+    def store(self) -> ArtifactStore:
+        return ArtifactStore(self.store_dir or default_store_dir())
+
+    @classmethod
+    def from_env(cls, deferred: bool = False) -> "MonitoringSettings":
+        """QP_STORE_DIR and QP_ROLLBACK_POLICY, each as a `dg.EnvVar` when ``deferred`` (see AuditSettings)."""
+        fields = {"store_dir": "QP_STORE_DIR", "rollback_policy_file": "QP_ROLLBACK_POLICY"}
+        return cls(**{f: dg.EnvVar(n) if deferred else os.environ[n] for f, n in fields.items() if os.environ.get(n)})
+
+
 def build_resources(deferred: bool = False, **settings_overrides) -> dict:
-    """The resources every run uses: the audit's inputs and MLflow (a server where QP_MLFLOW_* say so)."""
+    """The resources every run uses: the audit's inputs, MLflow (a server where QP_MLFLOW_* say so) and what
+    live monitoring reads."""
     tracker = {
         field: dg.EnvVar(name) if deferred else os.environ[name]
         for field, name in (("tracking_uri", "QP_MLFLOW_TRACKING_URI"), ("ui_url", "QP_MLFLOW_UI_URL"))
         if os.environ.get(name)
     }
-    return {"settings": AuditSettings.from_env(deferred, **settings_overrides), "mlflow": MlflowTracker(**tracker)}
+    return {
+        "settings": AuditSettings.from_env(deferred, **settings_overrides),
+        "mlflow": MlflowTracker(**tracker),
+        "monitoring": MonitoringSettings.from_env(deferred),
+    }

@@ -68,6 +68,12 @@ def describe(entry: dict) -> str:
             f"ROLLBACK of {PRODUCTION_ALIAS} v{entry.get('from_version')} → {target} "
             f"by {entry['by']}: {entry.get('note', '')}"
         )
+    if e == "canary set":
+        was = entry.get("from_version")
+        return f"canary → v{entry['registry_version']} by {entry['by']} (from v{was}) {entry.get('note', '')}"
+    if e == "canary rolled back":
+        target = f"v{entry['to_version']} (production's)" if entry.get("to_version") else "removed"
+        return f"CANARY ROLLBACK v{entry['registry_version']} → {target} by {entry['by']}: {entry.get('note', '')}"
     return json.dumps({k: v for k, v in entry.items() if k not in ("hash", "prev_hash")}, default=str)[:300]
 
 
