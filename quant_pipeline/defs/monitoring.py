@@ -51,8 +51,10 @@ def window_of(key: dg.MultiPartitionKey | str) -> tuple[str, dg.TimeWindow]:
 
 
 def live_key(model: str, start: dt.datetime) -> dg.MultiPartitionKey:
-    """The live_signals partition of a model and the hour holding `start`."""
-    return dg.MultiPartitionKey({"model": model, "window": start.astimezone(dt.UTC).strftime(WINDOWS.fmt)})
+    """The live_signals partition of a model and the hour holding `start` (any time in it: the sensor passes now;
+    WINDOWS.fmt has minutes, so the time is cut to the hour first, or the key names no partition)."""
+    hour = start.astimezone(dt.UTC).replace(minute=0, second=0, microsecond=0)
+    return dg.MultiPartitionKey({"model": model, "window": hour.strftime(WINDOWS.fmt)})
 
 
 def model_name_of(model_key: str) -> str:
