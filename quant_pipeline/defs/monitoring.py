@@ -13,11 +13,13 @@ wires it to partitions, resources, MLflow and metadata.
 import datetime as dt
 import json
 import os
+from pathlib import Path
 
 import dagster as dg
 from mlflow.entities import Metric
 
 from quant_pipeline.core.errors import AuditInputError
+from quant_pipeline.core.hashing import sha256_file
 from quant_pipeline.core.tracking import MlflowTracker
 from quant_pipeline.defs.candidates import MODELS
 from quant_pipeline.defs.resources import MonitoringSettings
@@ -152,7 +154,8 @@ def canary_within_rollback_policy(
     file fails the check in one line, as a misconfiguration must not pass for a healthy canary."""
     model_key, window = window_of(context.partition_key)
     model_name, store = model_name_of(model_key), monitoring.store
-    policy = load_rollback_policy(monitoring.rollback_policy_file)
+    policy_path = Path(monitoring.rollback_policy_file)
+    policy = load_rollback_policy(policy_path)
     version = mlflow.alias_version(model_name, CANARY_ALIAS)
     if version is None:
         return dg.AssetCheckResult(passed=True, metadata={"canary": "none set: nothing to hold to the policy"})
@@ -161,7 +164,8 @@ def canary_within_rollback_policy(
     decision = evaluate(window_signals(model_name, entries, window.start, window.end), policy)
     metadata = {
         "decision": decision.summary,
-        "policy": f"{policy.name} ({monitoring.rollback_policy_file})",
+        # the file's hash, so a reviewer sees which thresholds judged this window (the path alone can be re-pointed)
+        "policy": f"{policy.name} ({monitoring.rollback_policy_file}, sha256 {sha256_file(policy_path)[:12]})",
         "canary_version": str(version),
         "enough_evidence": decision.enough_evidence,
         "canary_requests": decision.canary_requests,
