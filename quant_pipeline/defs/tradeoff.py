@@ -23,6 +23,7 @@ from quant_pipeline.evaluation.delta import compute_deltas
 from quant_pipeline.evaluation.policy import load_policy
 from quant_pipeline.release.evidence import EVAL_TABLES, judged_report
 from quant_pipeline.release.governing import pinned_policy_file
+from quant_pipeline.release.signoff import governing_policy
 from quant_pipeline.release.tradeoff import (
     TradeoffRow,
     markdown_table,
@@ -48,8 +49,12 @@ def current_artifact(instance: dg.DagsterInstance, model: str, candidate: str) -
     return getattr(value, "value", value)
 
 
-def candidate_row(settings: AuditSettings, base: dict, key: str, aid: str) -> tuple[TradeoffRow, dict]:
-    """One candidate's row (UNVERIFIED, with the reason, when its evidence does not read back) and its deltas."""
+def candidate_row(
+    settings: AuditSettings, base: dict, key: str, aid: str, current: tuple[str | None, str | None] = (None, None)
+) -> tuple[TradeoffRow, dict]:
+    """One candidate's row (UNVERIFIED, with the reason, when its evidence does not read back; STALE when it was
+    judged under another policy or base evaluation than `current`, the model's governing policy hash and current
+    base evaluation key) and its deltas."""
     store = settings.store
     record = verify_artifact(store, aid)
     if record.base_hash != base["hash"]:
@@ -71,8 +76,24 @@ def candidate_row(settings: AuditSettings, base: dict, key: str, aid: str) -> tu
     except AuditInputError as e:
         empty = {"peak_rss_mb": 0.0, "latency_p50_s": float("nan"), "latency_p95_s": float("nan")}
         return TradeoffRow(**facts, **empty, tokens_per_second=0.0, verdict="UNVERIFIED", reason=str(e)), {}
+    policy_now, base_eval_now = current
+    stale = [
+        what
+        for what, was, now in (
+            (f"judged under policy {report.policy_hash[:12]}, not the governing {(policy_now or '')[:12]}",
+             report.policy_hash, policy_now),
+            (f"judged against base evaluation {report.base_eval_key}, not the current {base_eval_now}",
+             report.base_eval_key, base_eval_now),
+        )
+        if now is not None and was != now
+    ]  # fmt: skip
+    verdict, reason = (
+        ("STALE", "; ".join(stale) + f" (it was {report.verdict}): re-audit {key}")
+        if stale
+        else (report.verdict, "; ".join(report.reasons[:2]))
+    )
     row = TradeoffRow(
-        **facts, verdict=report.verdict, reason="; ".join(report.reasons[:2]),
+        **facts, verdict=verdict, reason=reason,
         peak_rss_mb=evaluation.generation_peak_rss_mb, latency_p50_s=evaluation.latency_p50_s,
         latency_p95_s=evaluation.latency_p95_s, tokens_per_second=evaluation.tokens_per_second,
         **worst_regression(deltas, {m for m, t in policy.tolerances.items() if t.direction == "higher_is_better"}),
@@ -82,20 +103,26 @@ def candidate_row(settings: AuditSettings, base: dict, key: str, aid: str) -> tu
 
 @dg.asset(group_name="audit", kinds={"pandas", "html"}, deps=["approval"], partitions_def=MODELS)
 def candidate_tradeoff(
-    context: dg.AssetExecutionContext, settings: AuditSettings, mlflow: MlflowTracker, base_checkpoint: dict
+    context: dg.AssetExecutionContext,
+    settings: AuditSettings,
+    mlflow: MlflowTracker,
+    base_checkpoint: dict,
+    base_eval_results: dict,
 ) -> dg.MaterializeResult:
     """Every candidate of the model side by side (size, peak memory, latency, worst per-slice regression
     with its interval, verdict), the Pareto frontiers, and the candidate recommended for sign-off."""
     rows, identity_moved, skipped = [], None, []
     with StageMeter() as meter:
         model = context_model(context)
+        pinned = governing_policy(settings.store, base_checkpoint["model_name"])
+        current = (pinned["policy_hash"] if pinned else None, base_eval_results["key"])
         for key in audited(context.instance).get(model, []):
             aid = current_artifact(context.instance, model, key)
             if aid is None:
                 skipped.append(f"{key}: not audited yet")
                 continue
             try:
-                row, extra = candidate_row(settings, base_checkpoint, key, aid)
+                row, extra = candidate_row(settings, base_checkpoint, key, aid, current)
             except AuditInputError as e:  # bytes that do not match their record, or another base's artifact
                 skipped.append(f"{key}: {e}")
                 continue
@@ -129,6 +156,7 @@ def candidate_tradeoff(
             "path": str(out),
             "model_name": base_checkpoint["model_name"],
             "artifacts": [r.artifact_id for r in rows],
+            "verdicts": {r.candidate: r.verdict for r in rows},
             "recommended": best.artifact_id if best else None,
             "identity_moved": identity_moved,
         },  # fmt: skip

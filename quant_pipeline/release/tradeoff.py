@@ -5,7 +5,10 @@ Regressions on different metrics are put on one scale the policy already defines
 tolerance a slice used (degradation / tolerance; 1.0 is the bar). A candidate's worst regression is its
 largest share over every gated slice that measured, with the interval of that delta on the same scale. A
 candidate whose evidence cannot be read back (report or tables changed since the gate judged them) is
-listed as UNVERIFIED and is never recommended: missing evidence is not a pass. Identity (the base, copied)
+listed as UNVERIFIED and is never recommended: missing evidence is not a pass. A candidate last judged under
+another policy than the one governing the model now, or against another base evaluation (an older suite or
+runtime), is listed as STALE and never recommended either: its verdict answers a question nobody asks any
+more, until it is re-audited. Identity (the base, copied)
 is listed, as the pipeline's own check, but never recommended: it saves nothing.
 """
 
@@ -32,7 +35,7 @@ class TradeoffRow(BaseModel):
     artifact_id: str
     method: str
     precision: str
-    verdict: Literal["PASS", "FAIL", "INCOMPLETE", "UNVERIFIED"]
+    verdict: Literal["PASS", "FAIL", "INCOMPLETE", "UNVERIFIED", "STALE"]
     reason: str = ""
     size_bytes: int
     size_vs_base: float

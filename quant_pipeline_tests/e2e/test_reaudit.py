@@ -225,6 +225,11 @@ def test_policy_change_rejudges_without_rerunning_any_model(tiny_settings, mlflo
     assert first.success
     model_name = first.output_for_node("quantized_artifact")["model_name"]
     change_policy(settings, mlflow_tracker, model_name, LENIENT.replace("lenient", "lenient-v2").replace("1.0", "0.9"))
+    # Compared before the re-judging, the candidate's verdict answers the old policy: STALE, never recommended.
+    stale = run_audit(settings, mlflow_tracker, instance, selection=["candidate_tradeoff"]).output_for_node(
+        "candidate_tradeoff"
+    )
+    assert set(stale["verdicts"].values()) == {"STALE"} and stale["recommended"] is None
     rejudge = run_audit(settings, mlflow_tracker, instance, selection=["delta_report", "approval"])
     assert rejudge.success
     assert {e.asset_key.to_user_string() for e in rejudge.get_asset_materialization_events()} == {
@@ -232,6 +237,10 @@ def test_policy_change_rejudges_without_rerunning_any_model(tiny_settings, mlflo
         "approval",
     }
     assert rejudge.output_for_node("delta_report")["policy_name"] == "lenient-v2"
+    after = run_audit(settings, mlflow_tracker, instance, selection=["candidate_tradeoff"]).output_for_node(
+        "candidate_tradeoff"
+    )
+    assert "STALE" not in after["verdicts"].values() and set(after["verdicts"]) == set(stale["verdicts"])
     # A full run after the policy change reuses the artifact and both evaluations by hash.
     full = run_audit(settings, mlflow_tracker, instance)
     assert full.output_for_node("quantized_artifact")["reused"]
