@@ -35,6 +35,22 @@ class RecordError(AuditInputError):
     """A record on disk that cannot be read as what it claims to be."""
 
 
+def read_yaml(path: Path, error: type[Exception], fix: str = "") -> object:
+    """A YAML file's content (None when empty), or `error` in one line naming the file, the line and the
+    problem: every policy and config file of the project is read this way."""
+    import yaml
+
+    tail = f"; {fix}" if fix else ""
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise error(f"{path}: not UTF-8 text{tail}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise error(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)}){tail}") from None
+
+
 def first_error(error: ValidationError) -> tuple[str, str]:
     """(dotted field, message) of a validation error's first problem: what a one-line refusal names."""
     first = error.errors()[0]

@@ -14,12 +14,12 @@ import math
 from pathlib import Path
 from typing import Annotated, Literal
 
-import yaml
 from pydantic import AfterValidator, BaseModel, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from quant_pipeline.core.errors import AuditInputError
 from quant_pipeline.core.hashing import sha256_file
+from quant_pipeline.core.records import read_yaml
 
 # What a metric means when it is the quantized model's agreement with the base: the base agrees
 # with itself perfectly, so its reference value is fixed.
@@ -210,12 +210,7 @@ def load_policy(path: Path) -> tuple[Policy, str]:
     """Parse and validate a policy file; return it with its content hash."""
     if not path.is_file():
         raise AuditInputError(f"policy file {path} does not exist: set settings.policy_file (QP_POLICY_FILE)")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark else ""
-        raise AuditInputError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    raw = read_yaml(path, AuditInputError)
     if not isinstance(raw, dict):
         raise AuditInputError(f"{path}: expected a mapping with `name` and `tolerances`")
     try:

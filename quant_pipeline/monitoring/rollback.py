@@ -30,11 +30,10 @@ import math
 from pathlib import Path
 
 import numpy as np
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from quant_pipeline.core.errors import AuditInputError
-from quant_pipeline.core.records import first_error
+from quant_pipeline.core.records import first_error, read_yaml
 from quant_pipeline.monitoring.requests import LoggedRequest
 from quant_pipeline.monitoring.signals import ArmSignals, Rate, ShadowSignals, WindowSignals
 
@@ -77,12 +76,7 @@ def load_rollback_policy(path: Path | str) -> RollbackPolicy:
     path = Path(path)
     if not path.is_file():
         raise RollbackPolicyError(f"rollback policy {path} does not exist: set QP_ROLLBACK_POLICY to a YAML file")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark else ""
-        raise RollbackPolicyError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    raw = read_yaml(path, RollbackPolicyError)
     if not isinstance(raw, dict):
         raise RollbackPolicyError(f"{path}: expected a mapping with `name`, `min_requests_per_arm` and thresholds")
     try:

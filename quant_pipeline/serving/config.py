@@ -14,11 +14,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 
 from quant_pipeline.core.errors import AuditInputError
-from quant_pipeline.core.records import RequestBudget
+from quant_pipeline.core.records import RequestBudget, read_yaml
 
 EXAMPLE_FILE = Path(__file__).with_name("serving.example.yaml")
 
@@ -74,14 +73,7 @@ def load_serving_config(path: Path | str) -> ServingConfig:
     fix = f"see {EXAMPLE_FILE.name} in quant_pipeline/serving/ for every field"
     if not path.is_file():
         raise ServingConfigError(f"serving config {path} does not exist: pass --config an existing YAML file")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise ServingConfigError(f"{path}: not UTF-8 text; {fix}") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark else ""
-        raise ServingConfigError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)}); {fix}") from None
+    raw = read_yaml(path, ServingConfigError, fix)
     if raw is None:
         return ServingConfig()  # an empty file: every default
     if not isinstance(raw, dict):
