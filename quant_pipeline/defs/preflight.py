@@ -7,6 +7,7 @@ from quant_pipeline.evaluation.policy import load_policy
 from quant_pipeline.models.calibration import check_enough_samples, load_calibration_texts
 from quant_pipeline.models.checkpoint import check_weights_readable, read_model_config, resolve_model_source
 from quant_pipeline.models.methods import check_recipe_fits
+from quant_pipeline.release.governing import check_governing
 from quant_pipeline.release.tradeoff import OBJECTIVES
 
 # setting -> (CLI option, environment variable, what a value below 1 would mean, the fix)
@@ -50,4 +51,5 @@ def preflight(settings, recipe=None, model: str | None = None) -> None:
     if recipe is not None:
         check_recipe_fits(recipe, read_model_config(source), source.name)
         check_enough_samples(texts, calibration, recipe)
-    load_policy(Path(settings.policy_file))
+    _, policy_hash = load_policy(Path(settings.policy_file))
+    check_governing(settings.store, source.name, Path(settings.policy_file), policy_hash)

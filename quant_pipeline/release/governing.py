@@ -94,13 +94,20 @@ def require_governing(
     dagster_run_id: str | None = None,
 ) -> dict:
     """The pinned policy entry, which must be ``policy_file``'s; the first judged audit pins it."""
-    current = governing_policy(store, model_name)
+    current = check_governing(store, model_name, policy_file, policy_hash)
     if current is None:
         return pin_policy(
             store, tracker, model_name, policy_file, FIRST_AUDIT,
             f"the policy the first judged audit of {model_name} ran under", dagster_run_id,
         )  # fmt: skip
-    if current.get("policy_hash") != policy_hash:
+    return current
+
+
+def check_governing(store: ArtifactStore | Path, model_name: str, policy_file: Path, policy_hash: str) -> dict | None:
+    """The pinned policy entry (None: nothing pinned yet), refusing a ``policy_file`` that is not it. Called by the
+    pre-run check too, so a policy the gate would refuse stops the audit before any model work, not after it."""
+    current = governing_policy(store, model_name)
+    if current is not None and current.get("policy_hash") != policy_hash:
         raise PolicyNotPinnedError(
             f"policy file {policy_file} (sha256 {policy_hash[:12]}) is not the policy governing {model_name} "
             f"({current.get('policy_name')}, sha256 {str(current.get('policy_hash'))[:12]}, pinned by "
