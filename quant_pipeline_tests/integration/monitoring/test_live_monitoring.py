@@ -223,10 +223,13 @@ def test_the_sensor_asks_for_a_window_every_n_requests_and_the_schedule_for_the_
         )
         assert not quiet.run_requests and "0 new requests" in quiet.skip_reason.skip_message
         tick = WINDOW_START + HOUR + dt.timedelta(minutes=5)
-        schedule_context = dg.build_schedule_context(
+        # A schedule context opens an instance of its own from the given one's ref; closed here, not whenever the
+        # garbage collector gets to it (a late close resets Dagster's current state storage to a dead one,
+        # under whichever test runs then).
+        with dg.build_schedule_context(
             instance=instance, scheduled_execution_time=tick, resources={"monitoring": monitoring}
-        )
-        (hourly,) = hourly_monitoring_schedule(schedule_context)
+        ) as schedule_context:
+            (hourly,) = hourly_monitoring_schedule(schedule_context)
         assert hourly.partition_key == live_key(model, WINDOW_START)
         assert WINDOWS.time_window_for_partition_key(hourly.partition_key.keys_by_dimension["window"]).start == (
             WINDOW_START
