@@ -51,10 +51,29 @@ def read_yaml(path: Path, error: type[Exception], fix: str = "") -> object:
         raise error(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)}){tail}") from None
 
 
+def read_yaml_mapping(
+    path: Path, error: type[Exception], what: str, how: str, shape: str, fix: str = "", empty_ok: bool = False
+) -> dict | None:
+    """The mapping a policy or config file holds, or `error` in one line: the file is missing (`what` it is,
+    `how` to name one), is not YAML, or holds something other than a mapping (`shape`: what it should hold).
+    An empty file is None where `empty_ok` (every field defaulted). Every policy and config loader starts here."""
+    if not path.is_file():
+        raise error(f"{what} {path} does not exist: {how}")
+    raw = read_yaml(path, error, fix)
+    if raw is None and empty_ok:
+        return None
+    if not isinstance(raw, dict):
+        raise error(f"{path}: expected a mapping {shape}" + (f"; {fix}" if fix else ""))
+    return raw
+
+
 def first_error(error: ValidationError) -> tuple[str, str]:
-    """(dotted field, message) of a validation error's first problem: what a one-line refusal names."""
+    """(dotted field, message) of a validation error's first problem: what a one-line refusal names. A rule
+    that names its field itself (`ctx.field`) is named by it, since pydantic's location is then only the
+    enclosing mapping; a mapping key's `[key]` marker is dropped from the location."""
     first = error.errors()[0]
-    return ".".join(str(p) for p in first["loc"]) or "(top level)", first["msg"]
+    field = (first.get("ctx") or {}).get("field")
+    return field or ".".join(str(p) for p in first["loc"] if p != "[key]") or "(top level)", first["msg"]
 
 
 class Record(BaseModel):

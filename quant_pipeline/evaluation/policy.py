@@ -19,7 +19,7 @@ from pydantic_core import PydanticCustomError
 
 from quant_pipeline.core.errors import AuditInputError
 from quant_pipeline.core.hashing import sha256_file
-from quant_pipeline.core.records import read_yaml
+from quant_pipeline.core.records import first_error, read_yaml_mapping
 
 # What a metric means when it is the quantized model's agreement with the base: the base agrees
 # with itself perfectly, so its reference value is fixed.
@@ -199,25 +199,15 @@ class Policy(BaseModel, extra="forbid"):
         return tolerances
 
 
-def _field(err: dict) -> str:
-    """The dotted field an error is about: named by the rule itself when pydantic's location is only
-    the enclosing mapping, else the location (a mapping key's `[key]` marker dropped)."""
-    field = (err.get("ctx") or {}).get("field")
-    return field or ".".join(str(p) for p in err["loc"] if p != "[key]")
-
-
 def load_policy(path: Path) -> tuple[Policy, str]:
     """Parse and validate a policy file; return it with its content hash."""
-    if not path.is_file():
-        raise AuditInputError(f"policy file {path} does not exist: set settings.policy_file (QP_POLICY_FILE)")
-    raw = read_yaml(path, AuditInputError)
-    if not isinstance(raw, dict):
-        raise AuditInputError(f"{path}: expected a mapping with `name` and `tolerances`")
+    how = "set settings.policy_file (QP_POLICY_FILE)"
+    raw = read_yaml_mapping(path, AuditInputError, "policy file", how, "with `name` and `tolerances`")
     try:
         policy = Policy.model_validate(raw)
     except ValidationError as e:
-        err = e.errors()[0]
-        raise AuditInputError(f"{path}: field `{_field(err)}`: {err['msg']}") from None
+        field, message = first_error(e)
+        raise AuditInputError(f"{path}: field `{field}`: {message}") from None
     if not policy.tolerances:
         raise AuditInputError(f"{path}: `tolerances` is empty: give at least one metric")
     return policy, sha256_file(path)

@@ -33,7 +33,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from quant_pipeline.core.errors import AuditInputError
-from quant_pipeline.core.records import first_error, read_yaml
+from quant_pipeline.core.records import first_error, read_yaml_mapping
 from quant_pipeline.monitoring.requests import LoggedRequest
 from quant_pipeline.monitoring.signals import ArmSignals, Rate, ShadowSignals, WindowSignals
 
@@ -74,11 +74,10 @@ class RollbackPolicy(BaseModel):
 def load_rollback_policy(path: Path | str) -> RollbackPolicy:
     """Parse and validate a rollback policy file, or refuse it in one line (file and field)."""
     path = Path(path)
-    if not path.is_file():
-        raise RollbackPolicyError(f"rollback policy {path} does not exist: set QP_ROLLBACK_POLICY to a YAML file")
-    raw = read_yaml(path, RollbackPolicyError)
-    if not isinstance(raw, dict):
-        raise RollbackPolicyError(f"{path}: expected a mapping with `name`, `min_requests_per_arm` and thresholds")
+    raw = read_yaml_mapping(
+        path, RollbackPolicyError, "rollback policy", "set QP_ROLLBACK_POLICY to a YAML file",
+        "with `name`, `min_requests_per_arm` and thresholds",
+    )  # fmt: skip
     try:
         policy = RollbackPolicy.model_validate(raw)
     except ValidationError as e:

@@ -17,7 +17,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 
 from quant_pipeline.core.errors import AuditInputError
-from quant_pipeline.core.records import RequestBudget, read_yaml
+from quant_pipeline.core.records import RequestBudget, first_error, read_yaml_mapping
 
 EXAMPLE_FILE = Path(__file__).with_name("serving.example.yaml")
 
@@ -63,24 +63,20 @@ class ServingConfig(BaseModel):
         return RequestBudget(max_prompt_tokens=self.max_prompt_tokens, max_new_tokens=self.max_new_tokens)
 
 
-def _field(error: dict) -> str:
-    return ".".join(str(p) for p in error["loc"]) or "(top level)"
-
-
 def load_serving_config(path: Path | str) -> ServingConfig:
     """Read and validate a serving config file; refuse in one line naming the file and the field."""
     path = Path(path)
     fix = f"see {EXAMPLE_FILE.name} in quant_pipeline/serving/ for every field"
-    if not path.is_file():
-        raise ServingConfigError(f"serving config {path} does not exist: pass --config an existing YAML file")
-    raw = read_yaml(path, ServingConfigError, fix)
+    raw = read_yaml_mapping(
+        path, ServingConfigError, "serving config", "pass --config an existing YAML file",
+        "of fields (canary_share, mode, ...)", fix, empty_ok=True,
+    )  # fmt: skip
     if raw is None:
         return ServingConfig()  # an empty file: every default
-    if not isinstance(raw, dict):
-        raise ServingConfigError(f"{path}: expected a mapping of fields (canary_share, mode, ...); {fix}")
     try:
         return ServingConfig.model_validate(raw)
     except ValidationError as e:
+        field, message = first_error(e)
         first = e.errors()[0]
         given = f" (got {first['input']!r})" if first["type"] != "extra_forbidden" and "input" in first else ""
-        raise ServingConfigError(f"{path}: field `{_field(first)}`: {first['msg']}{given}; {fix}") from None
+        raise ServingConfigError(f"{path}: field `{field}`: {message}{given}; {fix}") from None
