@@ -9,9 +9,9 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-fast lint fmt ui mlflow bench bench-candidates check-deps clean serve
+.PHONY: install chromium demo test test-fast lint fmt ui mlflow bench bench-candidates check-deps clean serve
 
-install: $(VENV)/.installed $(GGUF) $(DAGSTER_HOME)/dagster.yaml
+install: $(VENV)/.installed $(GGUF) $(DAGSTER_HOME)/dagster.yaml chromium
 
 # Two steps, on purpose: dagster-webserver 1.13.27 pins protobuf<7 while gptqmodel 7.5.0 declares
 # protobuf>=7.34 and numpy==2.2.6. Everything else resolves normally; gptqmodel goes in with
@@ -35,6 +35,20 @@ $(GGUF):
 $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 	mkdir -p $(DAGSTER_HOME)
 	cp dagster.yaml $@
+
+# The browser tests (quant_pipeline_tests/browser) drive Debian's chromium through Playwright: Playwright's own
+# browser download needs a host the machines cannot reach, so `playwright install` is never run. A no-op when
+# chromium is on PATH; as root it is installed from Debian (the package lists refreshed only if that fails).
+CHROMIUM_APT := DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium
+chromium:
+	@command -v chromium >/dev/null 2>&1 && exit 0; \
+	if [ "$$(id -u)" != 0 ]; then \
+	  echo "chromium missing (browser tests): run 'sudo $(CHROMIUM_APT)', then make install" >&2; \
+	  exit 1; \
+	fi; \
+	echo "$(CHROMIUM_APT)"; \
+	$(CHROMIUM_APT) || { apt-get update -q && $(CHROMIUM_APT); } || exit 1; \
+	command -v chromium >/dev/null 2>&1 || { echo "chromium installed but not on PATH" >&2; exit 1; }
 
 # pip check must report gptqmodel's two declared pins and nothing else.
 check-deps:

@@ -19,11 +19,13 @@ class StageMeter:
     wall_s: float = 0.0
     peak_rss_mb: float = 0.0
     start_rss_mb: float = 0.0
+    started: float = 0.0  # time.time() at entry: the stage's MLflow run starts here, not when it is logged
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
 
     def __enter__(self) -> StageMeter:
         proc = psutil.Process()
         self.start_rss_mb = self.peak_rss_mb = proc.memory_info().rss / 2**20
+        self.started = time.time()
         self._t0 = time.perf_counter()
 
         def sample() -> None:

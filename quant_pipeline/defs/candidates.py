@@ -30,6 +30,7 @@ AUDITS = dg.MultiPartitionsDefinition({"model": MODELS, "candidate": CANDIDATES}
 PARTITION_TAG = "dagster/partition"
 MODEL_TAG = "dagster/partition/model"
 CANDIDATE_TAG = "dagster/partition/candidate"
+AFTER_RUN_TAG = "quant_pipeline/after_run"  # a re-audit's later phases: the model run they follow
 
 MODEL_STAGES = ["base_checkpoint", "calibration_set", "runtime_environment", "base_eval_results"]
 CANDIDATE_STAGES = ["quantized_artifact", "quantized_eval_results", "delta_report", "approval"]
@@ -88,6 +89,32 @@ def context_model(context: dg.AssetExecutionContext) -> str:
     """The model key of the partition a stage runs for."""
     key = context.partition_key
     return key.keys_by_dimension["model"] if isinstance(key, dg.MultiPartitionKey) else key
+
+
+def audit_key(context: dg.AssetExecutionContext) -> str:
+    """The key that groups one audit's MLflow stage runs under one parent run: the ID of the Dagster run of the
+    model's own stages that the audit starts with.
+
+    An audit is several Dagster runs (`phases`) that share no tag of their own: the CLI tags each phase alike,
+    and a re-audit's later phases carry `quant_pipeline/after_run` = the model run's ID (`next_phases_sensor`).
+    So a model stage's key is its own run's ID; a later phase's is that tag, or else the run that last
+    materialized one of the model's partitioned stages: the base this candidate is judged against, which the
+    CLI (and a launch from the UI after the model's run) built just before. Model + candidate would not do: it
+    would pile every re-audit of a candidate under one parent, and split one audit's candidates from the base."""
+    if context.run.tags.get(AFTER_RUN_TAG):
+        return context.run.tags[AFTER_RUN_TAG]
+    if context.asset_key.to_user_string() in MODEL_STAGES:
+        return context.run.run_id
+    model = context_model(context)
+    latest = [
+        record
+        for stage in MODEL_STAGES
+        if stage != "runtime_environment"  # not partitioned by model
+        for record in context.instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey(stage), asset_partitions=[model]), limit=1
+        ).records
+    ]
+    return max(latest, key=lambda r: r.timestamp).run_id if latest else context.run.run_id
 
 
 def candidate_recipe(context: dg.AssetExecutionContext) -> Recipe:

@@ -20,7 +20,7 @@ from quant_pipeline.core.progress import log_progress
 from quant_pipeline.core.records import EvalRecord
 from quant_pipeline.core.store import atomic_file
 from quant_pipeline.core.tracking import MlflowTracker
-from quant_pipeline.defs.candidates import AUDITS, MODELS
+from quant_pipeline.defs.candidates import AUDITS, MODELS, audit_key
 from quant_pipeline.defs.resources import AuditSettings
 from quant_pipeline.evaluation.generation import plan
 from quant_pipeline.evaluation.suite import (
@@ -162,6 +162,8 @@ def evaluate_checkpoint(
         target.model_name,
         f"{target.label}_eval_results",
         {"dagster_run_id": context.run.run_id, "suite_hash": suite, **target.tags},
+        started=meter.started,
+        audit_key=audit_key(context),
     ) as run:
         run.log_params({"suite_hash": suite, "limit": settings.eval_limit, "reused_from_run": reused_from})
         run.log_metrics(
@@ -182,6 +184,7 @@ def evaluate_checkpoint(
             "latency_p50_s": record.get("latency_p50_s"),
             "part_seconds": dg.MetadataValue.json({} if reused_from else record.get("part_seconds", {})),
             "path": dg.MetadataValue.path(str(out_dir)),
+            "eval_dir": dg.MetadataValue.path(str(out_dir)),  # `path` may show the IO manager's pickle instead
             **meter.metadata(),
             **run.metadata(),
         },

@@ -9,16 +9,18 @@
   answer, so the run goes on to record the gate's rejection (approval) and the audit report.
 """
 
+import datetime as dt
 from pathlib import Path
 
 import dagster as dg
 import pandas as pd
 
 from quant_pipeline.core.hashing import canonical_hash, sha256_file
+from quant_pipeline.core.perf import StageMeter
 from quant_pipeline.core.records import DeltaReportRecord
 from quant_pipeline.core.store import ArtifactStore, atomic_directory
-from quant_pipeline.core.tracking import MlflowTracker
-from quant_pipeline.defs.candidates import AUDITS
+from quant_pipeline.core.tracking import LATEST_AUDITED_ALIAS, MlflowTracker
+from quant_pipeline.defs.candidates import AUDITS, audit_key
 from quant_pipeline.defs.resources import AuditSettings
 from quant_pipeline.evaluation import delta as delta_module
 from quant_pipeline.evaluation import policy as policy_module
@@ -34,6 +36,7 @@ from quant_pipeline.evaluation.delta import (
 )
 from quant_pipeline.evaluation.delta_html import render_html, render_markdown
 from quant_pipeline.evaluation.policy import Policy, load_policy
+from quant_pipeline.evaluation.report_context import ReportContext
 from quant_pipeline.release.evidence import eval_table_hashes
 from quant_pipeline.release.governing import require_governing
 from quant_pipeline.release.revocation import revoke
@@ -101,12 +104,22 @@ def judge(
         "path": str(out_dir / "delta_report.parquet"), "markdown_path": str(out_dir / "delta_report.md"),
         "html_path": str(out_dir / "delta_report.html"),
     })  # fmt: skip
-    markdown = render_markdown(deltas, policy, policy_hash, aid, outcome, reasons)
+    # who and what the document is about, so the file alone names the judged bytes (no decision yet: pending)
+    context = ReportContext(
+        model_name=artifact["model_name"], artifact_id=aid, registry_version=artifact.get("registry_version"),
+        content_hash=artifact.get("content_hash"), base_hash=artifact.get("base_hash"),
+        recipe=artifact.get("recipe") or {}, calibration_hash=artifact.get("calibration_hash"),
+        calibration_count=artifact.get("calibration_count"), runtime_hash=artifact.get("runtime_hash"),
+        policy_name=policy.name, policy_hash=policy_hash, policy=policy, base_eval_key=base_eval["key"],
+        eval_key=quant_eval["key"], judged_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        verdict=outcome, reasons=reasons,
+    )  # fmt: skip
+    markdown = render_markdown(deltas, policy, policy_hash, aid, outcome, reasons, context)
     sizes = {"base_mb": artifact.get("base_size_bytes", 0) / 2**20, "quantized_mb": artifact["size_bytes"] / 2**20}
     with atomic_directory(out_dir) as tmp:  # an unrecorded leftover (a crashed run's) is replaced whole
         deltas.to_parquet(tmp / "delta_report.parquet")
         (tmp / "delta_report.md").write_text(markdown)
-        (tmp / "delta_report.html").write_text(render_html(deltas, markdown, base_results, quant_results, sizes))
+        (tmp / "delta_report.html").write_text(render_html(deltas, context, base_results, quant_results, sizes))
         record.write(tmp / "delta_report.json")
     return record, deltas, item_table(base_items, quant_items), key
 
@@ -120,17 +133,30 @@ def delta_report(
     base_eval_results: dict,
     quantized_eval_results: dict,
 ) -> dg.MaterializeResult:
-    """Per-slice quantized-vs-base deltas with paired intervals, judged against the model's pinned policy."""
+    """Per-slice quantized-vs-base deltas with paired intervals, judged against the model's pinned policy.
+
+    Its value carries the gated rows (base, quantized, delta, interval, tolerance, status, reason) and what was
+    judged when (`judged`), so the checks below can show a reviewer the numbers, not only the slices' names."""
     store, aid, model_name = settings.store, quantized_artifact["artifact_id"], quantized_artifact["model_name"]
-    policy_path = Path(settings.policy_file)
-    policy, policy_hash = load_policy(policy_path)
-    require_governing(store, mlflow, model_name, policy_path, policy_hash, context.run.run_id)
-    tables = eval_table_hashes(store, base_eval_results["key"], quantized_eval_results["key"])
-    record, deltas, items, key = judge(
-        store, quantized_artifact, base_eval_results, quantized_eval_results, policy, policy_path, policy_hash, tables
-    )
-    report_json = Path(record.path).with_name("delta_report.json")
-    gated = deltas[deltas["status"] != UNGATED]
+    with StageMeter() as meter:
+        policy_path = Path(settings.policy_file)
+        policy, policy_hash = load_policy(policy_path)
+        require_governing(store, mlflow, model_name, policy_path, policy_hash, context.run.run_id)
+        tables = eval_table_hashes(store, base_eval_results["key"], quantized_eval_results["key"])
+        record, deltas, items, key = judge(
+            store, quantized_artifact, base_eval_results, quantized_eval_results, policy, policy_path, policy_hash,
+            tables,
+        )  # fmt: skip
+        report_json = Path(record.path).with_name("delta_report.json")
+        gated = deltas[deltas["status"] != UNGATED]
+        shown = gated[
+            ["category", "metric", "base", "quantized", "delta", "ci_low", "ci_high", "tolerance", "status", "reason"]
+        ]
+        rows = shown.astype(object).where(shown.notna(), None).to_dict("records")  # JSON metadata: None, not NaN
+        judged = {
+            "report_key": key, "report_sha256": sha256_file(report_json), "dagster_run_id": context.run.run_id,
+            "at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        }  # fmt: skip
     record_event(store, mlflow, model_name, {
         "event": "evaluated", "artifact_id": aid, "registry_version": record.registry_version,
         "verdict": record.verdict, "passed": record.passed, "reasons": record.reasons,
@@ -146,11 +172,14 @@ def delta_report(
         model_name,
         "delta_report",
         {"dagster_run_id": context.run.run_id, "artifact_id": aid, "policy_hash": policy_hash},
+        started=meter.started,
+        audit_key=audit_key(context),
     ) as run:
         run.log_params({"policy_name": policy.name, "policy_hash": policy_hash, "verdict": record.verdict})
+        # shown rounded (-0.08, not -0.07999999999999996); the gate judged the exact values in the report
+        run.log_metrics({f"delta/{r.metric}/{r.category}": r.delta for r in deltas.itertuples()}, digits=6)
         run.log_metrics(
-            {f"delta/{r.metric}/{r.category}": r.delta for r in deltas.itertuples()}
-            | {"slices_failed": len(record.failing), "slices_incomplete": len(record.incomplete)}
+            {"slices_failed": len(record.failing), "slices_incomplete": len(record.incomplete), **meter.metadata()}
         )
         for name in REPORT_FILES:
             run.log_file(report_json.with_name(name))
@@ -161,6 +190,16 @@ def delta_report(
         record.registry_version,
         {"verdict": record.verdict, "delta_passed": record.passed, "policy_hash": policy_hash},
     )
+    mlflow.set_alias(model_name, LATEST_AUDITED_ALIAS, record.registry_version)
+    html_url = Path(record.html_path).resolve().as_uri()
+    mlflow.describe_judgement(
+        model_name,
+        record.registry_version,
+        f"Judged {judged['at']}: {record.verdict} under policy {policy.name} ({policy_hash[:12]}); "
+        f"{len(record.failing)} of {len(gated)} gated slices regressed beyond tolerance, {len(record.incomplete)} "
+        f"could not show a regression, {len(record.waived)} waived. Report: {html_url} (report key {key}, sha256 "
+        f"{judged['report_sha256'][:16]}). MLflow run: {run.url}",
+    )
     revoked = None
     if not record.passed:  # an approval stands only while the artifact keeps passing its audits
         why = "; ".join(record.reasons[:5]) + (f" (+{len(record.reasons) - 5} more)" if len(record.reasons) > 5 else "")
@@ -168,11 +207,20 @@ def delta_report(
         revoked = revoke(store, mlflow, aid, reason, context.run.run_id)
     revocation = f"{revoked['note']}; aliases {revoked['aliases_moved'] or 'unchanged'}" if revoked else ""
     return dg.MaterializeResult(
-        value={**record.dump(), "report_sha256": sha256_file(report_json), "approval_revoked": revocation},
+        value={
+            **record.dump(),
+            "report_sha256": judged["report_sha256"],
+            "approval_revoked": revocation,
+            "gated_slices": rows,
+            "judged": judged,
+        },
         metadata={
             "verdict": record.verdict,
             "report": dg.MetadataValue.md(report_json.with_name("delta_report.md").read_text()),
-            "html_report": dg.MetadataValue.path(record.html_path),
+            "html_report": dg.MetadataValue.path(record.html_path),  # the CLI prints it
+            "html_report_url": dg.MetadataValue.url(html_url),  # clickable in the UI
+            "report_key": key,
+            "report_sha256": judged["report_sha256"],
             "passed": record.passed,
             "slices": len(gated),
             "slices_failed": len(record.failing),
@@ -181,6 +229,7 @@ def delta_report(
             "reasons": dg.MetadataValue.md("\n".join(f"- {r}" for r in record.reasons) or "none"),
             "policy_hash": policy_hash,
             "approval_revoked": revocation or "no",
+            **meter.metadata(),
             **run.metadata(),
         },
     )
@@ -192,12 +241,31 @@ def delta_report(
     description="No slice regressed beyond the policy's tolerance (FAIL otherwise).",
 )
 def slices_within_tolerance(delta_report: dict) -> dg.AssetCheckResult:
+    """Each failing slice with its numbers (base, quantized, delta, interval, tolerance), as a table to read and
+    a JSON list to copy, and which report (key, sha256, run, time) was judged: a check's own timestamp is the
+    run's start, not the judgement's."""
     failing = delta_report["failing"]
+    names = {(f["metric"], f["category"]) for f in failing}
+    rows = [r for r in delta_report.get("gated_slices", []) if (r["metric"], r["category"]) in names]
+    table = pd.DataFrame(
+        {
+            "slice": [f"{r['metric']}/{r['category']}" for r in rows],
+            **{c: [r[c] for r in rows] for c in ("base", "quantized", "delta")},
+            "interval": [
+                f"[{r['ci_low']:.4g}, {r['ci_high']:.4g}]" if None not in (r["ci_low"], r["ci_high"]) else "-"
+                for r in rows
+            ],
+            "tolerance": [r["tolerance"] for r in rows],
+        }
+    )
     return dg.AssetCheckResult(
         passed=not failing,
         metadata={
             "failing_slices": ", ".join(f"{f['metric']}/{f['category']}" for f in failing) or "none",
+            "failing": dg.MetadataValue.md(table.to_markdown(index=False, floatfmt=".6g") if rows else "none"),
+            "failing_rows": dg.MetadataValue.json(rows),
             "approval_revoked": delta_report.get("approval_revoked") or "no",
+            **{f"judged_{k}": v for k, v in delta_report.get("judged", {}).items()},
         },
     )
 
@@ -209,14 +277,26 @@ def slices_within_tolerance(delta_report: dict) -> dg.AssetCheckResult:
     "(INCOMPLETE otherwise; waived slices are listed, not counted).",
 )
 def every_gated_slice_informative(delta_report: dict) -> dg.AssetCheckResult:
+    """Names each slice that could not show a regression, with its status and reason (and the values it had)."""
     notes = delta_report["incomplete"]
+    values = {(r["metric"], r["category"]): r for r in delta_report.get("gated_slices", [])}
+    rows = [
+        {
+            "slice": f"{n['metric']}/{n['category']}", "status": n["status"], "reason": n["reason"],
+            **{c: values.get((n["metric"], n["category"]), {}).get(c) for c in ("base", "quantized", "delta")},
+        }
+        for n in notes
+    ]  # fmt: skip
     return dg.AssetCheckResult(
         passed=not notes and delta_report["verdict"] != "INCOMPLETE",
         metadata={
+            "not_measurable": ", ".join(r["slice"] for r in rows) or "none",
             "incomplete": dg.MetadataValue.md(
-                "\n".join(f"- {n['metric']}/{n['category']}: {n['status']} ({n['reason']})" for n in notes) or "none"
+                pd.DataFrame(rows).to_markdown(index=False, floatfmt=".6g") if rows else "none"
             ),
+            "incomplete_rows": dg.MetadataValue.json(rows),
             "waived": ", ".join(f"{w['metric']}/{w['category']}" for w in delta_report["waived"]) or "none",
+            **{f"judged_{k}": v for k, v in delta_report.get("judged", {}).items()},
         },
     )
 
@@ -228,4 +308,10 @@ def every_gated_slice_informative(delta_report: dict) -> dg.AssetCheckResult:
 )
 def policy_metrics_measured(delta_report: dict) -> dg.AssetCheckResult:
     missing = sorted(set(delta_report["policy_metrics"]) - set(delta_report["measured_metrics"]))
-    return dg.AssetCheckResult(passed=not missing, metadata={"missing_metrics": ", ".join(missing) or "none"})
+    return dg.AssetCheckResult(
+        passed=not missing,
+        metadata={
+            "missing_metrics": ", ".join(missing) or "none",
+            **{f"judged_{k}": v for k, v in delta_report.get("judged", {}).items()},
+        },
+    )

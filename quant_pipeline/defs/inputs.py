@@ -13,12 +13,13 @@ from pathlib import Path
 
 import dagster as dg
 
+from quant_pipeline.core.errors import AuditInputError
 from quant_pipeline.core.hashing import sha256_file
 from quant_pipeline.core.perf import StageMeter
 from quant_pipeline.core.recipe import Recipe
 from quant_pipeline.core.runtime import fingerprint_hash, runtime_fingerprint
 from quant_pipeline.core.tracking import MlflowTracker
-from quant_pipeline.defs.candidates import MODELS, context_model
+from quant_pipeline.defs.candidates import MODEL_TAG, MODELS, PARTITION_TAG, audit_key, context_model
 from quant_pipeline.defs.resources import AuditSettings
 from quant_pipeline.models.calibration import load_calibration_texts, token_stats
 from quant_pipeline.models.checkpoint import (
@@ -45,8 +46,17 @@ def base_checkpoint(
             **describe_checkpoint(path),
         }
     record["perf"] = meter.metadata()
+    description = (
+        f"Full-precision base of {source.name} (kind=base): the baseline every quantized candidate of it is judged "
+        f"against, and the rollback target. Checkpoint {path} ({record['dtype']}, {record['num_parameters']:,} "
+        f"parameters), content hash {record['hash'][:16]}, source {record['source_version']}."
+    )
     with mlflow.stage_run(
-        source.name, "base_checkpoint", {"dagster_run_id": context.run.run_id, "base_hash": record["hash"]}
+        source.name,
+        "base_checkpoint",
+        {"dagster_run_id": context.run.run_id, "base_hash": record["hash"]},
+        started=meter.started,
+        audit_key=audit_key(context),
     ) as run:
         run.log_params({k: record[k] for k in ("path", "hash", "architecture", "num_parameters", "dtype")})
         run.log_metrics({"size_bytes": record["size_bytes"], **meter.metadata()})
@@ -56,7 +66,7 @@ def base_checkpoint(
         version = mlflow.register_artifact(source.name, base_artifact_id(record["hash"]), source_uri, run.run_id, {
             "kind": "base", "artifact_id": base_artifact_id(record["hash"]), "content_hash": record["hash"],
             "base_hash": record["hash"], "source_version": record["source_version"], "dtype": record["dtype"],
-        })  # fmt: skip
+        }, description)  # fmt: skip
     record["registry_version"] = version
     return dg.MaterializeResult(
         value=record,
@@ -65,6 +75,7 @@ def base_checkpoint(
             "model": source.name,
             "source_version": record["source_version"],
             "path": dg.MetadataValue.path(str(path)),
+            "checkpoint_dir": dg.MetadataValue.path(str(path)),  # `path` may show the IO manager's pickle instead
             "content_hash": record["hash"],
             "architecture": record["architecture"],
             "num_parameters": record["num_parameters"],
@@ -101,6 +112,8 @@ def calibration_set(
         base_checkpoint["model_name"],
         "calibration_set",
         {"dagster_run_id": context.run.run_id, "calibration_hash": record["hash"]},
+        started=meter.started,
+        audit_key=audit_key(context),
     ) as run:
         run.log_params({"path": record["path"], "hash": record["hash"], "count": record["count"]})
         run.log_metrics({**stats, **meter.metadata()})
@@ -120,10 +133,30 @@ def calibration_set(
 
 
 @dg.asset(group_name="audit", kinds={"python"})
-def runtime_environment(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
-    """The fingerprint of the software and hardware this audit runs on."""
-    fp = runtime_fingerprint()
-    digest = fingerprint_hash(fp)
+def runtime_environment(context: dg.AssetExecutionContext, mlflow: MlflowTracker) -> dg.MaterializeResult:
+    """The fingerprint of the software and hardware this audit runs on (logged in the experiment of the model
+    whose audit run materializes it; not partitioned itself, so materialized alone it logs nowhere)."""
+    with StageMeter() as meter:
+        fp = runtime_fingerprint()
+        digest = fingerprint_hash(fp)
+    run_metadata: dict = {}
+    model = context.run.tags.get(MODEL_TAG) or context.run.tags.get(PARTITION_TAG)
+    try:
+        model_name = resolve_model_source(model).name if model else None
+    except AuditInputError:
+        model_name = None  # a model key naming nothing fails its own stages, not this one
+    if model_name:
+        with mlflow.stage_run(
+            model_name,
+            "runtime_environment",
+            {"dagster_run_id": context.run.run_id, "runtime_hash": digest},
+            started=meter.started,
+            audit_key=audit_key(context),
+        ) as run:
+            run.log_params({"python": fp["python"], "cpu": fp["cpu"]["model"], **fp["libraries"]})
+            run.log_metrics(meter.metadata())
+            run.log_json(fp, "runtime_fingerprint.json")
+        run_metadata = run.metadata()
     return dg.MaterializeResult(
         value={"fingerprint": fp, "hash": digest},
         data_version=dg.DataVersion(digest[:16]),
@@ -135,5 +168,7 @@ def runtime_environment(context: dg.AssetExecutionContext) -> dg.MaterializeResu
             "cpu_isa": ", ".join(fp["cpu"]["isa"]),
             "gpu": (fp["gpu"] or {}).get("name", "none"),
             "fingerprint": dg.MetadataValue.json(fp),
+            **meter.metadata(),
+            **run_metadata,
         },
     )

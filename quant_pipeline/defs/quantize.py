@@ -17,10 +17,11 @@ from quant_pipeline.core.errors import AuditInputError
 from quant_pipeline.core.hashing import RECORD_FILE, dir_size, file_hashes, sha256_file, tree_hash
 from quant_pipeline.core.perf import StageMeter
 from quant_pipeline.core.progress import log_progress
+from quant_pipeline.core.recipe import Recipe, candidate_key
 from quant_pipeline.core.records import ArtifactRecord
 from quant_pipeline.core.store import atomic_directory
 from quant_pipeline.core.tracking import MlflowTracker
-from quant_pipeline.defs.candidates import AUDITS, candidate_recipe
+from quant_pipeline.defs.candidates import AUDITS, audit_key, candidate_recipe
 from quant_pipeline.defs.resources import AuditSettings
 from quant_pipeline.models.calibration import check_enough_samples, load_calibration_texts
 from quant_pipeline.models.methods import artifact_id, precision, quantize, scale_summary
@@ -94,7 +95,11 @@ def quantized_artifact(
         "kind": "quantized",
     }
     with mlflow.stage_run(
-        model_name, "quantized_artifact", {"dagster_run_id": context.run.run_id, "artifact_id": aid}
+        model_name,
+        "quantized_artifact",
+        {"dagster_run_id": context.run.run_id, "artifact_id": aid},
+        started=meter.started,
+        audit_key=audit_key(context),
     ) as run:
         run.log_params({**record["recipe"], "artifact_id": aid, "content_hash": record["content_hash"]})
         run.log_metrics(
@@ -108,7 +113,7 @@ def quantized_artifact(
         # The version is an MLflow pyfunc that points at (and re-verifies) these exact bytes:
         # `mlflow models serve -m models:/<name>@production` serves it.
         source = log_registered_pyfunc(run.client, run.run_id, target, record, store.root)
-        version = mlflow.register_artifact(model_name, aid, source, run.run_id, tags)
+        version = mlflow.register_artifact(model_name, aid, source, run.run_id, tags, describe_artifact(record, recipe))
     trigger = {k.split("/", 1)[1]: v for k, v in context.run.tags.items() if k.startswith("quant_pipeline/")}
     record_event(store, mlflow, model_name, {
         "event": "audit", "artifact_id": aid, "registry_version": version, "reused": reused,
@@ -130,6 +135,7 @@ def quantized_artifact(
         metadata={
             "artifact_id": aid,
             "path": dg.MetadataValue.path(str(target)),
+            "artifact_dir": dg.MetadataValue.path(str(target)),  # `path` may show the IO manager's pickle instead
             "content_hash": record["content_hash"],
             "reused_existing_artifact": reused,
             "recipe": dg.MetadataValue.json(record["recipe"]),
@@ -142,4 +148,15 @@ def quantized_artifact(
             **meter.metadata(),
             **run.metadata(),
         },
+    )
+
+
+def describe_artifact(record: dict, recipe: Recipe) -> str:
+    """What a quantized registry version is, in a sentence for its registry page (the verdict follows once the
+    gate has judged it: `defs.gate.delta_report`)."""
+    return (
+        f"Quantized candidate {candidate_key(recipe)} of {record['model_name']} (kind=quantized): artifact "
+        f"{record['artifact_id']}, recipe {json.dumps(record['recipe'], sort_keys=True)}, "
+        f"content hash {record['content_hash'][:16]}, {record['size_bytes'] / 2**20:.1f} MB, from base "
+        f"{record['base_hash'][:16]}."
     )

@@ -2,8 +2,9 @@
 
 import dagster as dg
 
+from quant_pipeline.core.perf import StageMeter
 from quant_pipeline.core.tracking import MlflowTracker
-from quant_pipeline.defs.candidates import MODELS
+from quant_pipeline.defs.candidates import MODELS, audit_key
 from quant_pipeline.defs.resources import AuditSettings
 from quant_pipeline.release.registry import write_bom
 from quant_pipeline.release.report import write_report
@@ -16,16 +17,26 @@ def audit_report(
     """Every release event of this model so far (with the candidates side by side), refreshed after each
     comparison, and the ML-BOM of each candidate's current artifact."""
     model_name = candidate_tradeoff["model_name"]
-    md_path, html_path = write_report(settings.store, mlflow, model_name)
-    boms = [write_bom(settings.store, aid) for aid in candidate_tradeoff["artifacts"]]
-    with mlflow.stage_run(model_name, "audit_report", {"dagster_run_id": context.run.run_id}) as run:
+    with StageMeter() as meter:
+        md_path, html_path = write_report(settings.store, mlflow, model_name)
+        boms = [write_bom(settings.store, aid) for aid in candidate_tradeoff["artifacts"]]
+    with mlflow.stage_run(
+        model_name,
+        "audit_report",
+        {"dagster_run_id": context.run.run_id},
+        started=meter.started,
+        audit_key=audit_key(context),
+    ) as run:
+        run.log_metrics(meter.metadata())
         for path in (md_path, html_path, *boms):
             run.log_file(path)
     return dg.MaterializeResult(
         metadata={
             "report": dg.MetadataValue.md(md_path.read_text()[:60000]),
             "html": dg.MetadataValue.path(str(html_path)),
+            "html_url": dg.MetadataValue.url(html_path.resolve().as_uri()),
             "mlbom": dg.MetadataValue.json([str(p) for p in boms]),
+            **meter.metadata(),
             **run.metadata(),
         },
     )

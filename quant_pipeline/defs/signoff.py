@@ -13,8 +13,9 @@ so no path (a later run, a selection that skips the checks, an edited report) ap
 import dagster as dg
 
 from quant_pipeline.core.artifacts import read_artifact_record
+from quant_pipeline.core.perf import StageMeter
 from quant_pipeline.core.tracking import APPROVED_ALIAS, MlflowTracker
-from quant_pipeline.defs.candidates import AUDITS
+from quant_pipeline.defs.candidates import AUDITS, audit_key
 from quant_pipeline.defs.resources import AuditSettings
 from quant_pipeline.release import signoff
 from quant_pipeline.release.evidence import judged_report
@@ -46,24 +47,29 @@ def approval(
 ) -> dg.MaterializeResult:
     """The sign-off decision for this artifact: approved, pending sign-off, or refused by the gate."""
     aid, store = quantized_artifact["artifact_id"], settings.store
-    model_name = read_artifact_record(store, aid).model_name
-    report = judged_report(store, model_name, aid)
     run_id = context.run.run_id
-    if report.verdict != "PASS" and not (config.override and report.verdict == "FAIL"):
-        entry = signoff.record_gate_decision(store, mlflow, aid, run_id)
-        decision = REJECTED if entry["event"] == "rejected" else INCOMPLETE
-    elif config.approver.strip():
-        entry = signoff.approve(
-            store, mlflow, aid, config.approver, config.note, config.second_approver, config.override, run_id
-        )
-        decision = APPROVED
-    else:
-        entry = signoff.record_pending(store, mlflow, aid, run_id)
-        decision = {"approved": APPROVED, "rejected": REJECTED}.get(entry["event"], PENDING)  # one that stands
+    with StageMeter() as meter:
+        model_name = read_artifact_record(store, aid).model_name
+        report = judged_report(store, model_name, aid)
+        if report.verdict != "PASS" and not (config.override and report.verdict == "FAIL"):
+            entry = signoff.record_gate_decision(store, mlflow, aid, run_id)
+            decision = REJECTED if entry["event"] == "rejected" else INCOMPLETE
+        elif config.approver.strip():
+            entry = signoff.approve(
+                store, mlflow, aid, config.approver, config.note, config.second_approver, config.override, run_id
+            )
+            decision = APPROVED
+        else:
+            entry = signoff.record_pending(store, mlflow, aid, run_id)
+            decision = {"approved": APPROVED, "rejected": REJECTED}.get(entry["event"], PENDING)  # one that stands
     version = quantized_artifact["registry_version"]
     entry = {**entry, "decision": decision, "approver": entry.get("by"), "verdict": report.verdict}
     with mlflow.stage_run(
-        model_name, "approval", {"dagster_run_id": run_id, "artifact_id": aid, "decision": decision}
+        model_name,
+        "approval",
+        {"dagster_run_id": run_id, "artifact_id": aid, "decision": decision},
+        started=meter.started,
+        audit_key=audit_key(context),
     ) as run:
         run.log_params(
             {
@@ -74,6 +80,7 @@ def approval(
                 "content_hash": quantized_artifact["content_hash"],
             }
         )
+        run.log_metrics(meter.metadata())
         run.log_json(entry, "approval.json")
     return dg.MaterializeResult(
         value=entry,
@@ -85,6 +92,7 @@ def approval(
             "artifact_id": aid,
             "trail_entry": entry["hash"],
             "registry": f"{model_name} v{version}" + (f" @{APPROVED_ALIAS}" if decision == APPROVED else ""),
+            **meter.metadata(),
             **run.metadata(),
         },
     )

@@ -17,7 +17,7 @@ from quant_pipeline.core.perf import StageMeter
 from quant_pipeline.core.records import EvalRecord
 from quant_pipeline.core.store import atomic_directory
 from quant_pipeline.core.tracking import MlflowTracker
-from quant_pipeline.defs.candidates import MODELS, audited, context_model
+from quant_pipeline.defs.candidates import MODELS, audit_key, audited, context_model
 from quant_pipeline.defs.resources import AuditSettings
 from quant_pipeline.evaluation.delta import compute_deltas
 from quant_pipeline.evaluation.policy import load_policy
@@ -145,8 +145,9 @@ def candidate_tradeoff(
             }, indent=2, default=str))  # fmt: skip
             plot_fronts(rows, tmp / "tradeoff.png")
     with mlflow.stage_run(
-        base_checkpoint["model_name"], "candidate_tradeoff", {"dagster_run_id": context.run.run_id}
-    ) as run:
+        base_checkpoint["model_name"], "candidate_tradeoff", {"dagster_run_id": context.run.run_id},
+        started=meter.started, audit_key=audit_key(context),
+    ) as run:  # fmt: skip
         for name in ("tradeoff.md", "tradeoff.json", "tradeoff.png"):
             run.log_file(out / name)
         run.log_metrics({f"{r.candidate}.worst_share": r.worst_share for r in rows})
@@ -173,7 +174,11 @@ def candidate_tradeoff(
     )
 
 
-@dg.asset_check(asset=candidate_tradeoff, description="The identity candidate (the base, copied) moved no metric.")
+# Partitioned like its asset: an unpartitioned check would load every model's tradeoff at once (a dict by model).
+@dg.asset_check(
+    asset=candidate_tradeoff, partitions_def=MODELS,
+    description="The identity candidate (the base, copied) moved no metric.",
+)  # fmt: skip
 def identity_moves_nothing(candidate_tradeoff: dict) -> dg.AssetCheckResult:
     moved = candidate_tradeoff["identity_moved"]
     if moved is None:

@@ -1,137 +1,400 @@
-"""The delta report as a person reads it: Markdown for Dagster, a self-contained HTML page with plots."""
+"""The delta report as a reviewer reads it: Markdown for Dagster, a self-contained HTML document as evidence.
+
+A reviewer handed only the HTML must be able to say which exact model was judged (full hashes of the base,
+the artifact, its calibration set and runtime), by what rule (the policy, its hash, its tolerances, and the
+rule in words), with what result (every slice, failing ones first, none left out) and who decided. The
+document is one file: inline CSS, plots as base64 PNG, every value HTML-escaped (names and notes come from
+users). `release.report` builds the per-model report from the same pieces, one section per evaluation.
+
+Stable hooks for browser tests (per-audit document, `render_html`):
+- `#verdict` the banner (classes `verdict verdict-pass|verdict-fail|verdict-incomplete`), text starts with the verdict
+- `#identity` a table, one row per field, the field name in its `th`, the value in its `td` (hashes in full)
+- `#decision` (class `decision`) the decision: "pending sign-off" when written at judging time
+- `#rules` the rule in words; `#policy` (class `policy`) the policy's full hash, tolerances table and waivers
+- `#plots` the per-metric panels (`img.delta-panel`, one per metric, alt names the metric); `#cost` cost vs quality
+- `#slices` the per-slice table; each `tbody tr` has class `status-regression`, `status-not-measurable`,
+  `status-uninformative`, `status-waived`, `status-within` or `status-ungated` and `data-metric`/`data-slice`
+Per-model report: a `section.audit` per evaluation (id `audit-<seq>`), parts as classes (`.verdict`, `.decision`...).
+"""
 
 from __future__ import annotations
 
-import base64
 import html
-import io
+import json
+import math
 
-import numpy as np
 import pandas as pd
 
 from quant_pipeline.evaluation.delta import NOT_MEASURABLE, REGRESSION, UNGATED, UNINFORMATIVE, WAIVED, WITHIN
-from quant_pipeline.evaluation.policy import Policy
+from quant_pipeline.evaluation.plots import RATE_METRICS, cost_quality, delta_panels
+from quant_pipeline.evaluation.policy import HIGHER, METRIC_DIRECTION, REFERENCE_VALUES, Policy
+from quant_pipeline.evaluation.report_context import PENDING, CostPoint, ReportContext
+
+STATUS_ORDER = (REGRESSION, NOT_MEASURABLE, UNINFORMATIVE, WAIVED, WITHIN, UNGATED)  # failing rows first
+STATUS_CLASS = {
+    REGRESSION: "status-regression", NOT_MEASURABLE: "status-not-measurable", UNINFORMATIVE: "status-uninformative",
+    WAIVED: "status-waived", WITHIN: "status-within", UNGATED: "status-ungated",
+}  # fmt: skip
+TWO_DECIMALS = frozenset({"word_perplexity", "byte_perplexity", "bits_per_byte"})
+STYLE = (
+    "body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}"
+    "table{border-collapse:collapse;font-size:12px;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 6px}"
+    "th{text-align:left;background:#f4f4f4}td.num{text-align:right;font-variant-numeric:tabular-nums}"
+    "code{font-size:11px;word-break:break-all}"
+    ".verdict{font-size:1.4em;font-weight:bold;padding:.6em 1em;border-radius:4px;color:#fff;margin:.5em 0}"
+    ".verdict-pass{background:#1e8449}.verdict-fail{background:#b03a2e}.verdict-incomplete{background:#b9770e}"
+    ".decision{border-left:4px solid #555;padding:.3em .8em;background:#f6f6f6}"
+    "tr.status-regression td{background:#fdecea}tr.status-not-measurable td,tr.status-uninformative td"
+    "{background:#fef5e7}tr.status-ungated td{color:#777}"
+    ".panels{display:flex;flex-wrap:wrap;gap:8px}.panels img{max-width:100%}"
+    "section.audit{border-top:2px solid #999;margin-top:2em}"
+)
 
 
-def _fmt(x) -> str:
-    return "–" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.4f}"
+def _missing(x) -> bool:
+    return x is None or (isinstance(x, float) and math.isnan(x))
+
+
+def fmt_count(n) -> str:
+    return "–" if _missing(n) else str(int(n))
+
+
+def fmt_value(metric: str, v) -> str:
+    """A value in its metric's unit: rates as %, perplexities and bits per byte to 2 decimals."""
+    if _missing(v):
+        return "–"
+    if metric in RATE_METRICS:
+        return f"{v * 100:.1f}%"
+    return f"{v:.2f}" if metric in TWO_DECIMALS else f"{v:.3f}"
+
+
+def fmt_delta(metric: str, v) -> str:
+    """A difference with its sign: rates in percentage points."""
+    if _missing(v):
+        return "–"
+    if metric in RATE_METRICS:
+        return f"{v * 100:+.1f} pp"
+    return f"{v:+.2f}" if metric in TWO_DECIMALS else f"{v:+.3f}"
+
+
+def fmt_tolerance(metric: str, tolerance, mode: str) -> str:
+    """The bar in words: which way, how far, absolute or relative to the base."""
+    if not mode or _missing(tolerance):
+        return "–"
+    if mode not in ("absolute", "relative"):  # a trail row whose policy copy is gone: the mode is unknown
+        return f"{tolerance:g} (mode not recorded)"
+    way = "fall" if METRIC_DIRECTION.get(metric) == HIGHER else "rise"
+    if mode == "relative":
+        return f"may {way} ≤ {tolerance * 100:g}% of base"
+    amount = f"{tolerance * 100:g} pp" if metric in RATE_METRICS else f"{tolerance:g}"
+    return f"may {way} ≤ {amount}"
+
+
+def normalise(deltas: pd.DataFrame, policy: Policy | None) -> pd.DataFrame:
+    """The rows a report shows, failing first, with the columns every renderer needs: a trail's `deltas`
+    records carry no mode or item count, so the mode comes from the policy and the count stays unknown."""
+    rows = pd.DataFrame(deltas).copy()
+    for column, default in (("n_items", math.nan), ("reason", ""), ("ci_low", math.nan), ("ci_high", math.nan)):
+        if column not in rows:
+            rows[column] = default
+    if "mode" not in rows:
+        tolerances = policy.tolerances if policy else {}
+        rows["mode"] = [
+            tolerances[m].mode if m in tolerances else ("" if s == UNGATED else "?")
+            for m, s in zip(rows.get("metric", []), rows.get("status", []), strict=True)
+        ]
+    for column in ("base", "quantized", "delta", "ci_low", "ci_high", "tolerance", "n_items"):
+        rows[column] = pd.to_numeric(rows[column], errors="coerce").astype(float)
+    rank = {s: i for i, s in enumerate(STATUS_ORDER)}
+    rows["_rank"] = rows["status"].map(lambda s: rank.get(s, len(rank)))
+    return rows.sort_values(["_rank", "metric", "category"], kind="stable").drop(columns="_rank")
+
+
+def _counts(rows: pd.DataFrame) -> dict[str, int]:
+    return rows["status"].value_counts().to_dict() if len(rows) else {}
+
+
+def _summary(ctx: ReportContext, rows: pd.DataFrame) -> str:
+    c = _counts(rows)
+    gated = sum(n for s, n in c.items() if s != UNGATED)
+    incomplete = c.get(NOT_MEASURABLE, 0) + c.get(UNINFORMATIVE, 0)
+    return (
+        f"{ctx.verdict} — {ctx.model_name}, artifact {ctx.artifact_id}: of {gated} gated slices, "
+        f"{c.get(REGRESSION, 0)} regressed beyond tolerance, {incomplete} could not show a regression, "
+        f"{c.get(WITHIN, 0)} within tolerance, {c.get(WAIVED, 0)} waived"
+    )
+
+
+def _id(name: str, with_ids: bool) -> str:
+    return f' id="{name}"' if with_ids else ""
+
+
+def _hash(value: str | None, none: str) -> str:
+    return f"<code>{html.escape(value)}</code>" if value else html.escape(none)
+
+
+def verdict_banner(ctx: ReportContext, rows: pd.DataFrame, with_ids: bool = True) -> str:
+    reasons = "".join(f"<li>{html.escape(r)}</li>" for r in ctx.reasons)
+    why = (
+        f"<details><summary>Why not PASS ({len(ctx.reasons)})</summary><ul>{reasons}</ul></details>" if reasons else ""
+    )
+    return (
+        f'<div{_id("verdict", with_ids)} class="verdict verdict-{ctx.verdict.lower()}">'
+        f"{html.escape(_summary(ctx, rows))}</div>{why}"
+    )
+
+
+def identity_table(ctx: ReportContext, with_ids: bool = True) -> str:
+    """Which exact model was judged, by what rule, with what result: every hash in full."""
+    fields = [
+        ("Model", html.escape(ctx.model_name)),
+        ("Artifact ID", f"<code>{html.escape(ctx.artifact_id)}</code>"),
+        ("Registry version", html.escape(ctx.registry_version or "–")),
+        ("Artifact content hash (sha256)", _hash(ctx.content_hash, "not recorded")),
+        ("Base model content hash (sha256)", _hash(ctx.base_hash, "not recorded")),
+        ("Recipe", f"<code>{html.escape(json.dumps(ctx.recipe, sort_keys=True))}</code>"),
+        ("Calibration set (sha256)", _hash(ctx.calibration_hash, "none: a data-free method")),
+        ("Calibration samples", fmt_count(ctx.calibration_count)),
+        ("Runtime fingerprint (sha256)", _hash(ctx.runtime_hash, "not recorded")),
+        ("Policy", html.escape(ctx.policy_name)),
+        ("Policy hash (sha256)", _hash(ctx.policy_hash, "")),
+        ("Evaluations (base / quantized)", html.escape(f"{ctx.base_eval_key or '–'} / {ctx.eval_key or '–'}")),
+        ("Judged at (UTC)", html.escape(ctx.judged_at)),
+        ("Verdict", html.escape(ctx.verdict)),
+        ("Decision", html.escape(ctx.decision)),
+    ]
+    body = "".join(f'<tr><th scope="row">{k}</th><td>{v}</td></tr>' for k, v in fields)
+    return f'<table{_id("identity", with_ids)} class="identity">{body}</table>'
+
+
+def decision_block(ctx: ReportContext, with_ids: bool = True) -> str:
+    """The decisions that followed the verdict, in order; none recorded yet reads as pending sign-off."""
+    if not ctx.decisions:
+        items = f"<li>{PENDING}: no decision was recorded when this was written</li>"
+    else:
+        items = "".join(
+            f"<li><b>{html.escape(d.event)}</b>"
+            + (f" by {html.escape(d.by)}" if d.by else "")
+            + (f" with {html.escape(d.second_approver)} (override of failed checks)" if d.second_approver else "")
+            + f" at {html.escape(d.at or 'an unrecorded time')}"
+            + (f": <q>{html.escape(d.note)}</q>" if d.note else "")
+            + "</li>"
+            for d in ctx.decisions
+        )
+    return (
+        f'<div{_id("decision", with_ids)} class="decision"><b>Decision: {html.escape(ctx.decision)}</b>'
+        f"<ul>{items}</ul></div>"
+    )
+
+
+def rules_section(policy: Policy | None) -> str:
+    """The rule the gate applied, in words (evaluation.delta.compute_deltas and verdict, stated exactly)."""
+    min_items = f"{policy.min_items}" if policy else "the policy's `min_items`"
+    reference = ", ".join(f"{m} = {v:g}" for m, v in REFERENCE_VALUES.items())
+    rules = [
+        "Each metric the policy lists is <b>gated</b> on every slice. The <i>degradation</i> is base − quantized "
+        "for a metric where higher is better and quantized − base where lower is better. In <b>absolute</b> "
+        "mode it is compared in the metric's own units; in <b>relative</b> mode it is divided by |base| first "
+        "(a base of 0 makes any degradation infinite).",
+        "A slice is <b>within tolerance</b> when its degradation ≤ the tolerance (the policy's per-slice value "
+        "where it gives one), else <b>regression beyond tolerance</b>. The rule judges the <b>point estimate</b> "
+        "(the delta over all items), not the interval: a slice whose point estimate is beyond tolerance fails "
+        "even when its 95% paired bootstrap interval includes zero (the table marks those rows). Rows with no "
+        "per-item values (perplexity, bits per byte, measured on the whole text) have no interval and are "
+        "judged on their value alone.",
+        f"<b>Not measurable</b>: no value on the base or the quantized model, or fewer paired items than "
+        f"{min_items} (or the metric's own `min_items`). Checked before the tolerance.",
+        "<b>Uninformative</b>: the base is at the metric's worst value (0 for a higher-is-better rate, 1 for a "
+        "lower-is-better one), or, for multiple-choice accuracy, its 95% Wilson interval reaches chance: the "
+        "slice could not show a regression.",
+        "<b>Waived</b>: the policy names this slice × metric with a reason; what was measured is still shown, "
+        "and it counts neither way. <b>Reported (no tolerance)</b>: a metric the policy does not gate, shown for "
+        "information, never part of the verdict.",
+        f"Agreement metrics compare the quantized model with the base itself, whose value is fixed ({reference}).",
+        "<b>Verdict</b>: FAIL if any gated slice regressed beyond tolerance; else INCOMPLETE if any gated slice "
+        "was not measurable or uninformative, a gated metric was never measured, or no slice was measured within "
+        "tolerance; else PASS. A verdict is not a decision: a named person signs off (or the gate rejects).",
+    ]
+    return '<section id="rules"><h2>The rule</h2><ul>' + "".join(f"<li>{r}</li>" for r in rules) + "</ul></section>"
+
+
+def policy_section(ctx: ReportContext, with_ids: bool = True) -> str:
+    """The policy by name and full hash, with every tolerance, override and waiver (the bar, not a summary)."""
+    policy = ctx.policy
+    section = f'<section{_id("policy", with_ids)} class="policy">'
+    head = f"<h2>Policy {html.escape(ctx.policy_name)}</h2><p>sha256 <code>{html.escape(ctx.policy_hash)}</code>"
+    if policy is None:
+        return f"{section}{head}: its copy could not be read back; the tolerances per row are below.</p></section>"
+    rows = "".join(
+        f"<tr><td>{html.escape(m)}</td><td>{html.escape(t.direction.replace('_', ' '))}</td><td>{t.mode}</td>"
+        f"<td>{html.escape(fmt_tolerance(m, t.tolerance, t.mode))}</td>"
+        f"<td>{html.escape(', '.join(f'{s}: {fmt_tolerance(m, v, t.mode)}' for s, v in t.per_category.items()))}"
+        f"</td><td class=num>{t.min_items or policy.min_items}</td></tr>"
+        for m, t in sorted(policy.tolerances.items())
+    )
+    waivers = "".join(
+        f"<li>{html.escape(w.metric)} / {html.escape(w.slice)}: {html.escape(w.reason)}</li>" for w in policy.waivers
+    )
+    return (
+        f"{section}{head}; minimum paired items {policy.min_items}; override by two approvers "
+        f"{'allowed' if policy.allow_override else 'not allowed'}.</p><table class=tolerances><thead><tr>"
+        "<th>metric</th><th>direction</th><th>mode</th><th>tolerance</th><th>per-slice</th><th>min items</th>"
+        f"</tr></thead><tbody>{rows}</tbody></table>"
+        + (f"<p>Waivers:</p><ul>{waivers}</ul>" if waivers else "<p>No waivers.</p>")
+        + "</section>"
+    )
+
+
+def _why(r) -> str:
+    if r.status == REGRESSION and r.ci_low <= 0 <= r.ci_high:
+        note = "point estimate beyond tolerance; the 95% interval includes zero (the rule judges the point estimate)"
+        return f"{r.reason}; {note}" if r.reason else note
+    return r.reason or ""
+
+
+def slices_table(rows: pd.DataFrame, with_ids: bool = True) -> str:
+    """Every slice x metric, failing first: values in their units, the delta with its interval, the bar."""
+    body = []
+    for r in rows.itertuples():
+        ci = (
+            f" [{fmt_delta(r.metric, r.ci_low)}, {fmt_delta(r.metric, r.ci_high)}]"
+            if not (_missing(r.ci_low) or _missing(r.ci_high))
+            else ""
+        )
+        cells = [
+            html.escape(r.status), html.escape(r.metric), html.escape(str(r.category)), fmt_count(r.n_items),
+            fmt_value(r.metric, r.base), fmt_value(r.metric, r.quantized),
+            html.escape(fmt_delta(r.metric, r.delta) + ci), html.escape(fmt_tolerance(r.metric, r.tolerance, r.mode)),
+            html.escape(_why(r)),
+        ]  # fmt: skip
+        tds = "".join(f"<td{' class=num' if 3 <= i <= 6 else ''}>{c}</td>" for i, c in enumerate(cells))
+        body.append(
+            f'<tr class="{STATUS_CLASS.get(r.status, "status-other")}" data-metric="{html.escape(r.metric)}" '
+            f'data-slice="{html.escape(str(r.category))}">{tds}</tr>'
+        )
+    head = "".join(
+        f"<th>{h}</th>"
+        for h in ("status", "metric", "slice", "items", "base", "quantized", "Δ [95% CI]", "tolerance", "why")
+    )
+    table = f'<table{_id("slices", with_ids)} class="slices">'
+    return f"{table}<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def audit_parts(ctx: ReportContext, deltas: pd.DataFrame, with_ids: bool = True) -> str:
+    """Banner, identity, decision and the per-slice table of one evaluation (shared with the per-model report)."""
+    rows = normalise(deltas, ctx.policy)
+    return (
+        verdict_banner(ctx, rows, with_ids)
+        + identity_table(ctx, with_ids)
+        + decision_block(ctx, with_ids)
+        + "<h3>Per slice and metric (failing first)</h3>"
+        + slices_table(rows, with_ids)
+    )
+
+
+def page(title: str, body: str) -> str:
+    return (
+        f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{STYLE}</style></head><body>{body}</body></html>"
+    )
+
+
+def _mean(results: pd.DataFrame, metric: str) -> float:
+    part = results[results["metric"] == metric]
+    return float(part["value"].mean()) if len(part) else math.nan
+
+
+def render_html(
+    deltas: pd.DataFrame,
+    ctx: ReportContext,
+    base_results: pd.DataFrame,
+    quant_results: pd.DataFrame,
+    sizes: dict,
+    candidates: list[CostPoint] | None = None,
+) -> str:
+    """The per-audit document: identity, verdict, decision, the rule, the policy, per-metric plots, cost vs
+    quality (the base, this artifact and any other ``candidates``) and every slice, failing first."""
+    rows = normalise(deltas, ctx.policy)
+    panels = "".join(
+        f'<img class="delta-panel" alt="deltas of {html.escape(m)} per slice" src="data:image/png;base64,{png}">'
+        for m, png in delta_panels(rows)
+    )
+    points = [
+        CostPoint(name="base", size_mb=sizes["base_mb"], latency_s=_mean(base_results, "latency_p50_s"),
+                  quality=_mean(base_results, "acc")),
+        CostPoint(name=ctx.artifact_id, size_mb=sizes["quantized_mb"],
+                  latency_s=_mean(quant_results, "latency_p50_s"), quality=_mean(quant_results, "acc")),
+    ]  # fmt: skip
+    points += [c for c in candidates or [] if c.name not in {p.name for p in points}]
+    body = (
+        f"<h1>Delta report — {html.escape(ctx.model_name)}</h1>"
+        + verdict_banner(ctx, rows)
+        + identity_table(ctx)
+        + decision_block(ctx)
+        + rules_section(ctx.policy)
+        + policy_section(ctx)
+        + '<section id="plots"><h2>Deltas per metric, each on its own scale</h2><div class="panels">'
+        + f"{panels}</div></section>"
+        + '<section id="cost"><h2>Cost vs quality</h2>'
+        + f'<img alt="size and latency against accuracy" src="data:image/png;base64,{cost_quality(points)}"></section>'
+        + "<h2>Per slice and metric (failing first)</h2>"
+        + slices_table(rows)
+    )
+    return page(f"Delta report {ctx.model_name} {ctx.artifact_id} {ctx.verdict}", body)
 
 
 def render_markdown(
-    deltas: pd.DataFrame, policy: Policy, policy_hash: str, artifact_id: str, outcome: str, reasons: list[str]
+    deltas: pd.DataFrame,
+    policy: Policy,
+    policy_hash: str,
+    artifact_id: str,
+    outcome: str,
+    reasons: list[str],
+    ctx: ReportContext | None = None,
 ) -> str:
-    gated = deltas[deltas["status"] != UNGATED]
-    counts = gated["status"].value_counts().to_dict()
+    """The same report as Markdown for Dagster's metadata view (the HTML is the reviewer's document)."""
+    rows = normalise(deltas, policy)
+    counts = _counts(rows)
+    identity = (
+        [
+            f"Model {ctx.model_name}; artifact content sha256 `{ctx.content_hash}`; base sha256 `{ctx.base_hash}`; "
+            f"calibration sha256 `{ctx.calibration_hash or 'none (data-free)'}`; runtime sha256 `{ctx.runtime_hash}`; "
+            f"recipe `{json.dumps(ctx.recipe, sort_keys=True)}`; judged {ctx.judged_at}; decision: {ctx.decision}.",
+            "",
+        ]
+        if ctx
+        else []
+    )
     lines = [
         f"## Delta report — {artifact_id}: **{outcome}**",
-        f"Policy `{policy.name}` (sha256 `{policy_hash[:16]}`): "
-        + ", ".join(f"{counts.get(s, 0)} {s}" for s in (REGRESSION, WITHIN, NOT_MEASURABLE, UNINFORMATIVE, WAIVED))
+        *identity,
+        f"Policy `{policy.name}` (sha256 `{policy_hash}`): "
+        + ", ".join(f"{counts.get(s, 0)} {s}" for s in STATUS_ORDER[:5])
         + ".",
         "",
         *([f"**Why not PASS** ({len(reasons)}):", "", *(f"- {r}" for r in reasons), ""] if reasons else []),
-        "A slice that cannot show a regression is never a pass: fewer paired items than the policy's "
-        f"`min_items` ({policy.min_items}), no value, or a base at the metric's worst value or not above chance "
-        "(its 95% interval reaches chance) make it INCOMPLETE; only a waiver in the policy, with a reason, sets "
-        "it aside.",
+        "The rule judges the point estimate against the tolerance; a slice that cannot show a regression is never "
+        f"a pass: fewer paired items than the policy's `min_items` ({policy.min_items}), no value, or a base at the "
+        "metric's worst value or not above chance make it INCOMPLETE; only a waiver in the policy, with a reason, "
+        "sets it aside.",
         "",
     ]
-    for status in (REGRESSION, NOT_MEASURABLE, UNINFORMATIVE, WAIVED, WITHIN, UNGATED):
-        part = deltas[deltas["status"] == status]
+    for status in STATUS_ORDER:
+        part = rows[rows["status"] == status]
         if not len(part):
             continue
         lines += [
             f"### {status.capitalize()} ({len(part)})",
             "",
             "| slice | metric | n | base | quantized | delta [95% CI] | tolerance | why |",
-            "|---|---|---:|---:|---:|---|---:|---|",
+            "|---|---|---:|---:|---:|---|---|---|",
         ]
         for r in part.itertuples():
-            n = int(r.n_items) if r.n_items == r.n_items and r.n_items else None  # NaN: no per-item values
-            ci = f" [{_fmt(r.ci_low)}, {_fmt(r.ci_high)}]" if n else ""
-            tol = f"{_fmt(r.tolerance)}{' rel' if r.mode == 'relative' else ''}" if r.mode else "–"
+            ci = "" if _missing(r.ci_low) else f" [{fmt_delta(r.metric, r.ci_low)}, {fmt_delta(r.metric, r.ci_high)}]"
             lines.append(
-                f"| {r.category} | {r.metric} | {n or '–'} | {_fmt(r.base)} | "
-                f"{_fmt(r.quantized)} | {r.delta:+.4f}{ci}{' *' if r.significant else ''} | {tol} | {r.reason} |"
+                f"| {r.category} | {r.metric} | {fmt_count(r.n_items)} | {fmt_value(r.metric, r.base)} | "
+                f"{fmt_value(r.metric, r.quantized)} | {fmt_delta(r.metric, r.delta)}{ci} | "
+                f"{fmt_tolerance(r.metric, r.tolerance, r.mode)} | {_why(r).replace('|', '/')} |"
             )
         lines.append("")
-    lines.append("`*` the 95% paired bootstrap interval excludes zero.")
     return "\n".join(lines)
-
-
-def _png(fig) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def render_html(
-    deltas: pd.DataFrame, markdown: str, base_results: pd.DataFrame, quant_results: pd.DataFrame, sizes: dict
-) -> str:
-    """A self-contained HTML report: the tables, per-slice deltas with intervals, and cost vs quality."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    with_ci = deltas[deltas["n_items"].fillna(0) > 0]
-    fig, ax = plt.subplots(figsize=(8, max(2.5, 0.28 * len(with_ci))))
-    labels = [f"{r.metric} / {r.category}" for r in with_ci.itertuples()]
-    colors = [
-        "#c0392b" if s == REGRESSION else "#7f8c8d" if s in (NOT_MEASURABLE, UNINFORMATIVE, WAIVED) else "#27ae60"
-        for s in with_ci["status"]
-    ]
-    y = np.arange(len(with_ci))
-    ax.errorbar(
-        with_ci["delta"],
-        y,
-        xerr=[with_ci["delta"] - with_ci["ci_low"], with_ci["ci_high"] - with_ci["delta"]],
-        fmt="none",
-        ecolor="#555",
-    )
-    ax.scatter(with_ci["delta"], y, c=colors, zorder=3)
-    ax.axvline(0, color="black", lw=0.8)
-    ax.set_yticks(y, labels, fontsize=7)
-    ax.set_xlabel("quantized − base (95% paired bootstrap CI)")
-    deltas_png = _png(fig)
-    plt.close(fig)
-
-    def pick(results, metric, category):
-        row = results[(results["metric"] == metric) & (results["category"] == category)]
-        return float(row["value"].iloc[0]) if len(row) else float("nan")
-
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3))
-    for ax, (x_label, xs) in zip(
-        axes,
-        (
-            ("size on disk (MB)", (sizes["base_mb"], sizes["quantized_mb"])),
-            (
-                "latency p50 (s)",
-                (pick(base_results, "latency_p50_s", "cost"), pick(quant_results, "latency_p50_s", "cost")),
-            ),
-        ),
-        strict=True,
-    ):
-        accs = (
-            base_results[base_results["metric"] == "acc"]["value"].mean(),
-            quant_results[quant_results["metric"] == "acc"]["value"].mean(),
-        )
-        ax.scatter(xs, accs, c=["#2c3e50", "#e67e22"])
-        for x, a, name in zip(xs, accs, ("base", "quantized"), strict=True):
-            ax.annotate(name, (x, a), textcoords="offset points", xytext=(5, 5), fontsize=8)
-        ax.set_xlabel(x_label)
-        ax.set_ylabel("mean MC accuracy")
-    cost_png = _png(fig)
-    plt.close(fig)
-    table = deltas.to_html(index=False, float_format=lambda v: f"{v:.4f}", na_rep="–", classes="deltas")
-    style = (
-        "body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}"
-        "table{border-collapse:collapse;font-size:12px}"
-        "td,th{border:1px solid #ccc;padding:3px 6px}"
-        "pre{white-space:pre-wrap;background:#f6f6f6;padding:1em}"
-    )
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>Delta report</title>
-<style>{style}</style></head>
-<body><h1>Delta report</h1><pre>{html.escape(markdown)}</pre>
-<h2>Per-slice deltas with 95% intervals</h2><img src="data:image/png;base64,{deltas_png}">
-<h2>Cost vs quality</h2><img src="data:image/png;base64,{cost_png}">
-<h2>All rows</h2>{table}</body></html>"""

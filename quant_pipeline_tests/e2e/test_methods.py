@@ -131,7 +131,7 @@ def test_the_tradeoff_lists_every_candidate_and_recommends_the_smallest_passing_
     assert "pending sign-off" in table["why"]
     report = out.parent / "audit_report.html"  # the reviewer's report carries the table and the plot
     page = report.read_text()
-    assert "## Candidates" in page and all(key in page for key in rows) and "data:image/png;base64," in page
+    assert 'id="candidates"' in page and all(key in page for key in rows) and "data:image/png;base64," in page
 
 
 def test_a_candidate_whose_report_was_edited_after_the_gate_is_unverified_and_never_recommended(

@@ -12,6 +12,7 @@ from quant_pipeline.evaluation.delta import NOT_MEASURABLE, REGRESSION, WITHIN, 
 from quant_pipeline.evaluation.delta_html import render_html, render_markdown
 from quant_pipeline.evaluation.generation import agreement_with_reference, reference_states
 from quant_pipeline.evaluation.policy import Policy
+from quant_pipeline.evaluation.report_context import ReportContext
 from quant_pipeline.evaluation.statistics import paired_bootstrap_ci
 from quant_pipeline.evaluation.suite import (
     AGREEMENT_METRICS,
@@ -139,8 +140,15 @@ def test_noise_damaged_copy_fails_the_slices_it_damages_and_the_gate_everywhere(
     assert outcome == "FAIL" and len(reasons) == len(gated)
     md = render_markdown(deltas, AGREEMENT_POLICY, "0" * 64, "damaged", outcome, reasons)
     assert "**FAIL**" in md and "Regression beyond tolerance" in md
-    page = render_html(deltas, md, results, quant_results, {"base_mb": 27.0, "quantized_mb": 27.0})
-    assert page.count("data:image/png;base64,") == 2
+    ctx = ReportContext(
+        model_name="tiny", artifact_id="damaged", content_hash="1" * 64, base_hash="2" * 64, recipe={},
+        calibration_hash=None, runtime_hash="3" * 64, policy_name=AGREEMENT_POLICY.name, policy_hash="0" * 64,
+        policy=AGREEMENT_POLICY, judged_at="now", verdict=outcome, reasons=reasons,
+    )  # fmt: skip
+    page = render_html(deltas, ctx, results, quant_results, {"base_mb": 27.0, "quantized_mb": 27.0})
+    panels = page.count('class="delta-panel"')  # one per metric, then cost vs quality
+    assert panels == deltas["metric"].nunique() and page.count("data:image/png;base64,") == panels + 1
+    assert page.count('class="status-regression"') == len(gated)
 
 
 @pytest.mark.parametrize("damage_output_layer", [False, True], ids=["shared_output_layer", "own_output_layer"])
