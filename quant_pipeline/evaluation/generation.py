@@ -13,6 +13,7 @@ import time
 import torch
 
 from quant_pipeline.core.progress import Progress
+from quant_pipeline.models.architectures import logit_softcap
 
 
 def chat_text(tokenizer, prompt: str) -> str:
@@ -232,14 +233,16 @@ def reference_states(
     model, tokenizer, texts: list[str], max_tokens: int = 128, batch_size: int = 8
 ) -> dict[str, torch.Tensor]:
     """The base model's final hidden states on `texts`: what its exact next-token distributions are
-    recomputed from (logits = output embeddings of the last hidden state) without re-running it.
+    recomputed from (logits = output embeddings of the last hidden state, soft-capped where the model caps
+    them: `softcapped`) without re-running it.
 
     Hidden states are vocab/hidden times smaller than the log-probs (85x for SmolLM2). Alongside
     them, per position (one output-layer product per text, no second forward), what every quantized variant
     needs of the base's distribution p when it shares the base's output layer W (GPTQ leaves it
     untouched): the top-1 token, sum p log p, and the expected output embedding p @ W, so that
     KL(p || q) = sum p log p - (h_q . (p @ W) - logsumexp(W h_q)) needs no vocab-sized work on the
-    base's side. Computed once per base, here, instead of once per variant. Returns flat tensors
+    base's side (a soft-capped head is not linear in h_q: there the base's distributions are recomputed from
+    the states instead). Computed once per base, here, instead of once per variant. Returns flat tensors
     (a safetensors file's worth): every text's token ids, each text's offset, the states, the summaries."""
     encoded = [tokenizer(t, truncation=True, max_length=max_tokens)["input_ids"] for t in texts]
     n = len(texts)
@@ -248,6 +251,7 @@ def reference_states(
     neg_entropy: list = [None] * n
     expected: list = [None] * n
     decoder, head, dev = model.get_decoder(), model.get_output_embeddings(), _device(model)
+    cap = logit_softcap(model.config)
     if encoded:
         _check_logits_are_head_of_hidden(model, torch.tensor([encoded[0]]))
     progress = Progress("base reference states", n, "texts")
@@ -260,7 +264,7 @@ def reference_states(
                 m = len(encoded[i])
                 states[i] = hidden[row, :m].float().cpu()
                 # float64: KL is a small difference of O(log vocab) terms, so the entropy needs the digits
-                logp = torch.log_softmax(head(hidden[row, :m]).double(), -1)
+                logp = torch.log_softmax(softcapped(head(hidden[row, :m]).double(), cap), -1)
                 p = logp.exp()
                 top1[i], neg_entropy[i], expected[i] = (
                     logp.argmax(-1).cpu(),
@@ -280,18 +284,23 @@ def reference_states(
     }
 
 
+def softcapped(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """Logits through the model's soft-cap, c * tanh(logits / c) (Gemma 2's `final_logit_softcapping`), in
+    the order transformers applies it; unchanged where the model has none."""
+    return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
 def _check_logits_are_head_of_hidden(model, ids: torch.Tensor) -> None:
-    """The premise of working from final hidden states: the model's logits are its output layer
-    applied to them (no soft-capping, scaling or bias in between). Checked on a few tokens."""
+    """The premise of working from final hidden states: the model's logits are its output layer applied to
+    them, then its soft-cap where it has one (no other scaling in between). Checked on a few tokens."""
     ids = ids[:1, :16].to(_device(model))
     with torch.inference_mode():
         hidden = model.get_decoder()(input_ids=ids).last_hidden_state
-        same = torch.allclose(
-            model.get_output_embeddings()(hidden).float(), model(input_ids=ids).logits.float(), atol=1e-4
-        )
+        recomputed = softcapped(model.get_output_embeddings()(hidden), logit_softcap(model.config))
+        same = torch.allclose(recomputed.float(), model(input_ids=ids).logits.float(), atol=1e-4)
     if not same:
         raise ValueError(
-            f"{type(model).__name__}: logits are not the output embeddings of the last hidden state, "
+            f"{type(model).__name__}: logits are not the (soft-capped) output embeddings of the last hidden state, "
             "so agreement cannot be measured from stored states"
         )
 
@@ -309,12 +318,13 @@ def agreement_with_reference(base_head, model, reference: dict[str, torch.Tensor
     """Per reference text: next-token top-1 agreement and mean KL(base || model) over its positions.
 
     Only `model` runs a forward pass. When it shares the base's output layer (byte-equal weights, no
-    bias: GPTQ quantizes the blocks only) the base's side is read from the summaries stored with
-    its states; otherwise the base's distributions are recomputed from its stored final hidden
-    states through `base_head`. Both are exact (the first up to float rounding of the same sums)."""
+    bias: GPTQ quantizes the blocks only) and no soft-cap, the base's side is read from the summaries
+    stored with its states; otherwise the base's distributions are recomputed from its stored final
+    hidden states through `base_head` and the soft-cap (the base's: `model` is the base quantized, its
+    config the base's). Both are exact (the first up to float rounding of the same sums)."""
     offsets = reference["offsets"].tolist()
     spans = list(zip(offsets[:-1], offsets[1:], strict=True))
-    dev, head = _device(model), model.get_output_embeddings()
+    dev, head, cap = _device(model), model.get_output_embeddings(), logit_softcap(model.config)
     shared = "expected_embedding" in reference and _same_output_layer(base_head, head)
     if shared and spans:
         _check_logits_are_head_of_hidden(model, reference["input_ids"][None, spans[0][0] : spans[0][1]])
@@ -324,8 +334,9 @@ def agreement_with_reference(base_head, model, reference: dict[str, torch.Tensor
         with torch.inference_mode():
             if shared:
                 hidden = model.get_decoder()(input_ids=ids.to(dev), attention_mask=mask.to(dev)).last_hidden_state
-                logits = head(hidden).float()
+                logits = softcapped(head(hidden), cap).float()
                 lse, q_top1, hidden = torch.logsumexp(logits, -1).cpu(), logits.argmax(-1).cpu(), hidden.float().cpu()
+                lq_all = None if cap is None else torch.log_softmax(logits.cpu(), -1)
             else:
                 lq_all = torch.log_softmax(
                     model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float().cpu(), -1
@@ -337,13 +348,13 @@ def agreement_with_reference(base_head, model, reference: dict[str, torch.Tensor
                     # (the summed form below would leave float rounding where the answer is zero)
                     out[i] = {"top1_agreement": 1.0, "kl_divergence": 0.0}
                     continue
-                if shared:
+                if shared and cap is None:
                     cross = (hidden[row, : hi - lo].double() * reference["expected_embedding"][lo:hi].double()).sum(-1)
                     kl = reference["neg_entropy"][lo:hi].double() - (cross - lse[row, : hi - lo].double())
                     top1 = (reference["top1"][lo:hi] == q_top1[row, : hi - lo]).float()
                 else:
                     states = reference["hidden_states"][lo:hi].to(base_head.weight.device, base_head.weight.dtype)
-                    lb = torch.log_softmax(base_head(states).float().cpu(), -1)
+                    lb = torch.log_softmax(softcapped(base_head(states), cap).float().cpu(), -1)
                     lq = lq_all[row, : hi - lo]
                     kl = (lb.exp() * (lb - lq)).sum(-1)
                     top1 = (lb.argmax(-1) == lq.argmax(-1)).float()

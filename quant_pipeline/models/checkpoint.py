@@ -8,6 +8,7 @@ baseline (comparison and rollback path): the pipeline writes it once and never o
 
 import json
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -266,6 +267,31 @@ def load_model(path: Path, trust_remote_code: bool = False):
     kwargs = {"device_map": device, "use_safetensors": True, "trust_remote_code": trust_remote_code}
     if "quantization_config" not in (Path(path) / "config.json").read_text():
         kwargs["dtype"] = torch.float32
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    with _gpt2_init_skips_packed_layers():
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.eval()
     return model, tokenizer
+
+
+@contextmanager
+def _gpt2_init_skips_packed_layers():
+    """Let transformers load a GPTQ GPT-2. Loading runs the weight init over every module (a no-op on loaded
+    tensors), and GPT-2's rescales each block's `c_proj.weight` by name, which a packed GPTQ layer does not have
+    (it has `qweight`): AttributeError. Every tensor comes from the checkpoint, so skipping that rescale for a
+    packed layer changes no byte."""
+    from transformers.modeling_utils import PreTrainedModel
+    from transformers.models.gpt2 import modeling_gpt2 as gpt2
+
+    original = gpt2.GPT2PreTrainedModel._init_weights
+
+    def init(self, module) -> None:
+        if isinstance(module, (gpt2.GPT2Attention, gpt2.GPT2MLP)) and not hasattr(module.c_proj, "weight"):
+            PreTrainedModel._init_weights(self, module)
+            return
+        original(self, module)
+
+    gpt2.GPT2PreTrainedModel._init_weights = init
+    try:
+        yield
+    finally:
+        gpt2.GPT2PreTrainedModel._init_weights = original

@@ -7,6 +7,7 @@ from pathlib import Path
 from quant_pipeline.core.perf import bound_heap_fragmentation
 from quant_pipeline.core.progress import Progress
 from quant_pipeline.core.recipe import Recipe
+from quant_pipeline.models.architectures import describe
 from quant_pipeline.models.sensitivity import layer_type_sensitivity
 
 # Linear layers that read the same input share one calibration pass: their Hessians are identical,
@@ -20,14 +21,12 @@ LLAMA_BLOCK_GROUPS = [
 ]
 
 
-LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-
-
 def block_groups(base_path: Path, keep: str = "") -> list[list[str]] | None:
-    """The shared-input grouping for Llama-style blocks, without the layer types kept at full precision;
-    None (one pass per layer) for anything else."""
+    """The shared-input grouping for Llama-style blocks (`models/architectures.py`: Llama's seven projections,
+    run in Llama's order), without the layer types kept at full precision; None (one pass per layer) for
+    anything else."""
     config = json.loads((Path(base_path) / "config.json").read_text())
-    if config.get("model_type") not in LLAMA_TYPES:
+    if not describe(config, Path(base_path).name).llama_block:
         return None
     kept = set(keep.split(".")) if keep else set()
     groups = [[name for name in group if name.rsplit(".", 1)[-1] not in kept] for group in LLAMA_BLOCK_GROUPS]
@@ -117,6 +116,7 @@ def quantize(base_path: Path, texts: list[str], recipe: Recipe, out_dir: Path) -
     layer types' sensitivity (`models.sensitivity`)."""
     import torch
     from optimum.gptq import GPTQQuantizer
+    from optimum.gptq.utils import get_block_name_with_pattern
     from transformers import AutoModelForCausalLM, AutoTokenizer, GPTQConfig
 
     bound_heap_fragmentation()
@@ -143,8 +143,8 @@ def quantize(base_path: Path, texts: list[str], recipe: Recipe, out_dir: Path) -
     sensitivity = layer_type_sensitivity(model, tokenizer, texts, recipe)
     quantizer = GPTQQuantizer.from_dict(config.to_dict_optimum())
     order = [name for group in groups for name in group] if groups else []
-    blocks = model.get_decoder().layers if groups else []
-    with calibration_passes_stop_early(blocks, order) as stopped, blocks_progress(model.get_decoder().layers):
+    every_block = model.get_submodule(get_block_name_with_pattern(model))  # GPT-2's `transformer.h`, Llama's `layers`
+    with calibration_passes_stop_early(every_block if groups else [], order) as stopped, blocks_progress(every_block):
         quantizer.quantize_model(model, tokenizer)
     model.config.quantization_config = GPTQConfig.from_dict(quantizer.to_dict())
     model.save_pretrained(out_dir, safe_serialization=True)

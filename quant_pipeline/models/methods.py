@@ -30,8 +30,8 @@ from pathlib import Path
 from quant_pipeline.core.errors import AuditInputError
 from quant_pipeline.core.hashing import RECORD_FILE, canonical_hash
 from quant_pipeline.core.perf import bound_heap_fragmentation
-from quant_pipeline.core.recipe import GROUPED_METHODS, Recipe
-from quant_pipeline.models.gptq import LLAMA_TYPES
+from quant_pipeline.core.recipe import GROUPED_METHODS, LAYER_TYPES, Recipe
+from quant_pipeline.models.architectures import describe, unsupported_reason
 from quant_pipeline.models.hqq import AXIS
 from quant_pipeline.models.sensitivity import layer_type_sensitivity
 
@@ -42,23 +42,36 @@ SCALE_SUFFIXES = (
 
 
 def check_recipe_fits(recipe: Recipe, config: dict, model_label: str) -> None:
-    """Groups split each linear layer's input features (GPTQ's, torchao int4's): every width must divide evenly."""
+    """Refuse, before any work, a recipe the model's architecture cannot take: a method that would skip its
+    layers, `keep` on a block that is not Llama's, and a group size that does not divide every quantized
+    layer's input features (groups split them: GPTQ's, torchao int4's, HQQ's)."""
     recipe.validate_values()
-    if recipe.keep and config.get("model_type") not in LLAMA_TYPES:
+    if recipe.method == "identity":
+        return
+    arch = describe(config, model_label)
+    reason = unsupported_reason(arch, recipe.method)
+    if reason:
         raise AuditInputError(
-            f"recipe.keep={recipe.keep!r}: keeping layer types needs a Llama-style block ({', '.join(LLAMA_TYPES)}); "
-            f"{model_label} is {config.get('model_type')!r}"
+            f"recipe.method={recipe.method!r} cannot quantize {model_label} ({arch.model_type}): {reason}"
+        )
+    if recipe.keep and not arch.llama_block:
+        raise AuditInputError(
+            f"recipe.keep={recipe.keep!r}: keeping layer types needs a Llama-style block ({', '.join(LAYER_TYPES)}); "
+            f"{model_label} is {arch.model_type!r}: drop `keep`"
         )
     if recipe.method not in GROUPED_METHODS or recipe.group_size == -1:
         return
-    widths = {"hidden_size": config.get("hidden_size"), "intermediate_size": config.get("intermediate_size")}
-    for field, width in widths.items():
-        if width and width % recipe.group_size:
-            fits = [g for g in (32, 64, 128) if all(w % g == 0 for w in widths.values() if w)]
-            hint = f"use group_size {max(fits)}" if fits else "use group_size -1 (per-channel)"
-            raise AuditInputError(
-                f"recipe.group_size={recipe.group_size} does not divide {model_label}'s {field} {width}: {hint}"
-            )
+    widths = arch.input_widths
+    misfits = sorted(
+        (layer for layer, width in widths.items() if width % recipe.group_size),
+        key=lambda layer: widths[layer] != arch.hidden_size,  # the residual width first: the one users know
+    )
+    if misfits:
+        fits = [g for g in (16, 32, 64, 128, 256) if all(w % g == 0 for w in widths.values())]
+        hint = f"use group_size {max(fits)} (fits every layer, as do {fits})" if fits else "use group_size -1"
+        width = widths[misfits[0]]
+        what = f"hidden_size {width}" if width == arch.hidden_size else f"{misfits[0]} input width {width}"
+        raise AuditInputError(f"recipe.group_size={recipe.group_size} does not divide {model_label}'s {what}: {hint}")
 
 
 def id_prefix(recipe: Recipe) -> str:
