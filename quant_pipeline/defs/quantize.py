@@ -42,7 +42,9 @@ def quantized_artifact(
     atomically under an input-derived ID and registered in MLflow."""
     recipe = candidate_recipe(context)
     model_name = base_checkpoint["model_name"]
-    aid = artifact_id(base_checkpoint["hash"], recipe, calibration_set["hash"], runtime_environment["hash"])
+    aid = artifact_id(
+        base_checkpoint["hash"], recipe, calibration_set["hash"], runtime_environment["hash"], model_name=model_name
+    )
     store = settings.store
     target = store.artifact_dir(aid)
     reused = target.exists()
@@ -84,6 +86,11 @@ def quantized_artifact(
                 )
                 record.write(tmp / RECORD_FILE)
         record = verify_artifact(store, aid).dump()
+    if record["model_name"] != model_name:  # the ID names the model: only a hand-made folder gets here
+        raise AuditInputError(
+            f"artifact {aid} in the store records model {record['model_name']!r}, not {model_name!r}: it was not "
+            "written by this audit; move it away and re-run"
+        )
     tags = {
         "artifact_id": aid,
         "content_hash": record["content_hash"],

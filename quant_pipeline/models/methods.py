@@ -87,10 +87,17 @@ def id_prefix(recipe: Recipe) -> str:
     }[recipe.method]
 
 
-def artifact_id(base_hash: str, recipe: Recipe, calibration_hash: str | None, runtime_hash: str) -> str:
+def artifact_id(
+    base_hash: str, recipe: Recipe, calibration_hash: str | None, runtime_hash: str, *, model_name: str
+) -> str:
     """An ID derived from everything that determines the bytes: the calibration set only for a method that
-    reads it (a new calibration set does not re-quantize, or re-audit, a data-free candidate)."""
-    inputs = {"base": base_hash, "recipe": recipe.as_dict(), "runtime": runtime_hash}
+    reads it (a new calibration set does not re-quantize, or re-audit, a data-free candidate).
+
+    The registered model's name is an input too: an artifact belongs to one registered model (its record,
+    trail, registry versions and sign-off name it). Without it, the same weights audited under a second name
+    reused the first name's record, registered under the second, and chained the gate's verdict onto the
+    first model's trail for a registry version it does not have."""
+    inputs = {"base": base_hash, "recipe": recipe.as_dict(), "runtime": runtime_hash, "model": model_name}
     if recipe.calibrated:
         inputs["calibration"] = calibration_hash
     return f"{id_prefix(recipe)}-{canonical_hash(inputs)[:12]}"

@@ -59,6 +59,7 @@ def record_event(store: ArtifactStore | Path, tracker: MlflowTracker, model_name
     crash between the two leaves it one entry ahead, which `verify_model_trail` reports, so a
     person looks, as with a torn line.
     """
+    _require_registered(tracker, model_name, event)
     before: dict[str, str] = {}
     published: list[bool] = []
 
@@ -87,6 +88,22 @@ def record_event(store: ArtifactStore | Path, tracker: MlflowTracker, model_name
                     for tag in _ANCHOR_TAGS:
                         tracker.client().delete_registered_model_tag(model_name, tag)
         raise
+
+
+def _require_registered(tracker: MlflowTracker, model_name: str, event: dict) -> None:
+    """Refuse an entry naming a registry version that is not this model's version of that artifact: a trail
+    entry for a version the registry does not have (an artifact's record naming another model, once) makes
+    every later reader of the trail (approve, rollback, serving) act on a version that is not there."""
+    version, aid = event.get("registry_version"), event.get("artifact_id")
+    if version is None or not aid:
+        return
+    mv = tracker.model_version(model_name, aid)
+    if mv is None or str(mv.version) != str(version):
+        held = f"holds it as version {mv.version}" if mv is not None else "does not hold it"
+        raise SignOffError(
+            f"refusing to record {event.get('event')!r} of {aid} as version {version} of {model_name}: the MLflow "
+            f"registry of {model_name} {held}; nothing was appended"
+        )
 
 
 def verify_model_trail(store: ArtifactStore | Path, tracker: RegistryReader, model_name: str) -> list[str]:

@@ -67,7 +67,7 @@ def fleet(tmp_path_factory, tiny_llama):
             return str(tracker.register_artifact(MODEL, aid, source, run.run_id, tags)), content_hash
 
     def candidate(recipe: Recipe, aid: str | None = None) -> tuple[str, str, str]:
-        aid = aid or artifact_id(base_hash, recipe, None, runtime_hash)
+        aid = aid or artifact_id(base_hash, recipe, None, runtime_hash, model_name=MODEL)
         out = store.artifact_dir(aid)
         out.mkdir(parents=True)
         quantize(tiny_llama, [], recipe, out)

@@ -4,8 +4,14 @@ import pytest
 
 from quant_pipeline.core.errors import AuditInputError
 from quant_pipeline.core.recipe import Recipe, candidate_key, recipe_from_key
-from quant_pipeline.models.methods import artifact_id, precision
+from quant_pipeline.models.methods import artifact_id as artifact_id_of
+from quant_pipeline.models.methods import precision
 from quant_pipeline.models.sensitivity import rtn_grid
+
+
+def artifact_id(*inputs, model_name: str = "m") -> str:
+    """The ID of one registered model's artifact (the model is an input of its own: see the test below)."""
+    return artifact_id_of(*inputs, model_name=model_name)
 
 
 def test_artifact_id_is_stable_and_changes_with_each_input():
@@ -18,8 +24,16 @@ def test_artifact_id_is_stable_and_changes_with_each_input():
         artifact_id("b" * 64, Recipe(damp_percent=0.05), "c" * 64, "r" * 64),
         artifact_id("b" * 64, recipe, "C" * 64, "r" * 64),
         artifact_id("b" * 64, recipe, "c" * 64, "R" * 64),
+        artifact_id("b" * 64, recipe, "c" * 64, "r" * 64, model_name="another-model"),
     }
-    assert base not in variants and len(variants) == 4
+    assert base not in variants and len(variants) == 5
+
+
+def test_the_same_weights_under_two_registered_names_are_two_artifacts():
+    """An artifact belongs to one registered model: its record, trail and registry versions name it."""
+    ids = {artifact_id("b" * 64, recipe, None, "r" * 64, model_name=name)
+           for recipe in (Recipe(), Recipe(method="torchao-int8-weight")) for name in ("final", "qwen2")}  # fmt: skip
+    assert len(ids) == 4
 
 
 def test_a_data_free_method_ignores_the_calibration_set_and_the_fields_it_does_not_use():

@@ -12,8 +12,15 @@ from quant_pipeline.core.errors import AuditInputError
 from quant_pipeline.core.recipe import Recipe, candidate_key, recipe_from_key
 from quant_pipeline.models import hqq
 from quant_pipeline.models.checkpoint import load_model
-from quant_pipeline.models.methods import artifact_id, precision, quantize, scale_summary
+from quant_pipeline.models.methods import artifact_id as artifact_id_of
+from quant_pipeline.models.methods import precision, quantize, scale_summary
 from quant_pipeline.models.sensitivity import rtn_grid
+
+
+def artifact_id(*inputs, model_name: str = "m") -> str:
+    """The ID of one registered model's artifact (the model is an input: test_artifact_ids)."""
+    return artifact_id_of(*inputs, model_name=model_name)
+
 
 KEPT = Recipe(method="hqq", bits=4, group_size=64, keep="down_proj.v_proj")
 
