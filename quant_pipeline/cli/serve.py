@@ -16,11 +16,9 @@ def _resources():
 
 
 def _model_name(settings, given: str | None) -> str:
-    from quant_pipeline.models.checkpoint import resolve_model_source
-
     if given:
         return given
-    return resolve_model_source(settings.model).name
+    return settings.source().name
 
 
 def serve_command(args) -> int:

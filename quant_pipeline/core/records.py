@@ -159,6 +159,21 @@ class CheckpointRecord(TreeRecord):
     hash: Sha256
 
 
+class Architecture(BaseModel):
+    """What a model's name stands for (its base's family, widths, depth): recorded in its trail's audit entries."""
+
+    model_config = ConfigDict(extra="forbid")
+    model_type: str
+    hidden_size: int | None = None
+    intermediate_size: int | None = None
+    num_hidden_layers: int | None = None
+    num_attention_heads: int | None = None
+    num_key_value_heads: int | None = None
+
+    def describe(self) -> str:
+        return f"{self.model_type} ({', '.join(f'{k}={v}' for k, v in self.model_dump().items() if k != 'model_type')})"
+
+
 class ArtifactRecord(TreeRecord):
     """A quantized artifact: every input that determined its bytes, and the bytes' hashes."""
 

@@ -30,7 +30,7 @@ from quant_pipeline.defs.candidates import (
 )
 from quant_pipeline.defs.resources import AuditSettings
 from quant_pipeline.models.calibration import calibration_version
-from quant_pipeline.models.checkpoint import resolve_model_source, source_stat, source_version
+from quant_pipeline.models.checkpoint import source_stat, source_version
 
 TRIGGER_TAG = "quant_pipeline/trigger"
 FROM_TAG = "quant_pipeline/from_version"
@@ -158,7 +158,7 @@ def next_phases_sensor(context: dg.RunStatusSensorContext):
 
 
 @audit_sensor("Base model: a model partition's checkpoint files changed.")
-def base_model_sensor(context: dg.SensorEvaluationContext):
+def base_model_sensor(context: dg.SensorEvaluationContext, settings: AuditSettings):
     """Every model partition's source, watched on its own: files, sizes and mtimes first (cheap), the content
     version when those moved. A model never audited is left alone (nothing to compare with)."""
     cursor = json.loads(context.cursor) if context.cursor else {}
@@ -166,7 +166,7 @@ def base_model_sensor(context: dg.SensorEvaluationContext):
     audited_by_model = audited(context.instance)
     for model in context.instance.get_dynamic_partitions(MODELS.name):
         try:
-            source = resolve_model_source(model)
+            source = settings.source(model)
         except AuditInputError as e:
             notes.append(f"{model}: unusable ({e})")
             continue

@@ -9,6 +9,7 @@
   change; so the runtime is an input of every artifact ID, and its fingerprint is recorded.
 """
 
+import json
 from pathlib import Path
 
 import dagster as dg
@@ -22,12 +23,9 @@ from quant_pipeline.core.tracking import MlflowTracker
 from quant_pipeline.defs.candidates import MODEL_TAG, MODELS, PARTITION_TAG, audit_key, context_model
 from quant_pipeline.defs.resources import AuditSettings
 from quant_pipeline.models.calibration import load_calibration_texts, token_stats
-from quant_pipeline.models.checkpoint import (
-    describe_checkpoint,
-    materialize_checkpoint,
-    resolve_model_source,
-    source_version,
-)
+from quant_pipeline.models.checkpoint import describe_checkpoint, materialize_checkpoint, source_version
+from quant_pipeline.models.identity import architecture_of, check_same_architecture
+from quant_pipeline.release.governing import base_architecture
 from quant_pipeline.release.reference import base_artifact_id, log_registered_pyfunc
 
 
@@ -37,13 +35,19 @@ def base_checkpoint(
 ) -> dg.MaterializeResult:
     """The full-precision model under audit, as a hashed local safetensors checkpoint (kept baseline)."""
     with StageMeter() as meter:
-        source = resolve_model_source(context_model(context))
+        source = settings.source(context_model(context))
         path = materialize_checkpoint(source, settings.store)
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        # again here, on the checkpoint itself: a run that skipped the pre-run check registers nothing foreign
+        previous = base_architecture(settings.store, source.name)
+        check_same_architecture(source.name, previous, config, settings.new_base_version)
         record = {
             "model_name": source.name,
             "source": source.__dict__,
             "source_version": source_version(source),
             **describe_checkpoint(path),
+            "base_architecture": architecture_of(config).model_dump(),
+            "new_base_version": previous is not None and previous != architecture_of(config),
         }
     record["perf"] = meter.metadata()
     description = (
@@ -133,7 +137,9 @@ def calibration_set(
 
 
 @dg.asset(group_name="audit", kinds={"python"})
-def runtime_environment(context: dg.AssetExecutionContext, mlflow: MlflowTracker) -> dg.MaterializeResult:
+def runtime_environment(
+    context: dg.AssetExecutionContext, settings: AuditSettings, mlflow: MlflowTracker
+) -> dg.MaterializeResult:
     """The fingerprint of the software and hardware this audit runs on (logged in the experiment of the model
     whose audit run materializes it; not partitioned itself, so materialized alone it logs nowhere)."""
     with StageMeter() as meter:
@@ -142,7 +148,7 @@ def runtime_environment(context: dg.AssetExecutionContext, mlflow: MlflowTracker
     run_metadata: dict = {}
     model = context.run.tags.get(MODEL_TAG) or context.run.tags.get(PARTITION_TAG)
     try:
-        model_name = resolve_model_source(model).name if model else None
+        model_name = settings.source(model).name if model else None
     except AuditInputError:
         model_name = None  # a model key naming nothing fails its own stages, not this one
     if model_name:

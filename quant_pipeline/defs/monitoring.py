@@ -22,8 +22,7 @@ from quant_pipeline.core.errors import AuditInputError
 from quant_pipeline.core.hashing import sha256_file
 from quant_pipeline.core.tracking import MlflowTracker
 from quant_pipeline.defs.candidates import MODELS
-from quant_pipeline.defs.resources import MonitoringSettings
-from quant_pipeline.models.checkpoint import resolve_model_source
+from quant_pipeline.defs.resources import AuditSettings, MonitoringSettings
 from quant_pipeline.monitoring.dashboard import WindowRecord, png_markdown, save_window, write_dashboard
 from quant_pipeline.monitoring.drift import detect_drift
 from quant_pipeline.monitoring.requests import count_requests, read_log
@@ -60,8 +59,9 @@ def live_key(model: str, start: dt.datetime) -> dg.MultiPartitionKey:
 
 
 def model_name_of(model_key: str) -> str:
-    """The registered model name (the request log's and the trail's) of a model partition key."""
-    return resolve_model_source(model_key).name
+    """The registered model name (the request log's and the trail's) of a model partition key: the audit's
+    naming (QP_MODEL_NAME for the model QP_MODEL names, else the checkpoint's own), so both find one trail."""
+    return AuditSettings.from_env().source(model_key).name
 
 
 def log_window_metrics(tracker: MlflowTracker, signals: WindowSignals, drift, run_tags: dict) -> str:

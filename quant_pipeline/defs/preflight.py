@@ -5,9 +5,10 @@ from pathlib import Path
 from quant_pipeline.core.errors import AuditInputError
 from quant_pipeline.evaluation.policy import load_policy
 from quant_pipeline.models.calibration import check_enough_samples, load_calibration_texts
-from quant_pipeline.models.checkpoint import check_weights_readable, read_model_config, resolve_model_source
+from quant_pipeline.models.checkpoint import check_weights_readable, read_model_config
+from quant_pipeline.models.identity import check_same_architecture
 from quant_pipeline.models.methods import check_recipe_fits
-from quant_pipeline.release.governing import check_governing
+from quant_pipeline.release.governing import base_architecture, check_governing
 from quant_pipeline.release.tradeoff import OBJECTIVES
 
 # setting -> (CLI option, environment variable, what a value below 1 would mean, the fix)
@@ -44,8 +45,11 @@ def preflight(settings, recipe=None, model: str | None = None) -> None:
         raise AuditInputError(f"objective {settings.objective!r} (`QP_OBJECTIVE`): use one of {', '.join(OBJECTIVES)}")
     if recipe is not None:
         recipe.validate_values()
-    source = resolve_model_source(model or settings.model)
+    source = settings.source(model)
     check_weights_readable(source)
+    previous = base_architecture(settings.store, source.name)  # a trail read: the config only if there is one
+    if previous is not None:
+        check_same_architecture(source.name, previous, read_model_config(source), settings.new_base_version)
     calibration = Path(settings.calibration_file)
     texts = load_calibration_texts(calibration)
     if recipe is not None:

@@ -129,6 +129,9 @@ def quantized_artifact(
         "content_hash": record["content_hash"], "base_hash": record["base_hash"],
         "calibration_hash": record["calibration_hash"], "runtime_hash": record["runtime_hash"],
         "recipe": record["recipe"], "dagster_run_id": context.run.run_id,
+        # what the model's name stands for: a later checkpoint of another architecture is refused under it
+        "base_architecture": base_checkpoint.get("base_architecture"),
+        "new_base_version": base_checkpoint.get("new_base_version", False),
     })  # fmt: skip
     return dg.MaterializeResult(
         value={

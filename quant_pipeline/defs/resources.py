@@ -15,12 +15,13 @@ from quant_pipeline.core.paths import DEFAULT_CALIBRATION, DEFAULT_POLICY, DEFAU
 from quant_pipeline.core.recipe import Recipe
 from quant_pipeline.core.store import ArtifactStore
 from quant_pipeline.core.tracking import MlflowTracker
-from quant_pipeline.defs.candidates import run_partition
+from quant_pipeline.defs.candidates import model_key, run_partition
 from quant_pipeline.defs.preflight import preflight
 from quant_pipeline.defs.recovery import fail_orphaned_runs, process_tags
+from quant_pipeline.models.checkpoint import ModelSource, resolve_model_source
 
-STR_ENV = {"model": "QP_MODEL", "calibration_file": "QP_CALIBRATION_FILE", "policy_file": "QP_POLICY_FILE",
-           "store_dir": "QP_STORE_DIR", "objective": "QP_OBJECTIVE"}  # fmt: skip
+STR_ENV = {"model": "QP_MODEL", "model_name": "QP_MODEL_NAME", "calibration_file": "QP_CALIBRATION_FILE",
+           "policy_file": "QP_POLICY_FILE", "store_dir": "QP_STORE_DIR", "objective": "QP_OBJECTIVE"}  # fmt: skip
 INT_ENV = {"eval_limit": "QP_EVAL_LIMIT", "eval_max_new_tokens": "QP_EVAL_MAX_NEW_TOKENS"}
 RECIPE_ENV = (
     ("method", str),
@@ -41,6 +42,11 @@ class AuditSettings(dg.ConfigurableResource):
     """
 
     model: str = "default"
+    # The registered model `model` is audited as (its versions, trail, reports); empty: what the checkpoint's
+    # metadata names, else its folder's name (`models.identity`). Other model partitions keep their own.
+    model_name: str = ""
+    # A checkpoint whose architecture differs from its name's previous base is refused unless declared new.
+    new_base_version: bool = False
     calibration_file: str = str(DEFAULT_CALIBRATION)
     policy_file: str = str(DEFAULT_POLICY)
     recipe: Recipe = Field(default_factory=Recipe)
@@ -55,6 +61,13 @@ class AuditSettings(dg.ConfigurableResource):
     @property
     def store(self) -> ArtifactStore:
         return ArtifactStore(self.store_dir or default_store_dir())
+
+    def source(self, model: str | None = None) -> ModelSource:
+        """The source of a model partition (None: `model`), named `model_name` where that is the model the
+        settings name: one explicit name cannot name every partition of an instance."""
+        spec = model or self.model
+        named = self.model_name if self.model_name and model_key(spec) == model_key(self.model) else ""
+        return resolve_model_source(spec, named)
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         if context.run is None:  # a sensor tick or a schedule evaluation, not a run
@@ -82,6 +95,8 @@ class AuditSettings(dg.ConfigurableResource):
 
         kwargs: dict = {field: env(name) for field, name in STR_ENV.items() if os.environ.get(name)}
         kwargs |= {field: env(name, int) for field, name in INT_ENV.items() if os.environ.get(name)}
+        if os.environ.get("QP_NEW_BASE_VERSION"):  # read now: Dagster's EnvVar has no boolean
+            kwargs["new_base_version"] = os.environ["QP_NEW_BASE_VERSION"].lower() in ("1", "true", "yes")
         recipe = {f: env(f"QP_{f.upper()}", cast) for f, cast in RECIPE_ENV if os.environ.get(f"QP_{f.upper()}")}
         if recipe:
             kwargs["recipe"] = Recipe(**recipe)

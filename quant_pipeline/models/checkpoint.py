@@ -7,9 +7,8 @@ baseline (comparison and rollback path): the pipeline writes it once and never o
 """
 
 import json
-import re
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from quant_pipeline.core.errors import AuditInputError
@@ -19,8 +18,7 @@ from quant_pipeline.core.perf import bound_heap_fragmentation
 from quant_pipeline.core.records import CheckpointRecord, RecordError
 from quant_pipeline.core.store import ArtifactStore, StoreError, atomic_directory, check_name, verify_tree
 from quant_pipeline.models import hqq
-
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+from quant_pipeline.models.identity import HUB_ID, gguf_name, name_from_config
 
 
 @dataclass(frozen=True)
@@ -31,8 +29,12 @@ class ModelSource:
     gguf_file: str | None = None
 
 
-def resolve_model_source(spec: str) -> ModelSource:
-    """Turn the `model` setting into a source, or explain exactly what is wrong with it."""
+def resolve_model_source(spec: str, name: str = "") -> ModelSource:
+    """Turn the `model` setting into a source, or explain exactly what is wrong with it. Its `name` (the
+    registered model's) is `name` where given (`AuditSettings.model_name`), else what the checkpoint says it
+    is (`models.identity`), else its folder's or file's name."""
+    if name:
+        return replace(resolve_model_source(spec), name=_model_name(name, Path(spec)))
     if spec == "default":
         gguf = default_gguf_path()
         if not gguf.exists():
@@ -47,7 +49,8 @@ def resolve_model_source(spec: str) -> ModelSource:
             raise AuditInputError(
                 f"model file {path} does not exist: point settings.model (QP_MODEL) at an existing .gguf file"
             )
-        return ModelSource("gguf", str(path.resolve().parent), _model_name(path.stem.split(".")[0], path), path.name)
+        named = gguf_name(path) or _model_name(path.stem.split(".")[0], path)
+        return ModelSource("gguf", str(path.resolve().parent), named, path.name)
     if path.exists():
         if not path.is_dir():
             raise AuditInputError(
@@ -62,7 +65,8 @@ def resolve_model_source(spec: str) -> ModelSource:
                 f"model directory {path} has no *.safetensors weights: quant_pipeline loads safetensors only "
                 "(convert pickled .bin weights with `save_pretrained(..., safe_serialization=True)` first)"
             )
-        return ModelSource("local", str(path.resolve()), _model_name(path.resolve().name, path))
+        named = name_from_config(_config_json(path / "config.json")) or _model_name(path.resolve().name, path)
+        return ModelSource("local", str(path.resolve()), named)
     if spec.startswith((".", "/", "~")) or not HUB_ID.match(spec):
         raise AuditInputError(
             f"model path {spec} does not exist: set settings.model (QP_MODEL) to 'default', a local checkpoint "
@@ -76,9 +80,19 @@ def _model_name(name: str, path: Path) -> str:
         return check_name(name, "model name")
     except StoreError:
         raise AuditInputError(
-            f"model {path}: its name {name!r} cannot name a registered model; rename the folder or file "
-            "to letters, digits, '.', '_' and '-' only"
+            f"model {path}: its name {name!r} cannot name a registered model; set QP_MODEL_NAME (model_name), or "
+            "rename the folder or file, to letters, digits, '.', '_' and '-' only"
         ) from None
+
+
+def _config_json(config: Path) -> dict:
+    try:
+        loaded = json.loads(config.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AuditInputError(
+            f"{config} is not a readable JSON config ({_one_line(e)}): restore it from the original checkpoint"
+        ) from None
+    return loaded if isinstance(loaded, dict) else {}
 
 
 def read_model_config(source: ModelSource) -> dict:
@@ -86,13 +100,7 @@ def read_model_config(source: ModelSource) -> dict:
     from transformers import AutoConfig
 
     if source.kind == "local":
-        config = Path(source.location) / "config.json"
-        try:
-            return json.loads(config.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise AuditInputError(
-                f"{config} is not a readable JSON config ({_one_line(e)}): restore it from the original checkpoint"
-            ) from None
+        return _config_json(Path(source.location) / "config.json")
     if source.kind == "gguf":
         return AutoConfig.from_pretrained(source.location, gguf_file=source.gguf_file).to_dict()
     return AutoConfig.from_pretrained(source.location).to_dict()

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from quant_pipeline.core.errors import AuditInputError
 from quant_pipeline.core.hashing import sha256_file
+from quant_pipeline.core.records import Architecture
 from quant_pipeline.core.store import ArtifactStore, write_bytes_atomic
 from quant_pipeline.evaluation.policy import load_policy
 from quant_pipeline.release.signoff import (
@@ -25,6 +26,7 @@ from quant_pipeline.release.signoff import (
     record_event,
     require_intact_trail,
 )
+from quant_pipeline.release.trail import read_entries
 
 if TYPE_CHECKING:  # the class imports MLflow (seconds): read-only verbs run without it
     from quant_pipeline.core.tracking import MlflowTracker
@@ -115,3 +117,11 @@ def check_governing(store: ArtifactStore | Path, model_name: str, policy_file: P
             f"`quant-pipeline pin-policy {model_name} --file {policy_file} --by NAME --reason TEXT`"
         )
     return current
+
+
+def base_architecture(store: ArtifactStore, model_name: str) -> Architecture | None:
+    """The base architecture the model's trail last recorded (its latest `audit` entry naming one): with the
+    pinned policy, what a model's name commits it to (`models.identity.check_same_architecture`)."""
+    path = store.trail_path(model_name)
+    held = [e["base_architecture"] for e in read_entries(path) if e.get("base_architecture")] if path.exists() else []
+    return Architecture.model_validate(held[-1]) if held else None

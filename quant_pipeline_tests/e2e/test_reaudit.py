@@ -90,25 +90,25 @@ def test_base_model_sensor_watches_each_model_partition_on_its_own(tiny_settings
     model = Path(shutil.copytree(tiny_llama, tmp_path / "model"))
     key = audited(instance, str(model), TINY_RECIPE, DATA_FREE)
     other = audited(instance, str(tiny_llama), TINY_RECIPE)
-    _, skip, cursor = tick(base_model_sensor, instance, None)
-    _, skip, cursor = tick(base_model_sensor, instance, cursor)
+    _, skip, cursor = tick(base_model_sensor, instance, None, tiny_settings)
+    _, skip, cursor = tick(base_model_sensor, instance, cursor, tiny_settings)
     assert f"{key} unchanged" in skip and f"{other} unchanged" in skip
     before = json.loads(cursor)[key]["version"]
 
     config = json.loads((model / "config.json").read_text())
     config["rms_norm_eps"] = 1e-5 if config.get("rms_norm_eps") != 1e-5 else 1e-6
     (model / "config.json").write_text(json.dumps(config))
-    requests, _, cursor = tick(base_model_sensor, instance, cursor)
+    requests, _, cursor = tick(base_model_sensor, instance, cursor, tiny_settings)
     assert len(requests) == 1 and requests[0].partition_key == key  # the other model did not change
     assert requests[0].tags[TRIGGER_TAG] == "base_model" and requests[0].tags[FROM_TAG] == before
     assert requests[0].tags[TO_TAG].startswith("model@") and requests[0].tags[STAGES_TAG].split(",") == ALL_STAGES
     assert sorted(requests[0].tags[CANDIDATES_TAG].split(",")) == sorted(
         [candidate_key(TINY_RECIPE), "torchao-int8-weight"]
     )
-    assert tick(base_model_sensor, instance, cursor)[0] == []
+    assert tick(base_model_sensor, instance, cursor, tiny_settings)[0] == []
 
     fresh = register(instance, str(shutil.copytree(tiny_llama, tmp_path / "never-audited")))
-    requests, skip, _ = tick(base_model_sensor, instance, cursor)
+    requests, skip, _ = tick(base_model_sensor, instance, cursor, tiny_settings)
     assert requests == [] and f"{fresh}: no audit recorded yet" in skip  # a new model partition: audit it first
 
 

@@ -16,7 +16,8 @@ def test_a_sensor_tick_reports_an_unusable_model_as_its_own_skip_reason(tmp_path
     gone = tmp_path / "no-such-model"
     with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
         instance.add_dynamic_partitions("model", [str(gone)])  # a model partition whose folder went away
-        result = base_model_sensor(dg.build_sensor_context(instance=instance))
+        settings = AuditSettings(store_dir=str(tmp_path / "store"))
+        result = base_model_sensor(dg.build_sensor_context(instance=instance, resources={"settings": settings}))
     assert (
         not result.run_requests
         and f"{gone}: unusable (model path {gone} does not exist" in result.skip_reason.skip_message

@@ -1,0 +1,85 @@
+"""Which registered model a checkpoint is: its name, and the architecture its name stands for.
+
+A registered model (its versions, aliases, trail, reports) used to be named after the checkpoint's folder, so
+two different models in folders both called `final` became versions of one model with one trail. The name is
+now explicit (`AuditSettings.model_name`, QP_MODEL_NAME) or read from the checkpoint's own metadata (a hub id
+in config.json's `_name_or_path`, a GGUF's `general.name`), the folder's name only where neither says; and a
+checkpoint whose architecture differs from the one its name's trail recorded is refused unless it is declared
+a new base version: a name then always stands for one kind of model, and a mix-up is a one-line refusal
+before any work, not a trail that quietly mixes two models' verdicts.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from quant_pipeline.core.errors import AuditInputError
+from quant_pipeline.core.records import Architecture
+from quant_pipeline.core.store import NAME_PATTERN
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# config keys of each architecture field, as the model families spell them (Llama's, GPT-2's, OPT's)
+_FIELDS = {
+    "hidden_size": ("hidden_size", "n_embd", "d_model"),
+    "intermediate_size": ("intermediate_size", "n_inner", "ffn_dim"),
+    "num_hidden_layers": ("num_hidden_layers", "n_layer", "num_layers"),
+    "num_attention_heads": ("num_attention_heads", "n_head"),
+    "num_key_value_heads": ("num_key_value_heads",),
+}
+NEW_BASE_FIX = "set QP_NEW_BASE_VERSION=1 (new_base_version=True) if it is a new base version of the same model"
+
+
+def safe_name(text: object) -> str | None:
+    """`text` as a registered model's name (runs of other characters become '-'), or None if nothing is left."""
+    if not isinstance(text, str):
+        return None
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", text.strip()).strip("-._").replace("..", ".")[:128]
+    return name if NAME_PATTERN.fullmatch(name or "-") else None
+
+
+def name_from_config(config: dict) -> str | None:
+    """A hub id in config.json's `_name_or_path` (`Qwen/Qwen2-0.5B` -> `Qwen--Qwen2-0.5B`, as a hub source is
+    named). A local path there says no more than the folder does, so it names nothing."""
+    value = config.get("_name_or_path")
+    if not isinstance(value, str) or not HUB_ID.match(value) or Path(value).expanduser().exists():
+        return None
+    return safe_name(value.replace("/", "--"))
+
+
+def gguf_name(path: Path) -> str | None:
+    """The GGUF's own `general.name` (header only: the weights are memory-mapped, not read)."""
+    from gguf import GGUFReader
+
+    try:
+        field = GGUFReader(str(path)).fields.get("general.name")
+        return safe_name(bytes(field.parts[field.data[0]]).decode("utf-8")) if field is not None else None
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+
+
+def architecture_of(config: dict) -> Architecture:
+    """What a model name stands for: its family and its widths and depth (a text model's, for a
+    multimodal config), read from the config without loading a weight."""
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    merged = {**config, **text}
+    values = {
+        field: next((merged[k] for k in keys if isinstance(merged.get(k), int)), None)
+        for field, keys in _FIELDS.items()
+    }
+    return Architecture(model_type=str(merged.get("model_type") or "?"), **values)
+
+
+def check_same_architecture(
+    model_name: str, previous: Architecture | None, config: dict, new_base_version: bool
+) -> None:
+    """Refuse, in one line, a checkpoint whose architecture differs from the one its name last stood for
+    (`previous`: what the model's trail recorded, `release.governing.base_architecture`)."""
+    current = architecture_of(config)
+    if previous is None or previous == current or new_base_version:
+        return
+    raise AuditInputError(
+        f"model {model_name}: its previous base versions are {previous.describe()}, this checkpoint is "
+        f"{current.describe()}: a different model under the same name; set a distinct model name "
+        f"(QP_MODEL_NAME / model_name), or {NEW_BASE_FIX}"
+    )

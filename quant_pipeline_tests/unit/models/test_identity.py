@@ -1,0 +1,64 @@
+"""Which registered model a checkpoint is: its name (explicit, from its metadata, else its folder) and the
+architecture its name stands for."""
+
+import json
+
+import pytest
+
+from quant_pipeline.core.errors import AuditInputError
+from quant_pipeline.core.records import Architecture
+from quant_pipeline.defs.resources import AuditSettings
+from quant_pipeline.models.checkpoint import resolve_model_source
+from quant_pipeline.models.identity import architecture_of, check_same_architecture, name_from_config, safe_name
+
+LLAMA = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 4}  # fmt: skip
+
+
+def checkpoint(folder, config: dict):
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "model.safetensors").write_bytes(b"")
+    return folder
+
+
+def test_a_checkpoint_is_named_by_its_hub_id_else_by_its_folder(tmp_path):
+    named = checkpoint(tmp_path / "a" / "final", {**LLAMA, "_name_or_path": "Qwen/Qwen2-0.5B"})
+    local = checkpoint(tmp_path / "b" / "final", {**LLAMA, "_name_or_path": str(tmp_path / "b" / "final")})
+    assert resolve_model_source(str(named)).name == "Qwen--Qwen2-0.5B"
+    assert resolve_model_source(str(local)).name == "final"  # a path says no more than the folder does
+    assert name_from_config({"_name_or_path": "not a hub id"}) is None
+
+
+def test_an_explicit_name_names_only_the_model_the_settings_name(tmp_path):
+    one, other = checkpoint(tmp_path / "one" / "final", LLAMA), checkpoint(tmp_path / "two" / "final", LLAMA)
+    settings = AuditSettings(model=str(one), model_name="support-bot", store_dir=str(tmp_path / "store"))
+    assert settings.source().name == "support-bot" and settings.source(str(one)).name == "support-bot"
+    assert settings.source(str(other)).name == "final"  # another partition keeps its own name
+    with pytest.raises(AuditInputError, match="QP_MODEL_NAME"):
+        AuditSettings(model=str(one), model_name="no spaces allowed").source()
+
+
+def test_a_name_from_metadata_is_made_safe_or_dropped():
+    assert safe_name("Smollm2 135M 8k Lc100K Mix1 Ep2") == "Smollm2-135M-8k-Lc100K-Mix1-Ep2"
+    assert safe_name("  ../..  ") is None and safe_name(None) is None
+
+
+def test_the_architecture_is_read_under_each_family_s_spelling():
+    gpt2 = architecture_of({"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "n_inner": None})
+    assert gpt2 == Architecture(model_type="gpt2", hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
+    nested = architecture_of({"model_type": "gemma3", "text_config": {**LLAMA, "model_type": "gemma3_text"}})
+    assert nested.model_type == "gemma3_text" and nested.hidden_size == 128
+
+
+def test_a_checkpoint_of_another_architecture_is_refused_under_the_same_name_unless_declared_new():
+    previous = architecture_of(LLAMA)
+    check_same_architecture("final", None, {**LLAMA, "hidden_size": 64}, False)  # nothing recorded yet
+    check_same_architecture("final", previous, {**LLAMA, "vocab_size": 7}, False)  # same widths and depth
+    wider = {**LLAMA, "model_type": "qwen2", "hidden_size": 896}
+    with pytest.raises(AuditInputError) as refused:
+        check_same_architecture("final", previous, wider, False)
+    line = str(refused.value)
+    assert "\n" not in line and "model final" in line and "llama (hidden_size=128" in line
+    assert "qwen2 (hidden_size=896" in line and "QP_MODEL_NAME" in line and "QP_NEW_BASE_VERSION=1" in line
+    check_same_architecture("final", previous, wider, True)  # declared a new base version
