@@ -185,16 +185,16 @@ class ArtifactRecord(TreeRecord):
     base_hash: Sha256
     base_path: str
     recipe: dict[str, Any]
-    calibration_hash: Sha256 | None  # None: a data-free method, the calibration set is not an input
-    calibration_count: int
-    # (the runtime is an input too: a kernel or library change is a different artifact)
+    # the samples the recipe read, tokenized as it read them (models.calibration.used_samples_hash); None: a
+    # data-free method, the calibration set is not an input. The file they came from: calibration_file_hash.
+    calibration_hash: Sha256 | None
+    calibration_file_hash: Sha256 | None = None
+    calibration_count: int  # (the runtime is an input too: a kernel or library change is a different artifact)
     runtime_hash: Sha256
     runtime: dict[str, Any]
-    # the bytes
-    precision: str
-    # relative output error of each layer type under the method's rounding, on calibration text
-    # (models.sensitivity): why a `keep` recipe kept the types it kept, and what the search would keep next;
-    # the calibration set it was measured on (for a data-free method that set chose nothing in its bytes)
+    precision: str  # the bytes, from here on
+    # relative output error of each layer type under the method's rounding, on calibration text (models.sensitivity):
+    # why a `keep` recipe kept what it kept; the calibration file it was measured on (chose nothing in data-free bytes)
     layer_sensitivity: dict[str, float] = {}
     sensitivity_calibration_hash: Sha256 | None = None
     scales: ScaleSummary

@@ -1,9 +1,10 @@
 """The quantized artifact: the recipe's method on the base checkpoint (and the calibration set, for GPTQ),
 registered in MLflow.
 
-The artifact ID is derived from everything that determines the bytes (base hash, recipe,
-calibration hash, runtime fingerprint), so the same inputs give the same ID and the work is
-reused, and any changed input gives a new ID that starts its approval from scratch.
+The artifact ID is derived from everything that determines the bytes (base hash, recipe, the calibration
+samples the recipe reads, runtime fingerprint) and the registered model it belongs to, so the same inputs give
+the same ID and the work is reused, and any changed input gives a new ID that starts its approval from scratch
+(unless its bytes are those of an approved artifact: `release.carry`).
 The artifact is written atomically and carries a record of its inputs and its own file hashes.
 """
 
@@ -23,7 +24,12 @@ from quant_pipeline.core.store import atomic_directory
 from quant_pipeline.core.tracking import MlflowTracker
 from quant_pipeline.defs.candidates import AUDITS, audit_key, candidate_recipe
 from quant_pipeline.defs.resources import AuditSettings
-from quant_pipeline.models.calibration import check_enough_samples, load_calibration_texts
+from quant_pipeline.models.calibration import (
+    check_enough_samples,
+    load_calibration_texts,
+    tokenizer_hash,
+    used_samples_hash,
+)
 from quant_pipeline.models.methods import artifact_id, precision, quantize, scale_summary
 from quant_pipeline.release.reference import log_registered_pyfunc
 from quant_pipeline.release.signoff import record_event
@@ -42,25 +48,18 @@ def quantized_artifact(
     atomically under an input-derived ID and registered in MLflow."""
     recipe = candidate_recipe(context)
     model_name = base_checkpoint["model_name"]
-    aid = artifact_id(
-        base_checkpoint["hash"], recipe, calibration_set["hash"], runtime_environment["hash"], model_name=model_name
-    )
+    # a calibrated artifact's ID names the samples it reads (not the file): an unused line edited changes nothing
+    texts = validated_texts(calibration_set, recipe) if recipe.calibrated else None
+    used = used_samples_hash(texts, recipe, tokenizer_hash(base_checkpoint["files"])) if texts is not None else None
+    aid = artifact_id(base_checkpoint["hash"], recipe, used, runtime_environment["hash"], model_name=model_name)
     store = settings.store
     target = store.artifact_dir(aid)
     reused = target.exists()
     passes: dict = {}
     with StageMeter() as meter:
         if not reused:
-            texts: list[str] = []
-            if recipe.method != "identity":  # GPTQ calibrates on it; every method but identity measures on it
-                calib_path = Path(calibration_set["path"])
-                if sha256_file(calib_path) != calibration_set["hash"]:
-                    raise AuditInputError(
-                        f"calibration file {calib_path} changed since it was validated: re-materialize calibration_set"
-                    )
-                texts = load_calibration_texts(calib_path)
-                if recipe.calibrated:
-                    check_enough_samples(texts, calib_path, recipe)
+            if texts is None:  # every method but identity measures its layers' sensitivity on it
+                texts = validated_texts(calibration_set, recipe) if recipe.method != "identity" else []
             with atomic_directory(target) as tmp, log_progress(context.log.info):
                 passes = quantize(Path(base_checkpoint["path"]), texts, recipe, tmp)
                 sensitivity = passes.pop("layer_sensitivity", {})
@@ -71,7 +70,8 @@ def quantized_artifact(
                     base_hash=base_checkpoint["hash"],
                     base_path=base_checkpoint["path"],
                     recipe=recipe.as_dict(),
-                    calibration_hash=calibration_set["hash"] if recipe.calibrated else None,
+                    calibration_hash=used,
+                    calibration_file_hash=calibration_set["hash"] if recipe.calibrated else None,
                     calibration_count=min(len(texts), recipe.calibration_samples) if recipe.calibrated else 0,
                     runtime_hash=runtime_environment["hash"],
                     runtime=runtime_environment["fingerprint"],
@@ -96,6 +96,7 @@ def quantized_artifact(
         "content_hash": record["content_hash"],
         "base_hash": record["base_hash"],
         "calibration_hash": record["calibration_hash"] or "none (data-free method)",
+        "calibration_file_hash": record.get("calibration_file_hash") or "none",
         "runtime_hash": record["runtime_hash"],
         "recipe": json.dumps(record["recipe"], sort_keys=True),
         "approval": "pending sign-off",
@@ -127,7 +128,8 @@ def quantized_artifact(
         "trigger": trigger.get("trigger", "manual"), "from_version": trigger.get("from_version"),
         "to_version": trigger.get("to_version"), "changes": trigger.get("changes"),
         "content_hash": record["content_hash"], "base_hash": record["base_hash"],
-        "calibration_hash": record["calibration_hash"], "runtime_hash": record["runtime_hash"],
+        "calibration_hash": record["calibration_hash"], "calibration_file_hash": record.get("calibration_file_hash"),
+        "runtime_hash": record["runtime_hash"],
         "recipe": record["recipe"], "dagster_run_id": context.run.run_id,
         # what the model's name stands for: a later checkpoint of another architecture is refused under it
         "base_architecture": base_checkpoint.get("base_architecture"),
@@ -170,3 +172,15 @@ def describe_artifact(record: dict, recipe: Recipe) -> str:
         f"content hash {record['content_hash'][:16]}, {record['size_bytes'] / 2**20:.1f} MB, from base "
         f"{record['base_hash'][:16]}."
     )
+
+
+def validated_texts(calibration_set: dict, recipe: Recipe) -> list[str]:
+    """The calibration texts, refused if the file changed since calibration_set validated it (its hash is what
+    the audit records) or if it has fewer samples than a calibrated recipe reads."""
+    path = Path(calibration_set["path"])
+    if sha256_file(path) != calibration_set["hash"]:
+        raise AuditInputError(f"calibration file {path} changed since it was validated: re-materialize calibration_set")
+    texts = load_calibration_texts(path)
+    if recipe.calibrated:
+        check_enough_samples(texts, path, recipe)
+    return texts

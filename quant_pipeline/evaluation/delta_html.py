@@ -153,7 +153,7 @@ def identity_table(ctx: ReportContext, with_ids: bool = True) -> str:
         ("Artifact content hash (sha256)", _hash(ctx.content_hash, "not recorded")),
         ("Base model content hash (sha256)", _hash(ctx.base_hash, "not recorded")),
         ("Recipe", f"<code>{html.escape(json.dumps(ctx.recipe, sort_keys=True))}</code>"),
-        ("Calibration set (sha256)", _hash(ctx.calibration_hash, "none: a data-free method")),
+        ("Calibration samples used (sha256)", _hash(ctx.calibration_hash, "none: a data-free method")),
         ("Calibration samples", fmt_count(ctx.calibration_count)),
         ("Runtime fingerprint (sha256)", _hash(ctx.runtime_hash, "not recorded")),
         ("Policy", html.escape(ctx.policy_name)),

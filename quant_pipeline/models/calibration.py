@@ -1,16 +1,20 @@
 """The calibration set: the texts GPTQ uses to estimate each layer's input statistics.
 
 Calibration data shapes the rounding error as much as the recipe does, so it is an audited input:
-validated line by line, hashed, and summarised in tokens of the model being quantized.
+validated line by line, hashed, and summarised in tokens of the model being quantized. What determines a
+calibrated artifact's bytes is not the file but the samples its recipe reads, tokenized as it tokenizes them:
+so that (`used_samples_hash`) is the calibration's part of an artifact's ID, and the file's hash is recorded
+beside it. Editing a line no recipe reads then re-quantizes nothing and asks for no new sign-off.
 """
 
 import io
 import json
+import re
 import statistics
 from pathlib import Path
 
 from quant_pipeline.core.errors import AuditInputError
-from quant_pipeline.core.hashing import sha256_file
+from quant_pipeline.core.hashing import canonical_hash, sha256_file, sha256_text
 from quant_pipeline.core.recipe import Recipe
 
 
@@ -93,3 +97,23 @@ def token_stats(texts: list[str], tokenizer, seq_len: int) -> dict:
         "tokens_max": max(lengths),
         "samples_truncated": sum(n > seq_len for n in lengths),
     }
+
+
+# the files of a checkpoint that decide how text becomes token ids
+TOKENIZER_FILES = re.compile(r"tokenizer[^/]*|special_tokens_map\.json|added_tokens\.json|vocab\.json|merges\.txt")
+
+
+def tokenizer_hash(files: dict[str, str]) -> str:
+    """The tokenizer's content hash, from a checkpoint's per-file hashes (its tokenizing files only)."""
+    return canonical_hash({name: digest for name, digest in files.items() if TOKENIZER_FILES.fullmatch(name)})
+
+
+def used_samples_hash(texts: list[str], recipe: Recipe, tokenizer_sha256: str) -> str:
+    """The calibration's identity for a calibrated recipe: the samples it reads (the first
+    `calibration_samples`), their count, the sequence length they are cut to and the tokenizer that cuts them.
+    Lines after those, and the file's layout, are not in it: they do not reach the bytes."""
+    used = texts[: recipe.calibration_samples]
+    samples = [sha256_text(text) for text in used]
+    return canonical_hash(
+        {"samples": samples, "count": len(used), "seq_len": recipe.seq_len, "tokenizer": tokenizer_sha256}
+    )

@@ -158,7 +158,7 @@ def test_the_identity_table_carries_every_hash_in_full_and_the_pending_decision(
     fields = identity(one(root, id="identity"))
     assert fields["Artifact content hash (sha256)"] == HASHES["content_hash"]
     assert fields["Base model content hash (sha256)"] == HASHES["base_hash"]
-    assert fields["Calibration set (sha256)"] == HASHES["calibration_hash"]
+    assert fields["Calibration samples used (sha256)"] == HASHES["calibration_hash"]
     assert fields["Runtime fingerprint (sha256)"] == HASHES["runtime_hash"]
     assert fields["Policy hash (sha256)"] == ctx.policy_hash and len(ctx.policy_hash) == 64
     assert fields["Artifact ID"] == ctx.artifact_id and fields["Verdict"] == "FAIL"

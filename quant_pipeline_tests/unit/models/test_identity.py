@@ -1,13 +1,16 @@
-"""Which registered model a checkpoint is: its name (explicit, from its metadata, else its folder) and the
-architecture its name stands for."""
+"""Identity by content and name: which registered model a checkpoint is (its name: explicit, from its metadata,
+else its folder; the architecture its name stands for), and which calibration an artifact read (the samples used,
+not the file)."""
 
 import json
 
 import pytest
 
 from quant_pipeline.core.errors import AuditInputError
+from quant_pipeline.core.recipe import Recipe
 from quant_pipeline.core.records import Architecture
 from quant_pipeline.defs.resources import AuditSettings
+from quant_pipeline.models.calibration import tokenizer_hash, used_samples_hash
 from quant_pipeline.models.checkpoint import resolve_model_source
 from quant_pipeline.models.identity import architecture_of, check_same_architecture, name_from_config, safe_name
 
@@ -62,3 +65,24 @@ def test_a_checkpoint_of_another_architecture_is_refused_under_the_same_name_unl
     assert "\n" not in line and "model final" in line and "llama (hidden_size=128" in line
     assert "qwen2 (hidden_size=896" in line and "QP_MODEL_NAME" in line and "QP_NEW_BASE_VERSION=1" in line
     check_same_architecture("final", previous, wider, True)  # declared a new base version
+
+
+def test_the_calibration_identity_is_the_samples_used_and_how_they_are_tokenized():
+    texts = [f"sample {i}" for i in range(12)]
+    recipe, tok = Recipe(calibration_samples=8, seq_len=64), "t" * 64
+    used = used_samples_hash(texts, recipe, tok)
+    assert used == used_samples_hash([*texts[:8], "an edited line no recipe reads", *texts[9:]], recipe, tok)
+    assert used == used_samples_hash(texts[:8], recipe, tok)  # lines after the used ones dropped
+    changed = {
+        used_samples_hash(["edited", *texts[1:]], recipe, tok),
+        used_samples_hash(texts, Recipe(calibration_samples=8, seq_len=128), tok),
+        used_samples_hash(texts, Recipe(calibration_samples=9, seq_len=64), tok),
+        used_samples_hash(texts, recipe, "T" * 64),
+    }
+    assert used not in changed and len(changed) == 4
+
+
+def test_the_tokenizer_hash_covers_the_tokenizing_files_only():
+    files = {"tokenizer.json": "a" * 64, "tokenizer_config.json": "b" * 64, "model.safetensors": "c" * 64}
+    assert tokenizer_hash(files) == tokenizer_hash({**files, "model.safetensors": "d" * 64})
+    assert tokenizer_hash(files) != tokenizer_hash({**files, "tokenizer.json": "e" * 64})
