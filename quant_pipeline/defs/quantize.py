@@ -128,8 +128,9 @@ def quantized_artifact(
         "trigger": trigger.get("trigger", "manual"), "from_version": trigger.get("from_version"),
         "to_version": trigger.get("to_version"), "changes": trigger.get("changes"),
         "content_hash": record["content_hash"], "base_hash": record["base_hash"],
-        "calibration_hash": record["calibration_hash"], "calibration_file_hash": record.get("calibration_file_hash"),
-        "runtime_hash": record["runtime_hash"],
+        "calibration_hash": record["calibration_hash"], "runtime_hash": record["runtime_hash"],
+        # the file this audit read (a reused artifact's record names the one it was built from)
+        "calibration_file_hash": calibration_set["hash"] if recipe.calibrated else None,
         "recipe": record["recipe"], "dagster_run_id": context.run.run_id,
         # what the model's name stands for: a later checkpoint of another architecture is refused under it
         "base_architecture": base_checkpoint.get("base_architecture"),

@@ -18,6 +18,7 @@ from quant_pipeline.core.tracking import APPROVED_ALIAS, MlflowTracker
 from quant_pipeline.defs.candidates import AUDITS, audit_key
 from quant_pipeline.defs.resources import AuditSettings
 from quant_pipeline.release import signoff
+from quant_pipeline.release.carry import carry_approval
 from quant_pipeline.release.evidence import judged_report
 
 APPROVED, PENDING, REJECTED, INCOMPLETE = (
@@ -59,8 +60,8 @@ def approval(
                 store, mlflow, aid, config.approver, config.note, config.second_approver, config.override, run_id
             )
             decision = APPROVED
-        else:
-            entry = signoff.record_pending(store, mlflow, aid, run_id)
+        else:  # the same approved weights under a new ID need no second sign-off (release/carry.py)
+            entry = carry_approval(store, mlflow, aid, run_id) or signoff.record_pending(store, mlflow, aid, run_id)
             decision = {"approved": APPROVED, "rejected": REJECTED}.get(entry["event"], PENDING)  # one that stands
     version = quantized_artifact["registry_version"]
     entry = {**entry, "decision": decision, "approver": entry.get("by"), "verdict": report.verdict}
