@@ -9,6 +9,7 @@ one run (the cursor moves, and the run key repeats).
 
 import json
 import os
+import time
 from pathlib import Path
 
 import dagster as dg
@@ -52,6 +53,9 @@ PERIODIC_STAGES = [
 ]
 
 INTERVAL = int(os.environ.get("QP_SENSOR_INTERVAL_SECONDS", "30"))
+# How often the base model sensor hashes a model's files even when their names, sizes and mtimes are unchanged:
+# a copy that keeps both (`cp -p`, `rsync -t`, a restored backup) changes the content unseen by the cheap check.
+FULL_HASH_SECONDS = float(os.environ.get("QP_SENSOR_FULL_HASH_HOURS", "6")) * 3600
 
 
 def latest_metadata(instance: dg.DagsterInstance, asset: str, key: str, partition: str | None = None):
@@ -160,8 +164,10 @@ def next_phases_sensor(context: dg.RunStatusSensorContext):
 @audit_sensor("Base model: a model partition's checkpoint files changed.")
 def base_model_sensor(context: dg.SensorEvaluationContext, settings: AuditSettings):
     """Every model partition's source, watched on its own: files, sizes and mtimes first (cheap), the content
-    version when those moved. A model never audited is left alone (nothing to compare with)."""
+    version when those moved, and every FULL_HASH_SECONDS even when they did not (a content change that keeps
+    sizes and mtimes). A model never audited is left alone (nothing to compare with)."""
     cursor = json.loads(context.cursor) if context.cursor else {}
+    now = time.time()
     requests, notes, seen = [], [], {}
     audited_by_model = audited(context.instance)
     for model in context.instance.get_dynamic_partitions(MODELS.name):
@@ -171,13 +177,13 @@ def base_model_sensor(context: dg.SensorEvaluationContext, settings: AuditSettin
             notes.append(f"{model}: unusable ({e})")
             continue
         stat, known = source_stat(source), cursor.get(model, {})
-        if known.get("stat") == stat and known.get("version"):
+        if known.get("stat") == stat and known.get("version") and now - known.get("hashed_at", 0) < FULL_HASH_SECONDS:
             seen[model] = known
             notes.append(f"{model} unchanged at {known['version']} (same files, sizes and mtimes)")
             continue
         current = source_version(source)
         previous = known.get("version") or latest_metadata(context.instance, "base_checkpoint", "source_version", model)
-        seen[model] = {"stat": stat, "version": current}
+        seen[model] = {"stat": stat, "version": current, "hashed_at": now}
         if previous is None or previous == current or model not in audited_by_model:
             notes.append(f"{model}: {'unchanged at ' + current if previous == current else 'no audit recorded yet'}")
             continue

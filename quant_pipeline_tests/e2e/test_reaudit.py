@@ -1,6 +1,7 @@
 """Re-audit on change: sensors fire once per change with the right tags, and work is reused by hash."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from quant_pipeline.defs.automation import (
     CALIBRATION_STAGES,
     CANDIDATES_TAG,
     FROM_TAG,
+    FULL_HASH_SECONDS,
     STAGES_TAG,
     TO_TAG,
     TRIGGER_TAG,
@@ -110,6 +112,26 @@ def test_base_model_sensor_watches_each_model_partition_on_its_own(tiny_settings
     fresh = register(instance, str(shutil.copytree(tiny_llama, tmp_path / "never-audited")))
     requests, skip, _ = tick(base_model_sensor, instance, cursor, tiny_settings)
     assert requests == [] and f"{fresh}: no audit recorded yet" in skip  # a new model partition: audit it first
+
+
+def test_base_model_sensor_hashes_on_schedule_a_change_that_keeps_sizes_and_mtimes(
+    tiny_settings, instance, tiny_llama, tmp_path
+):
+    model = Path(shutil.copytree(tiny_llama, tmp_path / "model"))
+    key = audited(instance, str(model), TINY_RECIPE)
+    _, _, cursor = tick(base_model_sensor, instance, None, tiny_settings)
+    config, before = model / "config.json", model.joinpath("config.json").stat()
+    text = config.read_text()
+    edited = text.replace('"num_attention_heads": 4', '"num_attention_heads": 2')
+    assert edited != text and len(edited) == len(text)
+    config.write_text(edited)
+    os.utime(config, ns=(before.st_atime_ns, before.st_mtime_ns))  # the same size and mtime: the cheap check sees none
+    requests, skip, cursor = tick(base_model_sensor, instance, cursor, tiny_settings)
+    assert requests == [] and "same files, sizes and mtimes" in skip
+    state = json.loads(cursor)
+    state[key]["hashed_at"] -= FULL_HASH_SECONDS  # the full hash is due
+    requests, _, cursor = tick(base_model_sensor, instance, json.dumps(state), tiny_settings)
+    assert [r.partition_key for r in requests] == [key] and requests[0].tags[TRIGGER_TAG] == "base_model"
 
 
 def test_runtime_sensor_compares_with_the_fingerprint_of_the_latest_audit(instance):
