@@ -149,6 +149,7 @@ def materialize_checkpoint(source: ModelSource, store: ArtifactStore) -> Path:
     target = store.checkpoint_dir(source.name)
     if target.exists():
         verify_kept_baseline(target)
+        _require_same_source(target, source)
         return target
     with atomic_directory(target) as tmp:
         if source.kind == "gguf":
@@ -159,8 +160,33 @@ def materialize_checkpoint(source: ModelSource, store: ArtifactStore) -> Path:
             patterns = ["*.safetensors", "*.json", "*.jinja", "tokenizer*", "*.model", "*.txt"]
             snapshot_download(source.location, local_dir=tmp, allow_patterns=patterns)
         files = file_hashes(tmp)
-        CheckpointRecord(source=source.__dict__, files=files, hash=tree_hash(files)).write(tmp / RECORD_FILE)
+        CheckpointRecord(source=_source_identity(source), files=files, hash=tree_hash(files)).write(tmp / RECORD_FILE)
     return target
+
+
+def _source_identity(source: ModelSource) -> dict:
+    """The source as the kept baseline records it: a GGUF with its sha256 (its name may be another's)."""
+    sha = {"sha256": sha256_file(source_files(source)[0])} if source.kind == "gguf" else {}
+    return {**source.__dict__, **sha}
+
+
+def _require_same_source(target: Path, source: ModelSource) -> None:
+    """A kept baseline is found by the model's name, and two sources can carry one name (two GGUFs whose
+    `general.name` is the same, a hub id under an explicit name): reusing it would audit the other's weights.
+    (A baseline converted before GGUFs' sha256 were recorded is not checked: nothing to compare with.)"""
+    kept = CheckpointRecord.read(target / RECORD_FILE).source
+    if source.kind == "gguf":
+        other = bool(kept.get("sha256")) and kept["sha256"] != _source_identity(source)["sha256"]
+    else:
+        other = kept.get("location") != source.location
+    if other or kept.get("kind") != source.kind:
+        was = f"{kept.get('location')}/{kept['gguf_file']}" if kept.get("gguf_file") else kept.get("location")
+        now = f"{source.location}/{source.gguf_file}" if source.gguf_file else source.location
+        raise AuditInputError(
+            f"kept baseline {target} of model {source.name} was converted from {was}, not from {now} as it is now: "
+            "the file changed since, or another model carries the same name; move the kept baseline away to "
+            "convert again (it is never overwritten), or set a distinct QP_MODEL_NAME (model_name)"
+        )
 
 
 def _convert_gguf(source: ModelSource, out: Path) -> None:

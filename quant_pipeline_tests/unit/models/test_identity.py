@@ -7,11 +7,13 @@ import json
 import pytest
 
 from quant_pipeline.core.errors import AuditInputError
+from quant_pipeline.core.hashing import RECORD_FILE, file_hashes, sha256_file, tree_hash
 from quant_pipeline.core.recipe import Recipe
-from quant_pipeline.core.records import Architecture
+from quant_pipeline.core.records import Architecture, CheckpointRecord
+from quant_pipeline.core.store import ArtifactStore
 from quant_pipeline.defs.resources import AuditSettings
 from quant_pipeline.models.calibration import tokenizer_hash, used_samples_hash
-from quant_pipeline.models.checkpoint import resolve_model_source
+from quant_pipeline.models.checkpoint import ModelSource, materialize_checkpoint, resolve_model_source
 from quant_pipeline.models.identity import architecture_of, check_same_architecture, name_from_config, safe_name
 
 LLAMA = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
@@ -86,3 +88,21 @@ def test_the_tokenizer_hash_covers_the_tokenizing_files_only():
     files = {"tokenizer.json": "a" * 64, "tokenizer_config.json": "b" * 64, "model.safetensors": "c" * 64}
     assert tokenizer_hash(files) == tokenizer_hash({**files, "model.safetensors": "d" * 64})
     assert tokenizer_hash(files) != tokenizer_hash({**files, "tokenizer.json": "e" * 64})
+
+
+def test_a_kept_baseline_found_by_name_is_not_reused_for_another_gguf_of_that_name(tmp_path):
+    store = ArtifactStore(tmp_path / "store")
+    first, second = tmp_path / "a" / "model.gguf", tmp_path / "b" / "model.gguf"
+    for path, body in ((first, b"one"), (second, b"two")):
+        path.parent.mkdir()
+        path.write_bytes(body)
+    kept = store.checkpoint_dir("llama")
+    kept.mkdir(parents=True)
+    (kept / "config.json").write_text("{}")
+    source = ModelSource("gguf", str(first.parent), "llama", first.name)
+    files = file_hashes(kept)
+    record = {**source.__dict__, "sha256": sha256_file(first)}
+    CheckpointRecord(source=record, files=files, hash=tree_hash(files)).write(kept / RECORD_FILE)
+    assert materialize_checkpoint(source, store) == kept  # the file it was converted from: reused
+    with pytest.raises(AuditInputError, match="converted from .*a/model.gguf, not from .*b/model.gguf"):
+        materialize_checkpoint(ModelSource("gguf", str(second.parent), "llama", second.name), store)
