@@ -37,6 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     audit = sub.add_parser("audit", help="run the full audit (base checkpoint -> approval)")
     audit.add_argument("--model", help="'default', a local HF checkpoint dir, a .gguf file or a hub id")
+    audit.add_argument(
+        "--model-name", help="the registered model it is audited as (default: the checkpoint's own name)"
+    )
+    audit.add_argument(
+        "--new-base-version", action="store_true", default=None, help="register another architecture under the name"
+    )
     audit.add_argument("--calibration-file")
     audit.add_argument("--policy-file")
     audit.add_argument(
@@ -85,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
             k: v
             for k, v in {
                 "model": args.model,
+                "model_name": args.model_name,
+                "new_base_version": args.new_base_version,
                 "calibration_file": args.calibration_file,
                 "policy_file": args.policy_file,
                 "eval_limit": args.eval_limit,

@@ -34,7 +34,12 @@ def resolve_model_source(spec: str, name: str = "") -> ModelSource:
     registered model's) is `name` where given (`AuditSettings.model_name`), else what the checkpoint says it
     is (`models.identity`), else its folder's or file's name."""
     if name:
-        return replace(resolve_model_source(spec), name=_model_name(name, Path(spec)))
+        try:
+            return replace(
+                resolve_model_source(spec), name=check_name(name, "model name (QP_MODEL_NAME, --model-name)")
+            )
+        except StoreError as e:
+            raise AuditInputError(str(e)) from None
     if spec == "default":
         gguf = default_gguf_path()
         if not gguf.exists():

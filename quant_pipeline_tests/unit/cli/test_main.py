@@ -18,6 +18,7 @@ VERBS = {
     "verify-trail": lambda n: ["verify-trail", n],
     "audit-report": lambda n: ["audit-report", n],
     "delete-base": lambda n: ["delete-base", n],
+    "audit --model-name": lambda n: ["audit", "--model-name", n],
     "serve --model-name": lambda n: ["serve", "--model-name", n, "--prompt", "hi"],
     "serve --ref": lambda n: ["serve", "--model-name", "m", "--ref", n, "--prompt", "hi"],
     "reproduce --model-name": lambda n: ["reproduce", "some-request", "--model-name", n],

@@ -40,7 +40,7 @@ def test_an_explicit_name_names_only_the_model_the_settings_name(tmp_path):
     settings = AuditSettings(model=str(one), model_name="support-bot", store_dir=str(tmp_path / "store"))
     assert settings.source().name == "support-bot" and settings.source(str(one)).name == "support-bot"
     assert settings.source(str(other)).name == "final"  # another partition keeps its own name
-    with pytest.raises(AuditInputError, match="QP_MODEL_NAME"):
+    with pytest.raises(AuditInputError, match=r"model name \(QP_MODEL_NAME, --model-name\) 'no spaces allowed'"):
         AuditSettings(model=str(one), model_name="no spaces allowed").source()
 
 
