@@ -117,6 +117,15 @@ def audit_key(context: dg.AssetExecutionContext) -> str:
     return max(latest, key=lambda r: r.timestamp).run_id if latest else context.run.run_id
 
 
+def stage_run(context: dg.AssetExecutionContext, mlflow, meter, model_name: str, stage: str, **tags):
+    """The stage's MLflow run, as every stage opens it: tagged with its Dagster run, started when the stage
+    started (`meter`: its StageMeter), nested under its audit's parent run (`audit_key`)."""
+    return mlflow.stage_run(
+        model_name, stage, {"dagster_run_id": context.run.run_id, **tags}, started=meter.started,
+        audit_key=audit_key(context),
+    )  # fmt: skip
+
+
 def candidate_recipe(context: dg.AssetExecutionContext) -> Recipe:
     """The recipe of the candidate partition a stage runs for."""
     return recipe_from_key(context.partition_key.keys_by_dimension["candidate"])

@@ -20,7 +20,7 @@ from quant_pipeline.core.progress import log_progress
 from quant_pipeline.core.records import EvalRecord
 from quant_pipeline.core.store import atomic_file
 from quant_pipeline.core.tracking import MlflowTracker
-from quant_pipeline.defs.candidates import AUDITS, MODELS, audit_key
+from quant_pipeline.defs.candidates import AUDITS, MODELS, stage_run
 from quant_pipeline.defs.resources import AuditSettings
 from quant_pipeline.evaluation.generation import plan
 from quant_pipeline.evaluation.suite import (
@@ -158,12 +158,8 @@ def evaluate_checkpoint(
         "reused_from_run": reused_from,
         "perf": meter.metadata(),
     }
-    with mlflow.stage_run(
-        target.model_name,
-        f"{target.label}_eval_results",
-        {"dagster_run_id": context.run.run_id, "suite_hash": suite, **target.tags},
-        started=meter.started,
-        audit_key=audit_key(context),
+    with stage_run(
+        context, mlflow, meter, target.model_name, f"{target.label}_eval_results", suite_hash=suite, **target.tags
     ) as run:
         run.log_params({"suite_hash": suite, "limit": settings.eval_limit, "reused_from_run": reused_from})
         run.log_metrics(

@@ -20,7 +20,7 @@ from quant_pipeline.core.perf import StageMeter
 from quant_pipeline.core.records import DeltaReportRecord
 from quant_pipeline.core.store import ArtifactStore, atomic_directory
 from quant_pipeline.core.tracking import LATEST_AUDITED_ALIAS, MlflowTracker
-from quant_pipeline.defs.candidates import AUDITS, audit_key
+from quant_pipeline.defs.candidates import AUDITS, stage_run
 from quant_pipeline.defs.resources import AuditSettings
 from quant_pipeline.evaluation import delta as delta_module
 from quant_pipeline.evaluation import policy as policy_module
@@ -168,13 +168,7 @@ def delta_report(
             ["category", "metric", "base", "quantized", "delta", "ci_low", "ci_high", "tolerance", "status", "reason"]
         ].to_dict("records"),
     })  # fmt: skip
-    with mlflow.stage_run(
-        model_name,
-        "delta_report",
-        {"dagster_run_id": context.run.run_id, "artifact_id": aid, "policy_hash": policy_hash},
-        started=meter.started,
-        audit_key=audit_key(context),
-    ) as run:
+    with stage_run(context, mlflow, meter, model_name, "delta_report", artifact_id=aid, policy_hash=policy_hash) as run:
         run.log_params({"policy_name": policy.name, "policy_hash": policy_hash, "verdict": record.verdict})
         # shown rounded (-0.08, not -0.07999999999999996); the gate judged the exact values in the report
         run.log_metrics({f"delta/{r.metric}/{r.category}": r.delta for r in deltas.itertuples()}, digits=6)

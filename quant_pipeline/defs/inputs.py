@@ -20,7 +20,7 @@ from quant_pipeline.core.perf import StageMeter
 from quant_pipeline.core.recipe import Recipe
 from quant_pipeline.core.runtime import fingerprint_hash, runtime_fingerprint
 from quant_pipeline.core.tracking import MlflowTracker
-from quant_pipeline.defs.candidates import MODEL_TAG, MODELS, PARTITION_TAG, audit_key, context_model
+from quant_pipeline.defs.candidates import MODEL_TAG, MODELS, PARTITION_TAG, context_model, stage_run
 from quant_pipeline.defs.resources import AuditSettings
 from quant_pipeline.models.calibration import load_calibration_texts, token_stats
 from quant_pipeline.models.checkpoint import describe_checkpoint, materialize_checkpoint, source_version
@@ -55,13 +55,7 @@ def base_checkpoint(
         f"against, and the rollback target. Checkpoint {path} ({record['dtype']}, {record['num_parameters']:,} "
         f"parameters), content hash {record['hash'][:16]}, source {record['source_version']}."
     )
-    with mlflow.stage_run(
-        source.name,
-        "base_checkpoint",
-        {"dagster_run_id": context.run.run_id, "base_hash": record["hash"]},
-        started=meter.started,
-        audit_key=audit_key(context),
-    ) as run:
+    with stage_run(context, mlflow, meter, source.name, "base_checkpoint", base_hash=record["hash"]) as run:
         run.log_params({k: record[k] for k in ("path", "hash", "architecture", "num_parameters", "dtype")})
         run.log_metrics({"size_bytes": record["size_bytes"], **meter.metadata()})
         run.log_json(record, "base_checkpoint.json")
@@ -112,12 +106,8 @@ def calibration_set(
         **stats,
         "perf": meter.metadata(),
     }
-    with mlflow.stage_run(
-        base_checkpoint["model_name"],
-        "calibration_set",
-        {"dagster_run_id": context.run.run_id, "calibration_hash": record["hash"]},
-        started=meter.started,
-        audit_key=audit_key(context),
+    with stage_run(
+        context, mlflow, meter, base_checkpoint["model_name"], "calibration_set", calibration_hash=record["hash"]
     ) as run:
         run.log_params({"path": record["path"], "hash": record["hash"], "count": record["count"]})
         run.log_metrics({**stats, **meter.metadata()})
@@ -152,13 +142,7 @@ def runtime_environment(
     except AuditInputError:
         model_name = None  # a model key naming nothing fails its own stages, not this one
     if model_name:
-        with mlflow.stage_run(
-            model_name,
-            "runtime_environment",
-            {"dagster_run_id": context.run.run_id, "runtime_hash": digest},
-            started=meter.started,
-            audit_key=audit_key(context),
-        ) as run:
+        with stage_run(context, mlflow, meter, model_name, "runtime_environment", runtime_hash=digest) as run:
             run.log_params({"python": fp["python"], "cpu": fp["cpu"]["model"], **fp["libraries"]})
             run.log_metrics(meter.metadata())
             run.log_json(fp, "runtime_fingerprint.json")

@@ -22,7 +22,7 @@ from quant_pipeline.core.recipe import Recipe, candidate_key
 from quant_pipeline.core.records import ArtifactRecord
 from quant_pipeline.core.store import atomic_directory
 from quant_pipeline.core.tracking import MlflowTracker
-from quant_pipeline.defs.candidates import AUDITS, audit_key, candidate_recipe
+from quant_pipeline.defs.candidates import AUDITS, candidate_recipe, stage_run
 from quant_pipeline.defs.resources import AuditSettings
 from quant_pipeline.models.calibration import (
     check_enough_samples,
@@ -102,13 +102,7 @@ def quantized_artifact(
         "approval": "pending sign-off",
         "kind": "quantized",
     }
-    with mlflow.stage_run(
-        model_name,
-        "quantized_artifact",
-        {"dagster_run_id": context.run.run_id, "artifact_id": aid},
-        started=meter.started,
-        audit_key=audit_key(context),
-    ) as run:
+    with stage_run(context, mlflow, meter, model_name, "quantized_artifact", artifact_id=aid) as run:
         run.log_params({**record["recipe"], "artifact_id": aid, "content_hash": record["content_hash"]})
         run.log_metrics(
             {"size_bytes": record["size_bytes"], "base_size_bytes": base_checkpoint["size_bytes"], **meter.metadata()}

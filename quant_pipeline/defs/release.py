@@ -4,7 +4,7 @@ import dagster as dg
 
 from quant_pipeline.core.perf import StageMeter
 from quant_pipeline.core.tracking import MlflowTracker
-from quant_pipeline.defs.candidates import MODELS, audit_key
+from quant_pipeline.defs.candidates import MODELS, stage_run
 from quant_pipeline.defs.resources import AuditSettings
 from quant_pipeline.release.registry import write_bom
 from quant_pipeline.release.report import write_report
@@ -20,13 +20,7 @@ def audit_report(
     with StageMeter() as meter:
         md_path, html_path = write_report(settings.store, mlflow, model_name)
         boms = [write_bom(settings.store, aid) for aid in candidate_tradeoff["artifacts"]]
-    with mlflow.stage_run(
-        model_name,
-        "audit_report",
-        {"dagster_run_id": context.run.run_id},
-        started=meter.started,
-        audit_key=audit_key(context),
-    ) as run:
+    with stage_run(context, mlflow, meter, model_name, "audit_report") as run:
         run.log_metrics(meter.metadata())
         for path in (md_path, html_path, *boms):
             run.log_file(path)

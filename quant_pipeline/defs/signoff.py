@@ -15,7 +15,7 @@ import dagster as dg
 from quant_pipeline.core.artifacts import read_artifact_record
 from quant_pipeline.core.perf import StageMeter
 from quant_pipeline.core.tracking import APPROVED_ALIAS, MlflowTracker
-from quant_pipeline.defs.candidates import AUDITS, audit_key
+from quant_pipeline.defs.candidates import AUDITS, stage_run
 from quant_pipeline.defs.resources import AuditSettings
 from quant_pipeline.release import signoff
 from quant_pipeline.release.carry import carry_approval
@@ -65,13 +65,7 @@ def approval(
             decision = {"approved": APPROVED, "rejected": REJECTED}.get(entry["event"], PENDING)  # one that stands
     version = quantized_artifact["registry_version"]
     entry = {**entry, "decision": decision, "approver": entry.get("by"), "verdict": report.verdict}
-    with mlflow.stage_run(
-        model_name,
-        "approval",
-        {"dagster_run_id": run_id, "artifact_id": aid, "decision": decision},
-        started=meter.started,
-        audit_key=audit_key(context),
-    ) as run:
+    with stage_run(context, mlflow, meter, model_name, "approval", artifact_id=aid, decision=decision) as run:
         run.log_params(
             {
                 "decision": decision,

@@ -17,7 +17,7 @@ from quant_pipeline.core.perf import StageMeter
 from quant_pipeline.core.records import EvalRecord
 from quant_pipeline.core.store import atomic_directory
 from quant_pipeline.core.tracking import MlflowTracker
-from quant_pipeline.defs.candidates import MODELS, audit_key, audited, context_model
+from quant_pipeline.defs.candidates import MODELS, audited, context_model, stage_run
 from quant_pipeline.defs.resources import AuditSettings
 from quant_pipeline.evaluation.delta import compute_deltas
 from quant_pipeline.evaluation.policy import load_policy
@@ -144,10 +144,7 @@ def candidate_tradeoff(
                 "pareto": {c: pareto_front(rows, c) for c in ("size_bytes", "latency_p50_s")},
             }, indent=2, default=str))  # fmt: skip
             plot_fronts(rows, tmp / "tradeoff.png")
-    with mlflow.stage_run(
-        base_checkpoint["model_name"], "candidate_tradeoff", {"dagster_run_id": context.run.run_id},
-        started=meter.started, audit_key=audit_key(context),
-    ) as run:  # fmt: skip
+    with stage_run(context, mlflow, meter, base_checkpoint["model_name"], "candidate_tradeoff") as run:
         for name in ("tradeoff.md", "tradeoff.json", "tradeoff.png"):
             run.log_file(out / name)
         run.log_metrics({f"{r.candidate}.worst_share": r.worst_share for r in rows})
