@@ -59,22 +59,19 @@ def fmt_count(n) -> str:
     return "–" if _missing(n) else str(int(n))
 
 
-def fmt_value(metric: str, v) -> str:
-    """A value in its metric's unit: rates as %, perplexities and bits per byte to 2 decimals."""
+def fmt_value(metric: str, v, delta: bool = False) -> str:
+    """A value in its metric's unit: rates as % (a `delta` in percentage points), perplexities and bits per
+    byte to 2 decimals; a `delta` with its sign."""
     if _missing(v):
         return "–"
+    sign = "+" if delta else ""
     if metric in RATE_METRICS:
-        return f"{v * 100:.1f}%"
-    return f"{v:.2f}" if metric in TWO_DECIMALS else f"{v:.3f}"
+        return f"{v * 100:{sign}.1f}" + (" pp" if delta else "%")
+    return f"{v:{sign}.{2 if metric in TWO_DECIMALS else 3}f}"
 
 
 def fmt_delta(metric: str, v) -> str:
-    """A difference with its sign: rates in percentage points."""
-    if _missing(v):
-        return "–"
-    if metric in RATE_METRICS:
-        return f"{v * 100:+.1f} pp"
-    return f"{v:+.2f}" if metric in TWO_DECIMALS else f"{v:+.3f}"
+    return fmt_value(metric, v, delta=True)
 
 
 def fmt_tolerance(metric: str, tolerance, mode: str) -> str:
