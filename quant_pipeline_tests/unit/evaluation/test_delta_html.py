@@ -21,6 +21,7 @@ from quant_pipeline.evaluation.policy import load_policy
 from quant_pipeline.evaluation.report_context import DecisionNote, ReportContext
 from quant_pipeline.release.report import render
 from quant_pipeline.release.trail import append_entry
+from quant_pipeline_tests.tables import items_table, results_table
 
 POLICY = """name: reviewer-test <b>policy</b>
 min_items: 20
@@ -89,17 +90,6 @@ def identity(table: Node) -> dict[str, str]:
     return {one(tr, tag="th").all_text(): one(tr, tag="td").all_text() for tr in table.find(tag="tr")}
 
 
-def _table(values: dict) -> pd.DataFrame:
-    return pd.DataFrame([{"category": c, "metric": m, "value": v} for (c, m), v in values.items()])
-
-
-def _items(per_item: dict) -> pd.DataFrame:
-    rows = []
-    for (category, metric), values in per_item.items():
-        rows += [{"category": category, "item_id": f"{category}-{i}", metric: v} for i, v in enumerate(values)]
-    return pd.DataFrame(rows)
-
-
 @pytest.fixture(scope="module")
 def policy_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("policy") / "policy.yaml"
@@ -127,11 +117,11 @@ def judged(policy_file):
     }
     mean = {k: sum(v) / len(v) for k, v in per_item_base.items()}
     qmean = {k: sum(v) / len(v) for k, v in per_item_quant.items()}
-    base = _table({**mean, ("heldout", "word_perplexity"): 20.0, ("heldout", "bits_per_byte"): 1.0,
+    base = results_table({**mean, ("heldout", "word_perplexity"): 20.0, ("heldout", "bits_per_byte"): 1.0,
                    ("cost", "latency_p50_s"): 2.0})  # fmt: skip
-    quant = _table({**qmean, ("heldout", "word_perplexity"): 30.0, ("heldout", "bits_per_byte"): 1.2,
+    quant = results_table({**qmean, ("heldout", "word_perplexity"): 30.0, ("heldout", "bits_per_byte"): 1.2,
                     ("cost", "latency_p50_s"): 1.3})  # fmt: skip
-    deltas = compute_deltas(base, quant, policy, _items(per_item_base), _items(per_item_quant))
+    deltas = compute_deltas(base, quant, policy, items_table(per_item_base), items_table(per_item_quant))
     outcome, reasons = verdict(deltas, policy)
     ctx = ReportContext(
         model_name="SmolLM2 " + HOSTILE, artifact_id="gptq-w4g64-0123abcd", registry_version="3",

@@ -2,7 +2,6 @@
 tolerance; FAIL when any regressed; INCOMPLETE otherwise (#12 cases 1 and 9)."""
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from quant_pipeline.core.errors import AuditInputError
@@ -16,18 +15,7 @@ from quant_pipeline.evaluation.delta import (
 )
 from quant_pipeline.evaluation.policy import Policy, chance_levels, load_policy
 from quant_pipeline.evaluation.statistics import wilson_interval
-
-
-def _table(values: dict) -> pd.DataFrame:
-    return pd.DataFrame([{"category": c, "metric": m, "value": v} for (c, m), v in values.items()])
-
-
-def _items(per_item: dict) -> pd.DataFrame:
-    """Per-item rows: {(category, metric): [values]} (item ids shared by both models)."""
-    rows = []
-    for (category, metric), values in per_item.items():
-        rows += [{"category": category, "item_id": f"{category}-{i}", metric: v} for i, v in enumerate(values)]
-    return pd.DataFrame(rows)
+from quant_pipeline_tests.tables import items_table, results_table
 
 
 def _policy(**tolerances) -> Policy:
@@ -39,11 +27,11 @@ HIGHER = {"direction": "higher_is_better", "tolerance": 0.1}
 
 def _judge(policy, base: dict, quant: dict, base_items=None, quant_items=None):
     deltas = compute_deltas(
-        _table(base),
-        _table(quant),
+        results_table(base),
+        results_table(quant),
         policy,
-        _items(base_items) if base_items else None,
-        _items(quant_items) if quant_items else None,
+        items_table(base_items) if base_items else None,
+        items_table(quant_items) if quant_items else None,
     )
     return deltas.set_index(["category", "metric"]), verdict(deltas, policy)
 
