@@ -160,13 +160,11 @@ def delta_report(
     record_event(store, mlflow, model_name, {
         "event": "evaluated", "artifact_id": aid, "registry_version": record.registry_version,
         "verdict": record.verdict, "passed": record.passed, "reasons": record.reasons,
-        "report_key": key, "report_sha256": sha256_file(report_json),  # what approve trusts, not the file itself
+        "report_key": key, "report_sha256": judged["report_sha256"],  # what approve trusts, not the file itself
         "eval_tables": tables,
         "failing": [f.model_dump() for f in record.failing], "waived": [w.model_dump() for w in record.waived],
         "policy_name": policy.name, "policy_hash": policy_hash, "dagster_run_id": context.run.run_id,
-        "deltas": gated[
-            ["category", "metric", "base", "quantized", "delta", "ci_low", "ci_high", "tolerance", "status", "reason"]
-        ].to_dict("records"),
+        "deltas": shown.to_dict("records"),
     })  # fmt: skip
     with stage_run(context, mlflow, meter, model_name, "delta_report", artifact_id=aid, policy_hash=policy_hash) as run:
         run.log_params({"policy_name": policy.name, "policy_hash": policy_hash, "verdict": record.verdict})
