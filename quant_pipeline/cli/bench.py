@@ -34,6 +34,7 @@ from quant_pipeline.evaluation.suite import (
     run_harness,
 )
 from quant_pipeline.models.checkpoint import load_model
+from quant_pipeline.models.placement import CPU, Placement
 from quant_pipeline.release.governing import pin_policy
 from quant_pipeline.serving.server import Server, greedy_generate
 
@@ -47,7 +48,7 @@ def bare_forward_tokens_per_second(model, tokenizer, texts: list[str], batch_siz
         for i in range(0, len(encoded), batch_size):
             batch = encoded[i : i + batch_size]
             ids, mask = right_padded(batch, pad)
-            model(input_ids=ids, attention_mask=mask)
+            model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device))
             tokens += sum(len(seq) for seq in batch)
     seconds = time.perf_counter() - t0
     return tokens / seconds, tokens
@@ -69,14 +70,24 @@ def bench_slices(model, tokenizer, limit: int | None) -> list[dict]:
     return rows
 
 
-def matmul_peak_gflops(size: int = 1024, repeats: int = 20) -> float:
-    """This machine's fp32 matrix-multiply rate, all threads: the roofline generation is measured against."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def matmul_peak_gflops(where: Placement = CPU, size: int = 1024, repeats: int = 20) -> float:
+    """The matrix-multiply rate of the placement the audit runs on (all CPU threads, or the GPU in its compute
+    dtype): the roofline generation is measured against."""
+    size, repeats = (size, repeats) if where == CPU else (4096, 50)
+    a, b = (torch.randn(size, size, device=where.device, dtype=where.torch_dtype) for _ in range(2))
     a @ b
+    _sync(where)
     t0 = time.perf_counter()
     for _ in range(repeats):
         a @ b
+    _sync(where)
     return 2 * size**3 * repeats / (time.perf_counter() - t0) / 1e9
+
+
+def _sync(where: Placement) -> None:
+    """A GPU runs kernels asynchronously: time them only once they are done."""
+    if where.device == "cuda":
+        torch.cuda.synchronize()
 
 
 def flops_per_token(model) -> int:
@@ -107,6 +118,7 @@ from quant_pipeline.core.paths import EVALS_DIR
 from quant_pipeline.core.tracking import MlflowTracker
 from quant_pipeline.evaluation.suite import TASK_CATEGORY
 from quant_pipeline.models.checkpoint import load_model
+from quant_pipeline.models.placement import placement
 laps = {"imports": time.perf_counter() - t}
 t = time.perf_counter()
 get_task_dict(list(TASK_CATEGORY), TaskManager(include_path=str(EVALS_DIR), include_defaults=False))
@@ -116,13 +128,13 @@ with MlflowTracker(tracking_uri=sys.argv[1]).stage_run("bench-fixed-cost", "benc
     run.log_metrics({"x": 1.0})
 laps["mlflow"] = time.perf_counter() - t
 t = time.perf_counter()
-load_model(sys.argv[2])
+load_model(sys.argv[2], where=placement(sys.argv[3]))
 laps["load"] = time.perf_counter() - t
 print(json.dumps(laps))
 """
 
 
-def fixed_costs(tracker, model_path: Path) -> list[tuple[str, float]]:
+def fixed_costs(tracker, model_path: Path, device: str) -> list[tuple[str, float]]:
     """What each stage pays before doing its work, in a fresh process as a stage run by the daemon pays it:
     the interpreter starting with the pipeline imported, lm-eval's task building, one MLflow run opened,
     logged and closed, a model load (the checkpoint's files in the OS's page cache)."""
@@ -132,7 +144,7 @@ def fixed_costs(tracker, model_path: Path) -> list[tuple[str, float]]:
 
     t0 = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-c", FIXED_COST_PROBE, tracker.uri, str(model_path)], capture_output=True, text=True
+        [sys.executable, "-c", FIXED_COST_PROBE, tracker.uri, str(model_path), device], capture_output=True, text=True
     )
     total = time.perf_counter() - t0
     if done.returncode != 0:
@@ -146,13 +158,15 @@ def fixed_costs(tracker, model_path: Path) -> list[tuple[str, float]]:
     ]
 
 
-def serving_overhead(tracker, store: Path, artifact: dict, requests: int = 20, max_new_tokens: int = 32) -> str:
+def serving_overhead(
+    tracker, store: Path, artifact: dict, where: Placement, requests: int = 20, max_new_tokens: int = 32
+) -> str:
     """p50/p95 latency of `Server.generate` (provenance JSONL + MLflow trace) vs `greedy_generate`."""
     prompts = [i["prompt"] for i in read_jsonl(GENERATION_FILE) if i["slice"] in ("should_not_refuse", "json_format")][
         :requests
     ]
     server = Server(tracker, artifact["model_name"], ref=artifact["artifact_id"], store_dir=store)
-    model, tokenizer = load_model(Path(artifact["path"]))
+    model, tokenizer = load_model(Path(artifact["path"]), where=where)
     greedy_generate(model, tokenizer, prompts[0], max_new_tokens)  # warm-up, both paths
     server.generate(prompts[0], max_new_tokens)
     bare, logged = [], []
@@ -312,13 +326,15 @@ def main(argv: list[str] | None = None) -> int:
     for verb, seconds, code in cli_latency(work, tracker, artifact["artifact_id"], artifact["model_name"]):
         print(f"quant-pipeline {verb:<48} {seconds:>6.2f} s  exit {code}")
     print("\n== fixed cost per stage ==")
-    for what, seconds in fixed_costs(tracker, Path(base["path"])):
+    where = AuditSettings.from_env().placement
+    for what, seconds in fixed_costs(tracker, Path(base["path"]), where.device):
         print(f"{what:<52} {seconds:>6.2f} s")
     print("\n== greedy generation of the behaviour suite vs the matmul roofline (goal >= 0.50) ==")
-    peak = matmul_peak_gflops()
-    print(f"fp32 matmul peak of this machine: {peak:.1f} GFLOP/s ({torch.get_num_threads()} threads)")
+    peak = matmul_peak_gflops(where)
+    on = f"{torch.get_num_threads()} threads" if where == CPU else torch.cuda.get_device_name(0)
+    print(f"{where.dtype} matmul peak on {where.device}: {peak:.1f} GFLOP/s ({on})")
     for label, path in (("base", base["path"]), ("quantized", artifact["path"])):
-        model, tokenizer = load_model(Path(path))
+        model, tokenizer = load_model(Path(path), where=where)
         row = generation_roofline(model, tokenizer, args.eval_limit, peak)
         print(
             f"{label:<10} {row['items']:>4} prompts {row['seconds']:>7.1f} s {row['tps']:>7.1f} tok/s "
@@ -330,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n== harness per slice (base and quantized, same process) ==")
     print(f"{'model':<10} {'slice':<18} {'items':>5} {'seconds':>8} {'tok/s':>8} {'bare fwd tok/s':>15} {'ratio':>6}")
     for label, path in (("base", base["path"]), ("quantized", artifact["path"])):
-        model, tokenizer = load_model(Path(path))
+        model, tokenizer = load_model(Path(path), where=where)
         for row in bench_slices(model, tokenizer, args.eval_limit):
             ratio = f"{row['ratio']:.2f}" if row["ratio"] else "n/a"
             bare = f"{row['bare']:.1f}" if row["bare"] else "n/a"
@@ -339,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{bare:>15} {ratio:>6}"
             )
     print("\n== serving overhead: logged requests vs the bare generate call (same artifact) ==")
-    print(serving_overhead(tracker, work / "store", artifact))
+    print(serving_overhead(tracker, work / "store", artifact, where))
     return 0  # a failing gate is a finding of the audit, not a failure of the benchmark
 
 

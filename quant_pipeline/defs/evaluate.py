@@ -33,6 +33,7 @@ from quant_pipeline.evaluation.suite import (
     with_reference,
 )
 from quant_pipeline.models.checkpoint import load_model
+from quant_pipeline.models.placement import CPU
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,9 @@ def evaluate_checkpoint(
         "max_new_tokens": settings.eval_max_new_tokens, "base": base_eval and base_eval["key"],
         "reference": "hidden_states", **plan(settings.eval_batch_size),
     }  # fmt: skip
+    where = settings.placement
+    if where != CPU:  # another device or dtype gives other numbers; CPU keys are as they were before placement
+        key_inputs["placement"] = where.record()
     key = canonical_hash(key_inputs)[:16]
     store = settings.store
     out_dir = store.eval_dir(key)
@@ -89,7 +93,7 @@ def evaluate_checkpoint(
             if target.artifact_id is not None:
                 verify_artifact(store, target.artifact_id)  # never evaluate bytes other than the recorded ones
             with StageMeter() as load_meter:
-                model, tokenizer = load_model(Path(target.path), settings.trust_remote_code)
+                model, tokenizer = load_model(Path(target.path), settings.trust_remote_code, where)
             with log_progress(context.log.info):  # a line in the run log at least every 15 s
                 results, items, stats = run_suite(
                     model,
@@ -100,6 +104,7 @@ def evaluate_checkpoint(
                     settings.eval_max_new_tokens,
                 )
             stats.pop("request_texts")
+            stats["execution"] |= where.record()  # the gate compares base and quantized placements
             load_row = {
                 "model": target.label, "task": "qp_cost", "category": "cost", "metric": "load_peak_rss_mb",
                 "value": round(load_meter.peak_rss_mb, 1), "stderr": float("nan"),
@@ -116,7 +121,7 @@ def evaluate_checkpoint(
             else:
                 t0 = time.perf_counter()
                 base_model, _ = load_model(
-                    Path(target.base_path), settings.trust_remote_code
+                    Path(target.base_path), settings.trust_remote_code, where
                 )  # its output embeddings only: no forward pass
                 items = add_agreement(
                     items,

@@ -25,6 +25,7 @@ from quant_pipeline.defs.resources import AuditSettings
 from quant_pipeline.evaluation import delta as delta_module
 from quant_pipeline.evaluation import policy as policy_module
 from quant_pipeline.evaluation.delta import (
+    INCOMPLETE,
     INCOMPLETE_STATUSES,
     PASS,
     REGRESSION,
@@ -37,6 +38,7 @@ from quant_pipeline.evaluation.delta import (
 from quant_pipeline.evaluation.delta_html import render_html, render_markdown
 from quant_pipeline.evaluation.policy import Policy, load_policy
 from quant_pipeline.evaluation.report_context import ReportContext
+from quant_pipeline.models.placement import mismatch as placement_mismatch
 from quant_pipeline.release.evidence import eval_table_hashes
 from quant_pipeline.release.governing import require_governing
 from quant_pipeline.release.revocation import revoke
@@ -88,6 +90,9 @@ def judge(
     )
     deltas = compute_deltas(base_results, quant_results, policy, base_items, quant_items)
     outcome, reasons = verdict(deltas, policy)
+    misplaced = placement_mismatch(base_eval.get("execution") or {}, quant_eval.get("execution") or {})
+    if misplaced:  # the deltas measure more than the quantization: no verdict on them can stand
+        outcome, reasons = INCOMPLETE, [misplaced, *reasons]
     if _recorded(store, artifact["model_name"], out_dir / "delta_report.json"):  # judged before: kept as it is
         return DeltaReportRecord.read(out_dir / "delta_report.json"), deltas, item_table(base_items, quant_items), key
     aid = artifact["artifact_id"]

@@ -8,6 +8,7 @@ from quant_pipeline.models.calibration import check_enough_samples, load_calibra
 from quant_pipeline.models.checkpoint import check_weights_readable, read_model_config
 from quant_pipeline.models.identity import check_same_architecture
 from quant_pipeline.models.methods import check_recipe_fits
+from quant_pipeline.models.placement import placement
 from quant_pipeline.release.governing import base_architecture, check_governing
 from quant_pipeline.release.tradeoff import OBJECTIVES
 
@@ -43,6 +44,7 @@ def preflight(settings, recipe=None, model: str | None = None) -> None:
     check_eval_sizes(settings)
     if settings.objective not in OBJECTIVES:
         raise AuditInputError(f"objective {settings.objective!r} (`QP_OBJECTIVE`): use one of {', '.join(OBJECTIVES)}")
+    placement(settings.device)  # a GPU asked for where torch sees none is refused before any work
     if recipe is not None:
         recipe.validate_values()
     source = settings.source(model)

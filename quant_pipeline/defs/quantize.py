@@ -51,7 +51,10 @@ def quantized_artifact(
     # a calibrated artifact's ID names the samples it reads (not the file): an unused line edited changes nothing
     texts = validated_texts(calibration_set, recipe) if recipe.calibrated else None
     used = used_samples_hash(texts, recipe, tokenizer_hash(base_checkpoint["files"])) if texts is not None else None
-    aid = artifact_id(base_checkpoint["hash"], recipe, used, runtime_environment["hash"], model_name=model_name)
+    where = settings.placement
+    aid = artifact_id(
+        base_checkpoint["hash"], recipe, used, runtime_environment["hash"], model_name=model_name, where=where
+    )
     store = settings.store
     target = store.artifact_dir(aid)
     reused = target.exists()
@@ -61,7 +64,7 @@ def quantized_artifact(
             if texts is None:  # every method but identity measures its layers' sensitivity on it
                 texts = validated_texts(calibration_set, recipe) if recipe.method != "identity" else []
             with atomic_directory(target) as tmp, log_progress(context.log.info):
-                passes = quantize(Path(base_checkpoint["path"]), texts, recipe, tmp)
+                passes = quantize(Path(base_checkpoint["path"]), texts, recipe, tmp, where)
                 sensitivity = passes.pop("layer_sensitivity", {})
                 files = file_hashes(tmp)
                 record = ArtifactRecord(

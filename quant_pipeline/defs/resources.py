@@ -19,9 +19,11 @@ from quant_pipeline.defs.candidates import model_key, run_partition
 from quant_pipeline.defs.preflight import preflight
 from quant_pipeline.defs.recovery import fail_orphaned_runs, process_tags
 from quant_pipeline.models.checkpoint import ModelSource, resolve_model_source
+from quant_pipeline.models.placement import Placement, placement
 
 STR_ENV = {"model": "QP_MODEL", "model_name": "QP_MODEL_NAME", "calibration_file": "QP_CALIBRATION_FILE",
-           "policy_file": "QP_POLICY_FILE", "store_dir": "QP_STORE_DIR", "objective": "QP_OBJECTIVE"}  # fmt: skip
+           "policy_file": "QP_POLICY_FILE", "store_dir": "QP_STORE_DIR", "objective": "QP_OBJECTIVE",
+           "device": "QP_DEVICE"}  # fmt: skip
 INT_ENV = {"eval_limit": "QP_EVAL_LIMIT", "eval_max_new_tokens": "QP_EVAL_MAX_NEW_TOKENS"}
 RECIPE_ENV = (
     ("method", str),
@@ -55,8 +57,14 @@ class AuditSettings(dg.ConfigurableResource):
     eval_batch_size: int = 8
     store_dir: str = ""
     trust_remote_code: bool = False
+    # where every model of the audit runs, and so in which dtype: auto, cpu or cuda (`models.placement`)
+    device: str = "auto"
     # what the recommended candidate is best at, among those that PASS: size, latency or regression
     objective: str = "size"
+
+    @property
+    def placement(self) -> Placement:
+        return placement(self.device)
 
     @property
     def store(self) -> ArtifactStore:

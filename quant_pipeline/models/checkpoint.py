@@ -19,6 +19,7 @@ from quant_pipeline.core.records import CheckpointRecord, RecordError
 from quant_pipeline.core.store import ArtifactStore, StoreError, atomic_directory, check_name, verify_tree
 from quant_pipeline.models import hqq
 from quant_pipeline.models.identity import HUB_ID, gguf_name, name_from_config
+from quant_pipeline.models.placement import CPU, Placement
 
 
 @dataclass(frozen=True)
@@ -289,23 +290,24 @@ def describe_checkpoint(path: Path) -> dict:
     }
 
 
-def load_model(path: Path, trust_remote_code: bool = False):
-    """Load a checkpoint for evaluation: safetensors only, no remote code unless opted in. Every process that
-    runs a model loads it here, so this is also where the heap is kept from fragmenting (core.perf)."""
-    import torch
+def load_model(path: Path, trust_remote_code: bool = False, where: Placement = CPU):
+    """Load a checkpoint for evaluation: safetensors only, no remote code unless opted in, on the audit's one
+    placement (`models.placement`). Every process that runs a model loads it here, so this is also where the heap
+    is kept from fragmenting (core.perf)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     bound_heap_fragmentation()
 
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     if hqq.is_checkpoint(path):  # transformers 5.24 cannot load HQQ: its layers are restored by HQQ (models/hqq.py)
-        model = hqq.load(path, device)
+        model = hqq.load(path, where.device)
         model.eval()
         return model, tokenizer
-    kwargs = {"device_map": device, "use_safetensors": True, "trust_remote_code": trust_remote_code}
-    if "quantization_config" not in (Path(path) / "config.json").read_text():
-        kwargs["dtype"] = torch.float32
+    kwargs = {"device_map": where.device, "use_safetensors": True, "trust_remote_code": trust_remote_code}
+    # a quantized checkpoint on the CPU keeps the dtype it was saved with (its kernels choose); on a GPU every
+    # model computes in the placement's dtype, the base included
+    if where != CPU or "quantization_config" not in (Path(path) / "config.json").read_text():
+        kwargs["dtype"] = where.torch_dtype
     with _gpt2_init_skips_packed_layers():
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.eval()

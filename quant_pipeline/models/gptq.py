@@ -8,6 +8,7 @@ from quant_pipeline.core.perf import bound_heap_fragmentation
 from quant_pipeline.core.progress import Progress
 from quant_pipeline.core.recipe import Recipe
 from quant_pipeline.models.architectures import describe
+from quant_pipeline.models.placement import CPU, Placement
 from quant_pipeline.models.sensitivity import layer_type_sensitivity
 
 # Linear layers that read the same input share one calibration pass: their Hessians are identical,
@@ -108,8 +109,9 @@ def blocks_progress(blocks):
         progress.close()
 
 
-def quantize(base_path: Path, texts: list[str], recipe: Recipe, out_dir: Path) -> dict:
-    """Run GPTQ on CPU (or GPU where present) and save the packed model with its tokenizer.
+def quantize(base_path: Path, texts: list[str], recipe: Recipe, out_dir: Path, where: Placement = CPU) -> dict:
+    """Run GPTQ on the audit's placement (CPU in float32, a GPU in float16) and save the packed model with its
+    tokenizer.
 
     Calls optimum's GPTQQuantizer (gptqmodel underneath) the way transformers' GPTQ integration
     does, so that the calibration passes can stop early; returns how many passes were cut short and the
@@ -134,9 +136,8 @@ def quantize(base_path: Path, texts: list[str], recipe: Recipe, out_dir: Path) -
         model_seqlen=recipe.seq_len,
         modules_in_block_to_quantize=groups,
     )
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(
-        base_path, device_map=device, dtype=torch.float32 if device == "cpu" else torch.float16, use_safetensors=True
+        base_path, device_map=where.device, dtype=where.torch_dtype, use_safetensors=True
     )
     # measured on every GPTQ candidate, before its weights change, so a failing one already says what the
     # accuracy-aware search would keep at full precision first

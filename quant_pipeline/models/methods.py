@@ -33,6 +33,7 @@ from quant_pipeline.core.perf import bound_heap_fragmentation
 from quant_pipeline.core.recipe import GROUPED_METHODS, LAYER_TYPES, Recipe
 from quant_pipeline.models.architectures import describe, unsupported_reason
 from quant_pipeline.models.hqq import AXIS
+from quant_pipeline.models.placement import CPU, Placement
 from quant_pipeline.models.sensitivity import layer_type_sensitivity
 
 # The tensors that hold a quantized layer's scaling: gptqmodel's, torchao's, bitsandbytes' and HQQ's names for them.
@@ -88,7 +89,13 @@ def id_prefix(recipe: Recipe) -> str:
 
 
 def artifact_id(
-    base_hash: str, recipe: Recipe, calibration_hash: str | None, runtime_hash: str, *, model_name: str
+    base_hash: str,
+    recipe: Recipe,
+    calibration_hash: str | None,
+    runtime_hash: str,
+    *,
+    model_name: str,
+    where: Placement = CPU,
 ) -> str:
     """An ID derived from everything that determines the bytes: the calibration set only for a method that
     reads it (a new calibration set does not re-quantize, or re-audit, a data-free candidate).
@@ -100,6 +107,8 @@ def artifact_id(
     inputs = {"base": base_hash, "recipe": recipe.as_dict(), "runtime": runtime_hash, "model": model_name}
     if recipe.calibrated:
         inputs["calibration"] = calibration_hash
+    if recipe.method == "gptq" and where != CPU:  # GPTQ on a GPU makes other bytes; CPU IDs are as they were
+        inputs["placement"] = where.record()
     return f"{id_prefix(recipe)}-{canonical_hash(inputs)[:12]}"
 
 
@@ -189,13 +198,15 @@ def _identity(base_path: Path, out_dir: Path) -> dict:
     return {}
 
 
-def quantize(base_path: Path, texts: list[str], recipe: Recipe, out_dir: Path) -> dict:
-    """Make the candidate in `out_dir` (a fresh directory) with the recipe's method; returns facts for the UI."""
+def quantize(base_path: Path, texts: list[str], recipe: Recipe, out_dir: Path, where: Placement = CPU) -> dict:
+    """Make the candidate in `out_dir` (a fresh directory) with the recipe's method; returns facts for the UI.
+    GPTQ runs on the audit's placement; the data-free methods and HQQ quantize on the CPU (rounding needs no
+    GPU), and their artifacts load onto the placement for evaluation."""
     bound_heap_fragmentation()
     if recipe.method == "gptq":
         from quant_pipeline.models.gptq import quantize as gptq
 
-        return gptq(base_path, texts, recipe, out_dir)
+        return gptq(base_path, texts, recipe, out_dir, where)
     if recipe.method == "identity":
         return _identity(base_path, out_dir)
     if recipe.method == "hqq":

@@ -7,6 +7,7 @@ cross-checked against the version's tags, and every file is re-hashed before a m
 from __future__ import annotations
 
 import json
+import os
 import re
 import tempfile
 import threading
@@ -22,6 +23,7 @@ from quant_pipeline.core.hashing import RECORD_FILE, file_hashes, tree_hash
 from quant_pipeline.core.store import ArtifactStore, StoreError, check_name
 from quant_pipeline.core.tracking import MlflowTracker
 from quant_pipeline.models.checkpoint import load_model
+from quant_pipeline.models.placement import placement
 from quant_pipeline.release.reference import REF_FILE, ServingError, build_ref, verify_ref
 from quant_pipeline.release.signoff import decisions
 
@@ -227,6 +229,7 @@ def unapproved_reason(store: ArtifactStore, model_name: str, ref: dict) -> str |
 
 
 def load_verified(ref: dict):
-    """Verify every file against the reference, then load (safetensors only)."""
+    """Verify every file against the reference, then load (safetensors only) on the placement `QP_DEVICE` names,
+    the one setting the audits ran under (a model served on another device computes other numbers)."""
     verify_ref(ref)
-    return load_model(Path(ref["model_dir"]))
+    return load_model(Path(ref["model_dir"]), where=placement(os.environ.get("QP_DEVICE", "auto")))
