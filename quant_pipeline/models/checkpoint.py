@@ -18,7 +18,7 @@ from quant_pipeline.core.perf import bound_heap_fragmentation
 from quant_pipeline.core.records import CheckpointRecord, RecordError
 from quant_pipeline.core.store import ArtifactStore, StoreError, atomic_directory, check_name, verify_tree
 from quant_pipeline.models import hqq
-from quant_pipeline.models.identity import HUB_ID, gguf_name, name_from_config
+from quant_pipeline.models.identity import HUB_ID, architecture_of, gguf_name, name_from_config
 from quant_pipeline.models.placement import CPU, Placement
 
 
@@ -284,9 +284,8 @@ def describe_checkpoint(path: Path) -> dict:
         "num_parameters": n_params,
         "dtype": ",".join(sorted(dtypes)),
         "size_bytes": sum((path / f).stat().st_size for f in files),
-        "hidden_size": config.get("hidden_size"),
-        "intermediate_size": config.get("intermediate_size"),
-        "num_hidden_layers": config.get("num_hidden_layers"),
+        # as each family spells them (GPT-2's n_embd, a multimodal model's text_config): `identity.architecture_of`
+        **architecture_of(config).model_dump(include={"hidden_size", "intermediate_size", "num_hidden_layers"}),
     }
 
 

@@ -13,7 +13,12 @@ from quant_pipeline.core.records import Architecture, CheckpointRecord
 from quant_pipeline.core.store import ArtifactStore
 from quant_pipeline.defs.resources import AuditSettings
 from quant_pipeline.models.calibration import tokenizer_hash, used_samples_hash
-from quant_pipeline.models.checkpoint import ModelSource, materialize_checkpoint, resolve_model_source
+from quant_pipeline.models.checkpoint import (
+    ModelSource,
+    describe_checkpoint,
+    materialize_checkpoint,
+    resolve_model_source,
+)
 from quant_pipeline.models.identity import architecture_of, check_same_architecture, name_from_config, safe_name
 
 LLAMA = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
@@ -106,3 +111,16 @@ def test_a_kept_baseline_found_by_name_is_not_reused_for_another_gguf_of_that_na
     assert materialize_checkpoint(source, store) == kept  # the file it was converted from: reused
     with pytest.raises(AuditInputError, match="converted from .*a/model.gguf, not from .*b/model.gguf"):
         materialize_checkpoint(ModelSource("gguf", str(second.parent), "llama", second.name), store)
+
+
+def test_the_base_record_reads_widths_under_each_family_s_spelling(tmp_path):
+    """GPT-2 says n_embd/n_layer: the base checkpoint's record has its widths, not None."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder = checkpoint(tmp_path / "gpt2", {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": 96,
+                                             "n_inner": 384, "n_layer": 2, "n_head": 4})  # fmt: skip
+    save_file({"wte.weight": torch.zeros(8, 96)}, folder / "model.safetensors")
+    facts = describe_checkpoint(folder)
+    assert (facts["hidden_size"], facts["intermediate_size"], facts["num_hidden_layers"]) == (96, 384, 2)
+    assert facts["num_parameters"] == 8 * 96 and facts["architecture"] == "GPT2LMHeadModel"
