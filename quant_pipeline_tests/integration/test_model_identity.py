@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import dagster as dg
+import pytest
 
 from quant_pipeline.core.recipe import Recipe
 from quant_pipeline.core.records import ArtifactRecord
@@ -16,6 +17,7 @@ from quant_pipeline.release.trail import read_entries
 from quant_pipeline_tests.support import fresh_audit_world, replace, run_audit
 
 UP_TO_ARTIFACT = ["base_checkpoint", "calibration_set", "runtime_environment", "quantized_artifact"]
+JUDGED = ["base_eval_results", "quantized_eval_results", "delta_report"]
 
 
 def copy_model(source: Path, to: Path) -> str:
@@ -95,7 +97,9 @@ def test_editing_a_calibration_line_no_recipe_reads_keeps_the_artifact_and_its_v
     assert used["artifact_id"] != before["artifact_id"] and used["calibration_hash"] != before["calibration_hash"]
 
 
-def test_byte_identical_weights_under_a_new_id_carry_the_approval_over(tmp_path, tiny_llama, monkeypatch):
+def test_byte_identical_weights_under_a_new_id_carry_the_approval_over_and_rewritten_bytes_never_do(
+    tmp_path, tiny_llama, monkeypatch
+):
     settings, tracker = fresh_audit_world(tmp_path, tiny_llama)
     settings = replace(settings, recipe=Recipe(method="identity"))  # the base's bytes: identical on every run
     with dg.instance_for_test(temp_dir=str(tmp_path / "dagster")) as instance:
@@ -103,9 +107,13 @@ def test_byte_identical_weights_under_a_new_id_carry_the_approval_over(tmp_path,
         assert approved.success and approved.output_for_node("approval")["event"] == "approved"
         real = inputs.runtime_fingerprint  # a runtime upgrade that changes nothing in the bytes: a new artifact ID
         monkeypatch.setattr(inputs, "runtime_fingerprint", lambda: {**real(), "python": real()["python"] + "+upgrade"})
-        again = run_audit(settings, tracker, instance)
+        judged = run_audit(settings, tracker, instance, selection=[*UP_TO_ARTIFACT, *JUDGED])  # PASS, not yet decided
+        assert judged.success
+        new = judged.output_for_node("quantized_artifact")
+        forge_and_refuse(settings, tracker, new)  # nothing an attacker rewrites in the store carries the approval
+        again = run_audit(settings, tracker, instance, selection=["approval"])
     assert again.success
-    old, new = approved.output_for_node("quantized_artifact"), again.output_for_node("quantized_artifact")
+    old = approved.output_for_node("quantized_artifact")
     assert new["artifact_id"] != old["artifact_id"] and new["registry_version"] != old["registry_version"]
     assert new["content_hash"] == old["content_hash"]
     carried = again.output_for_node("approval")
@@ -116,3 +124,40 @@ def test_byte_identical_weights_under_a_new_id_carry_the_approval_over(tmp_path,
     assert signoff.is_approved(settings.store, name, new["artifact_id"])
     assert tracker.alias_version(name, "approved") == new["registry_version"]
     assert signoff.verify_model_trail(settings.store, tracker, name) == []
+
+
+def forge_and_refuse(settings, tracker, artifact: dict) -> None:
+    """Whoever can write the store (and tag MLflow versions) tries to make other weights ride on the approval of
+    identical ones: (1) new weights, the record still claiming the approved hash; (2) new weights with the record
+    and the registry's tag rewritten to match them. The bytes are re-hashed and the trail, anchored outside the
+    store, still holds the audited hash: both refused in one line, the version stays unapproved, and the genuine
+    bytes, put back, carry the approval as before."""
+    from safetensors.torch import load_file, save_file
+
+    from quant_pipeline.core.errors import AuditInputError
+    from quant_pipeline.core.hashing import RECORD_FILE, file_hashes, tree_hash
+    from quant_pipeline.release.carry import carry_approval
+    from quant_pipeline.release.evidence import EvidenceError
+
+    store, aid, name = settings.store, artifact["artifact_id"], artifact["model_name"]
+    folder = store.artifact_dir(aid)
+    genuine = shutil.copytree(folder, settings.store.root.parent / "genuine")
+    weights = load_file(folder / "model.safetensors")
+    first = sorted(weights)[0]
+    weights[first] = weights[first] + 0.5
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(AuditInputError, match=f"artifact {aid} failed hash verification: model.safetensors"):
+        carry_approval(store, tracker, aid)
+
+    record = ArtifactRecord.read(folder / RECORD_FILE)
+    files = file_hashes(folder)
+    record.model_copy(update={"files": files, "content_hash": tree_hash(files)}).write(folder / RECORD_FILE)
+    tracker.set_version_tags(name, artifact["registry_version"], {"content_hash": tree_hash(files)})
+    with pytest.raises(EvidenceError, match=f"artifact {aid} hashes to .* but the trail holds"):
+        carry_approval(store, tracker, aid)
+    assert not signoff.is_approved(store, name, aid)
+    assert tracker.alias_version(name, "approved") != artifact["registry_version"]
+
+    shutil.rmtree(folder)
+    shutil.copytree(genuine, folder)
+    tracker.set_version_tags(name, artifact["registry_version"], {"content_hash": artifact["content_hash"]})
