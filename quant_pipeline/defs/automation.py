@@ -14,7 +14,9 @@ from pathlib import Path
 
 import dagster as dg
 
+from quant_pipeline.core.artifacts import read_artifact_record
 from quant_pipeline.core.errors import AuditInputError
+from quant_pipeline.core.recipe import Recipe
 from quant_pipeline.core.runtime import fingerprint_changes, fingerprint_hash, runtime_fingerprint
 from quant_pipeline.defs.candidates import (
     CANDIDATE_STAGES,
@@ -30,8 +32,14 @@ from quant_pipeline.defs.candidates import (
     phases,
 )
 from quant_pipeline.defs.resources import AuditSettings
-from quant_pipeline.models.calibration import calibration_version
+from quant_pipeline.models.calibration import (
+    calibration_version,
+    load_calibration_texts,
+    tokenizer_hash_of,
+    used_samples_hash,
+)
 from quant_pipeline.models.checkpoint import source_stat, source_version
+from quant_pipeline.release.trail import read_entries
 
 TRIGGER_TAG = "quant_pipeline/trigger"
 FROM_TAG = "quant_pipeline/from_version"
@@ -196,13 +204,58 @@ def base_model_sensor(context: dg.SensorEvaluationContext, settings: AuditSettin
 
 @audit_sensor("Calibration data: the calibration file's content changed.")
 def calibration_data_sensor(context: dg.SensorEvaluationContext, settings: AuditSettings):
+    """A changed file re-audits the candidates whose samples changed: an edit outside the samples a candidate
+    reads cannot change its bytes, so it is skipped, saying so."""
     cursor = json.loads(context.cursor) if context.cursor else {}
     path = Path(settings.calibration_file)
     if not path.is_file():
         return dg.SkipReason(f"calibration file {path} does not exist")
     previous = cursor.get("version") or latest_metadata(context.instance, "calibration_set", "version")
+    current = calibration_version(path)
     affected = audited(context.instance, calibrated_only=True)  # a data-free candidate read no calibration
-    return change_request("calibration", previous, calibration_version(path), CALIBRATION_STAGES, {}, affected)
+    if previous is not None and previous != current and affected:
+        texts = _texts_or_none(path)
+        affected = {
+            model: changed
+            for model, keys in affected.items()
+            if (changed := [c for c in keys if _samples_changed(context.instance, settings, model, c, texts)])
+        }
+        if not affected:
+            return dg.SensorResult(
+                skip_reason=f"calibration changed to {current}, outside the samples every audited candidate reads "
+                "(their artifacts would be byte-identical): nothing to re-audit",
+                cursor=json.dumps({**cursor, "version": current}),
+            )
+    return change_request("calibration", previous, current, CALIBRATION_STAGES, {}, affected)
+
+
+def _texts_or_none(path: Path) -> list[str] | None:
+    try:
+        return load_calibration_texts(path)
+    except AuditInputError:  # a broken file is re-audited: that run's pre-run check refuses it in one line
+        return None
+
+
+def _samples_changed(
+    instance: dg.DagsterInstance, settings: AuditSettings, model: str, candidate: str, texts: list[str] | None
+) -> bool:
+    """Whether the samples the candidate's current artifact read differ from those the file now holds. The read
+    samples' hash comes from the model's trail (anchored outside the store), and anything unknown or unreadable
+    counts as changed: a wrong "unchanged" costs an unaudited change, a wrong "changed" one re-audit."""
+    aid = latest_metadata(
+        instance, "quantized_artifact", "artifact_id", dg.MultiPartitionKey({"model": model, "candidate": candidate})
+    )
+    try:
+        record = read_artifact_record(settings.store, aid) if texts is not None and aid else None
+        if record is None or len(texts) < record.recipe["calibration_samples"]:
+            return True
+        recipe = Recipe(**record.recipe)
+        entries = read_entries(settings.store.trail_path(record.model_name))
+        audits = [e for e in entries if e.get("event") == "audit" and e.get("artifact_id") == aid]
+        audited_with = audits[-1].get("calibration_hash") if audits else None
+        return audited_with != used_samples_hash(texts, recipe, tokenizer_hash_of(Path(record.base_path)))
+    except (AuditInputError, OSError, ValueError):
+        return True
 
 
 @audit_sensor("Runtime: the fingerprint recorded with the latest audit differs from the current one.")

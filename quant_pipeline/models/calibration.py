@@ -108,6 +108,11 @@ def tokenizer_hash(files: dict[str, str]) -> str:
     return canonical_hash({name: digest for name, digest in files.items() if TOKENIZER_FILES.fullmatch(name)})
 
 
+def tokenizer_hash_of(folder: Path) -> str:
+    """`tokenizer_hash` of a checkpoint folder, hashing its tokenizing files only (not its weights)."""
+    return tokenizer_hash({p.name: sha256_file(p) for p in Path(folder).iterdir() if TOKENIZER_FILES.fullmatch(p.name)})
+
+
 def used_samples_hash(texts: list[str], recipe: Recipe, tokenizer_sha256: str) -> str:
     """The calibration's identity for a calibrated recipe: the samples it reads (the first
     `calibration_samples`), their count, the sequence length they are cut to and the tokenizer that cuts them.

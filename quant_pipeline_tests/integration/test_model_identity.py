@@ -9,9 +9,10 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from quant_pipeline.core.recipe import Recipe
+from quant_pipeline.core.recipe import Recipe, candidate_key
 from quant_pipeline.core.records import ArtifactRecord
 from quant_pipeline.defs import inputs
+from quant_pipeline.defs.automation import CANDIDATES_TAG, calibration_data_sensor
 from quant_pipeline.release import signoff
 from quant_pipeline.release.trail import read_entries
 from quant_pipeline_tests.support import fresh_audit_world, replace, run_audit
@@ -76,14 +77,34 @@ def test_two_models_in_folders_of_the_same_name_cannot_share_a_trail(tmp_path, t
     assert [e["new_base_version"] for e in audits] == [False, True]
 
 
+def calibration_tick(instance, settings, cursor: str | None) -> tuple[list, str | None, str | None]:
+    """One tick of the calibration sensor: its run requests, its skip message, its new cursor."""
+    with dg.build_sensor_context(instance=instance, cursor=cursor, resources={"settings": settings}) as context:
+        result = calibration_data_sensor(context)
+    skip = result.skip_reason.skip_message if result.skip_reason else None
+    return result.run_requests or [], skip, result.cursor or cursor
+
+
 def test_editing_a_calibration_line_no_recipe_reads_keeps_the_artifact_and_its_version(tmp_path, tiny_llama):
+    """...and the calibration sensor re-audits nothing for it; an edit of a sample the recipe reads re-audits."""
     settings, tracker = fresh_audit_world(tmp_path, tiny_llama)
     calibration = Path(settings.calibration_file)
     lines = calibration.read_text().splitlines()
+    first = lines[0]
     assert len(lines) > settings.recipe.calibration_samples + 1
     with dg.instance_for_test(temp_dir=str(tmp_path / "dagster")) as instance:
         before = run_audit(settings, tracker, instance, selection=UP_TO_ARTIFACT).output_for_node("quantized_artifact")
+        _, skip, cursor = calibration_tick(instance, settings, None)
+        assert "unchanged" in skip
         lines[-1] = json.dumps({"text": "a line after the samples the recipe reads, edited"})
+        calibration.write_text("\n".join(lines) + "\n")
+        requests, skip, unused = calibration_tick(instance, settings, cursor)
+        assert requests == [] and "outside the samples every audited candidate reads" in skip
+        lines[0] = json.dumps({"text": "the first sample, which the recipe reads, edited"})
+        calibration.write_text("\n".join(lines) + "\n")
+        requests, _, _ = calibration_tick(instance, settings, unused)
+        assert len(requests) == 1 and requests[0].tags[CANDIDATES_TAG] == candidate_key(settings.recipe)
+        lines[0] = first  # back to the samples the artifact read: the audit below reuses it
         calibration.write_text("\n".join(lines) + "\n")
         after = run_audit(settings, tracker, instance, selection=UP_TO_ARTIFACT).output_for_node("quantized_artifact")
         assert (after["artifact_id"], after["registry_version"], after["reused"]) == (
