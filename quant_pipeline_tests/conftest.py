@@ -22,9 +22,12 @@ if _WORKERS > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
 
 from quant_pipeline.core.paths import default_gguf_path  # noqa: E402
+from quant_pipeline.core.perf import freeze_import_heap  # noqa: E402
 from quant_pipeline.core.tracking import MlflowTracker  # noqa: E402
 from quant_pipeline.defs.resources import AuditSettings  # noqa: E402
-from quant_pipeline_tests.support import TINY_RECIPE, audit_world, fresh_audit_world, run_audit  # noqa: E402
+from quant_pipeline_tests.support import TINY_RECIPE, audit_world, fresh_audit_world, mlflow_db, run_audit  # noqa: E402
+
+freeze_import_heap()  # each worker audits tiny models all session: its collections skip the imported stack
 
 
 @pytest.fixture(scope="session")
@@ -63,9 +66,7 @@ def tiny_llama(tmp_path_factory, smollm2_tokenizer) -> Path:
 
 @pytest.fixture
 def mlflow_tracker(tmp_path) -> MlflowTracker:
-    return MlflowTracker(
-        tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", artifact_root=(tmp_path / "mlartifacts").as_uri()
-    )
+    return MlflowTracker(tracking_uri=mlflow_db(tmp_path), artifact_root=(tmp_path / "mlartifacts").as_uri())
 
 
 @pytest.fixture

@@ -27,6 +27,7 @@ from quant_pipeline.release.canary import CANARY_ALIAS
 from quant_pipeline.release.reference import base_artifact_id, log_registered_pyfunc
 from quant_pipeline.release.signoff import record_event
 from quant_pipeline.serving import Server, ServingConfig
+from quant_pipeline_tests.support import mlflow_db
 
 IDENTITY = Recipe(method="identity", bits=8, group_size=-1)
 REQUESTS = 20  # the test policy's min_requests_per_arm (serving costs ~1 s a request on two busy cores)
@@ -56,7 +57,7 @@ def build_fleet(root: Path, tiny_llama: Path, name: str = "tiny-served") -> Simp
     Store, MLflow database and artifacts all lie under `root`."""
     model_dir = Path(shutil.copytree(tiny_llama, root / name))
     store = ArtifactStore(root / "store")
-    tracker = MlflowTracker(tracking_uri=f"sqlite:///{root}/mlflow.db", artifact_root=(root / "mlartifacts").as_uri())
+    tracker = MlflowTracker(tracking_uri=mlflow_db(root), artifact_root=(root / "mlartifacts").as_uri())
     base_hash, runtime_hash = tree_hash(file_hashes(model_dir)), fingerprint_hash(runtime_fingerprint())
 
     def register(source_dir, aid: str, kind: str) -> tuple[str, str]:

@@ -3,6 +3,7 @@
 import contextlib
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import dagster as dg
@@ -62,13 +63,32 @@ def replace(settings: AuditSettings, **changes) -> AuditSettings:
     return AuditSettings(**{**{name: getattr(settings, name) for name in AuditSettings.model_fields}, **changes})
 
 
+_EMPTY_MLFLOW_DB: list[Path] = []
+
+
+def mlflow_db(directory: Path) -> str:
+    """The tracking URI of an MLflow SQLite store at ``directory``/mlflow.db, copied (when there is none yet) from
+    an empty store MLflow created once in this process: its schema migrations take seconds a database, and about
+    every test makes one. The copy is MLflow's own empty database (its `Default` experiment is never used: the
+    tracker creates each model's experiment with its own artifact location)."""
+    target = Path(directory) / "mlflow.db"
+    if not target.exists():
+        if not _EMPTY_MLFLOW_DB:
+            template = Path(tempfile.mkdtemp(prefix="qp-mlflow-template-")) / "mlflow.db"
+            MlflowTracker(tracking_uri=f"sqlite:///{template}").client().search_experiments()
+            _EMPTY_MLFLOW_DB.append(template)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(_EMPTY_MLFLOW_DB[0], target)
+    return f"sqlite:///{target}"
+
+
 def audit_world(root: Path, tiny_llama: Path):
     """Settings and tracker of an audit whose every file (store, MLflow, Dagster, inputs) lies under root."""
     settings = AuditSettings(
         model=str(tiny_llama), store_dir=str(root / "store"), recipe=TINY_RECIPE, eval_limit=4, eval_max_new_tokens=16,
         policy_file=str(root / "policy.yaml"), calibration_file=str(root / "calibration.jsonl"),
     )  # fmt: skip
-    tracker = MlflowTracker(tracking_uri=f"sqlite:///{root}/mlflow.db", artifact_root=(root / "mlartifacts").as_uri())
+    tracker = MlflowTracker(tracking_uri=mlflow_db(root), artifact_root=(root / "mlartifacts").as_uri())
     return settings, tracker
 
 
@@ -86,10 +106,9 @@ def cli_home(home: Path):
     (the MLflow tables created first: MLflow logs that on stderr, where the CLI's refusals are read)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("QP_STORE_DIR", str(home / "store"))
-        mp.setenv("QP_MLFLOW_TRACKING_URI", f"sqlite:///{home}/mlflow.db")
+        mp.setenv("QP_MLFLOW_TRACKING_URI", mlflow_db(home))
         mp.setenv("DAGSTER_HOME", str(home / "dagster"))
-        tracker = MlflowTracker(tracking_uri=f"sqlite:///{home}/mlflow.db")
-        tracker.client().search_experiments()
+        tracker = MlflowTracker(tracking_uri=mlflow_db(home))
         yield ArtifactStore(home / "store"), tracker
 
 

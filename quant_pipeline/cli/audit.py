@@ -22,6 +22,7 @@ import dagster as dg
 
 from quant_pipeline.core.errors import EXIT_BAD_INPUT, EXIT_CRASHED, EXIT_GATE_FAILED, EXIT_PASSED, AuditInputError
 from quant_pipeline.core.paths import project_home
+from quant_pipeline.core.perf import freeze_import_heap
 from quant_pipeline.definitions import AUDIT_ASSETS, AUDIT_CHECKS
 from quant_pipeline.defs.candidates import PHASE_JOBS, AuditRuns, phases, register, run_phases
 from quant_pipeline.defs.preflight import preflight
@@ -122,6 +123,7 @@ def run_audit(
         resources["mlflow"] = tracker
     settings = resources["settings"]
     preflight(settings, settings.recipe)
+    freeze_import_heap()  # after the pre-run check: bad input is refused without importing the stack
     instance = instance or _instance()
     # A job's own logger runs only when the run config names it; the level is what Dagster's default uses.
     # Dagster's DEBUG engine events and lm-eval's per-task warnings bury the progress lines and the

@@ -66,3 +66,31 @@ def bound_heap_fragmentation(threshold_bytes: int = 1 << 20) -> bool:
         return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold_bytes))
     except (OSError, AttributeError):
         return False
+
+
+# The libraries an audit's stages import (lazily, so the read-only CLI verbs stay fast).
+AUDIT_STACK = ("torch", "transformers", "lm_eval", "mlflow", "optimum.gptq", "gptqmodel")
+
+
+def freeze_import_heap() -> None:
+    """Import the audit's libraries and move every object alive then out of the garbage collector's sight.
+
+    Those objects (modules, classes, functions: about 800,000 once the stack is imported) live as long as the
+    process, yet every full collection walks them all: 0.4-0.7 s each, and gptqmodel calls `gc.collect()` after
+    each quantization and model load. Frozen, a collection walks only what the audit itself made. Measured on
+    the tiny-model audit (one process, the machine shared): time in the collector 5.4 s -> 1.1-1.6 s per audit.
+    Collected first, so no garbage is frozen; once per process, so nothing an audit made (and may drop in a
+    cycle later) is frozen with it; objects made later are collected as before."""
+    import gc
+    import importlib
+
+    if _frozen.is_set():
+        return
+    for name in AUDIT_STACK:
+        importlib.import_module(name)
+    gc.collect()
+    gc.freeze()
+    _frozen.set()
+
+
+_frozen = threading.Event()

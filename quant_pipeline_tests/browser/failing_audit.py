@@ -11,7 +11,7 @@ from pathlib import Path
 import dagster as dg
 
 from quant_pipeline_tests.servers import REPO_ROOT
-from quant_pipeline_tests.support import fresh_audit_world, run_audit
+from quant_pipeline_tests.support import fresh_audit_world, mlflow_db, run_audit
 
 # kl_divergence is > 0 for any quantization that changes a weight: tolerance 0 fails every slice it measures, so
 # the verdict is FAIL whatever else happens. top1_agreement's 0.05 is there to be found on a page: a number no
@@ -52,7 +52,7 @@ class FailedAudit:
             **os.environ,
             "DAGSTER_HOME": str(self.dagster_home), "QP_MODEL": self.model,
             "QP_CALIBRATION_FILE": str(root / "calibration.jsonl"), "QP_POLICY_FILE": str(root / "policy.yaml"),
-            "QP_STORE_DIR": str(root / "store"), "QP_MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db",
+            "QP_STORE_DIR": str(root / "store"), "QP_MLFLOW_TRACKING_URI": mlflow_db(root),
             "QP_CALIBRATION_SAMPLES": "8", "QP_SEQ_LEN": "64", "QP_EVAL_LIMIT": "4", "QP_REAUDIT_SCHEDULE": "off",
             "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
         }  # fmt: skip

@@ -30,6 +30,7 @@ from quant_pipeline.release.trail import read_entries
 from quant_pipeline.serving import HttpFrontend, Server, ServingConfig
 from quant_pipeline_tests.fleet import POLICY, REQUESTS, TOKENS, build_fleet, schema_items
 from quant_pipeline_tests.servers import REPO_ROOT, free_port, start_server, stop_process_group, tail, wait_until
+from quant_pipeline_tests.support import mlflow_db
 
 BIN_DIR = Path(sys.executable).parent
 CHECK = "canary_within_rollback_policy"
@@ -68,7 +69,7 @@ def test_the_daemon_rolls_a_damaged_canary_back_from_live_traffic_with_nobody_tr
     model = str(root / "tiny-served")  # the model partition key: build_fleet copies the checkpoint there
     env = {
         "DAGSTER_HOME": str(home), "QP_STORE_DIR": str(root / "store"),
-        "QP_MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db", "QP_ROLLBACK_POLICY": str(policy),
+        "QP_MLFLOW_TRACKING_URI": mlflow_db(root), "QP_ROLLBACK_POLICY": str(policy),
         "QP_MONITOR_EVERY_N_REQUESTS": str(REQUESTS), "QP_SENSOR_INTERVAL_SECONDS": "3",
         "QP_MONITOR_CRON": "0 0 1 1 *",  # the hourly schedule stays out of the way: the sensor alone asks
         "QP_REAUDIT_SCHEDULE": "off",

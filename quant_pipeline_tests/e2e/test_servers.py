@@ -15,7 +15,7 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from quant_pipeline_tests.servers import REPO_ROOT, free_port, start_server, stop_process_group, tail, wait_until
-from quant_pipeline_tests.support import replace, run_audit
+from quant_pipeline_tests.support import mlflow_db, replace, run_audit
 
 BIN_DIR = Path(sys.executable).parent
 STAGES = [
@@ -77,7 +77,7 @@ def test_dagster_dev_loads_the_code_location_with_every_stage(tmp_path):
         **os.environ,
         "DAGSTER_HOME": str(dagster_home),
         "QP_STORE_DIR": str(tmp_path / "store"),
-        "QP_MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
+        "QP_MLFLOW_TRACKING_URI": mlflow_db(tmp_path),
         "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
@@ -169,7 +169,7 @@ def test_daemon_launches_and_completes_a_reaudit_after_a_calibration_change(
     settings_env = {
         "DAGSTER_HOME": str(home), "QP_MODEL": str(tiny_llama), "QP_CALIBRATION_FILE": str(calibration),
         "QP_POLICY_FILE": str(lenient_policy), "QP_STORE_DIR": str(tmp_path / "store"),
-        "QP_MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "QP_CALIBRATION_SAMPLES": "8", "QP_SEQ_LEN": "64",
+        "QP_MLFLOW_TRACKING_URI": mlflow_db(tmp_path), "QP_CALIBRATION_SAMPLES": "8", "QP_SEQ_LEN": "64",
         "QP_EVAL_LIMIT": "4", "QP_SENSOR_INTERVAL_SECONDS": "5", "QP_REAUDIT_SCHEDULE": "off",
     }  # fmt: skip
     for key, value in settings_env.items():

@@ -18,6 +18,7 @@ from quant_pipeline.core.errors import AuditInputError
 from quant_pipeline.core.tracking import MlflowTracker
 from quant_pipeline.release.evidence import EvidenceError
 from quant_pipeline.release.governing import PolicyNotPinnedError
+from quant_pipeline_tests.support import mlflow_db
 
 JSONL = b'{"text": "a calibration sample"}\n'
 NOT_TEXT = {
@@ -32,22 +33,13 @@ ALWAYS_FAILS = (
 )
 
 
-@pytest.fixture(scope="module")
-def empty_mlflow_db(tmp_path_factory) -> Path:
-    """MLflow's tables, created once (seconds, and MLflow logs it on stderr); each test copies the file."""
-    db = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
-    MlflowTracker(tracking_uri=f"sqlite:///{db}").client().search_experiments()
-    return db
-
-
 @pytest.fixture
-def cli_home(tmp_path, monkeypatch, empty_mlflow_db) -> Path:
+def cli_home(tmp_path, monkeypatch) -> Path:
     """An empty store, MLflow registry and Dagster home, as a fresh clone has them."""
     for name in ("QP_MODEL", "QP_CALIBRATION_FILE", "QP_POLICY_FILE", "QP_EVAL_LIMIT", "QP_CALIBRATION_SAMPLES"):
         monkeypatch.delenv(name, raising=False)
-    shutil.copy(empty_mlflow_db, tmp_path / "mlflow.db")
     monkeypatch.setenv("QP_STORE_DIR", str(tmp_path / "store"))
-    monkeypatch.setenv("QP_MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setenv("QP_MLFLOW_TRACKING_URI", mlflow_db(tmp_path))
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster"))
     monkeypatch.setenv("QP_EVAL_MAX_NEW_TOKENS", "16")
     return tmp_path

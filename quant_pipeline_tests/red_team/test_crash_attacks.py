@@ -12,6 +12,7 @@ import dagster as dg
 
 from quant_pipeline.core.store import TMP_PREFIX, ArtifactStore
 from quant_pipeline.defs.recovery import PID_TAG, fail_orphaned_runs
+from quant_pipeline_tests.support import mlflow_db
 
 
 def test_a_killed_audit_is_marked_failed_at_the_next_start_and_its_temp_files_swept(tmp_path, tiny_llama):
@@ -19,7 +20,7 @@ def test_a_killed_audit_is_marked_failed_at_the_next_start_and_its_temp_files_sw
     home.mkdir()
     env = {
         **os.environ, "DAGSTER_HOME": str(home), "QP_STORE_DIR": str(store),
-        "QP_MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "QP_EVAL_LIMIT": "4",
+        "QP_MLFLOW_TRACKING_URI": mlflow_db(tmp_path), "QP_EVAL_LIMIT": "4",
         "QP_CALIBRATION_SAMPLES": "8", "QP_SEQ_LEN": "64", "QP_EVAL_MAX_NEW_TOKENS": "16",
     }  # fmt: skip
     cmd = [str(Path(sys.executable).parent / "quant-pipeline"), "audit", "--model", str(tiny_llama)]
@@ -55,7 +56,7 @@ def test_a_signal_during_one_candidate_stops_the_whole_comparison(tmp_path, tiny
     stops there with 130, instead of treating it as one crashed candidate and auditing the next."""
     env = {
         **os.environ, "DAGSTER_HOME": str(tmp_path / "dagster_home"), "QP_STORE_DIR": str(tmp_path / "store"),
-        "QP_MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "QP_EVAL_LIMIT": "4",
+        "QP_MLFLOW_TRACKING_URI": mlflow_db(tmp_path), "QP_EVAL_LIMIT": "4",
         "QP_EVAL_MAX_NEW_TOKENS": "16",
     }  # fmt: skip
     log = tmp_path / "out.log"

@@ -16,14 +16,14 @@ from quant_pipeline.cli import main
 from quant_pipeline.core.tracking import MlflowTracker
 from quant_pipeline.defs.resources import AuditSettings
 from quant_pipeline.serving import Server, ServingError, find_request
-from quant_pipeline_tests.support import TINY_RECIPE, run_audit
+from quant_pipeline_tests.support import TINY_RECIPE, mlflow_db, run_audit
 
 
 @pytest.fixture(scope="module")
 def pending(tmp_path_factory, tiny_llama):
     """A GPTQ artifact built and registered by the real assets, never evaluated or approved."""
     root = tmp_path_factory.mktemp("unapproved")
-    tracker = MlflowTracker(tracking_uri=f"sqlite:///{root}/mlflow.db", artifact_root=(root / "mlartifacts").as_uri())
+    tracker = MlflowTracker(tracking_uri=mlflow_db(root), artifact_root=(root / "mlartifacts").as_uri())
     settings = AuditSettings(model=str(tiny_llama), store_dir=str(root / "store"), recipe=TINY_RECIPE)
     (root / "dagster").mkdir()
     with dg.instance_for_test(temp_dir=str(root / "dagster")) as instance:

@@ -38,6 +38,7 @@ from quant_pipeline.serving.arms import bucket, choose_arm, prefix_agreement
 from quant_pipeline.serving.resolver import ModelResolver, load_verified
 from quant_pipeline.serving.server import greedy_generate
 from quant_pipeline_tests.servers import free_port
+from quant_pipeline_tests.support import mlflow_db
 
 MODEL = "tiny-canary"
 TOKENS = 4
@@ -56,7 +57,7 @@ def fleet(tmp_path_factory, tiny_llama):
     left pending sign-off."""
     root = tmp_path_factory.mktemp("canary")
     store = ArtifactStore(root / "store")
-    tracker = MlflowTracker(tracking_uri=f"sqlite:///{root}/mlflow.db", artifact_root=(root / "mlartifacts").as_uri())
+    tracker = MlflowTracker(tracking_uri=mlflow_db(root), artifact_root=(root / "mlartifacts").as_uri())
     base_hash, runtime_hash = tree_hash(file_hashes(tiny_llama)), fingerprint_hash(runtime_fingerprint())
 
     def register(directory, aid: str, record: dict) -> tuple[str, str]:

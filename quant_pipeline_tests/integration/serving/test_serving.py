@@ -27,7 +27,7 @@ from quant_pipeline.release.reference import base_artifact_id, log_registered_py
 from quant_pipeline.serving import Server, ServingError, find_request, find_trace, reproduce, requests_path
 from quant_pipeline.serving.request_log import append_request as append_jsonl
 from quant_pipeline_tests.servers import free_port, start_server, stop_process_group
-from quant_pipeline_tests.support import LENIENT, TINY_RECIPE, run_audit
+from quant_pipeline_tests.support import LENIENT, TINY_RECIPE, mlflow_db, run_audit
 
 BIN_DIR = Path(sys.executable).parent
 TOKENS = 8  # small budgets keep the suite fast
@@ -39,7 +39,7 @@ def deployment(tmp_path_factory, tiny_llama):
     off by the real audit (reference-only pyfuncs, one run per version), then promoted to `production`."""
     root = tmp_path_factory.mktemp("serving")
     store = root / "store"
-    tracker = MlflowTracker(tracking_uri=f"sqlite:///{root}/mlflow.db", artifact_root=(root / "mlartifacts").as_uri())
+    tracker = MlflowTracker(tracking_uri=mlflow_db(root), artifact_root=(root / "mlartifacts").as_uri())
     policy = root / "lenient.yaml"
     policy.write_text(LENIENT)
     settings = AuditSettings(
