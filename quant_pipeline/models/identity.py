@@ -11,7 +11,9 @@ before any work, not a trail that quietly mixes two models' verdicts.
 
 from __future__ import annotations
 
+import functools
 import re
+import struct
 from pathlib import Path
 
 from quant_pipeline.core.errors import AuditInputError
@@ -48,14 +50,53 @@ def name_from_config(config: dict) -> str | None:
 
 
 def gguf_name(path: Path) -> str | None:
-    """The GGUF's own `general.name` (header only: the weights are memory-mapped, not read)."""
-    from gguf import GGUFReader
-
+    """The GGUF's own `general.name`, read from the header's key-value pairs up to that key. gguf's reader parses
+    every field first, the tokenizer's vocabulary included (262k strings, tens of seconds for Gemma 3), and the
+    name is asked for by every stage's pre-run check."""
     try:
-        field = GGUFReader(str(path)).fields.get("general.name")
-        return safe_name(bytes(field.parts[field.data[0]]).decode("utf-8")) if field is not None else None
-    except (OSError, ValueError, UnicodeDecodeError):
+        stat = Path(path).stat()
+        value = _gguf_header_string(str(path), stat.st_size, stat.st_mtime_ns, "general.name")
+        return safe_name(value) if value is not None else None
+    except (OSError, ValueError, UnicodeDecodeError, struct.error):
         return None
+
+
+# GGUF value types (gguf-py's GGUFValueType) by their fixed byte size; 8 is a string, 9 an array
+_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+@functools.lru_cache(maxsize=64)
+def _gguf_header_string(path: str, size: int, mtime_ns: int, wanted: str) -> str | None:
+    """A string value of a GGUF's header (None if absent); cached per file version (size and mtime are keys)."""
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ValueError(f"{path} is not a GGUF file")
+        _version, _tensors, pairs = struct.unpack("<IQQ", f.read(20))
+
+        def text() -> str:
+            (length,) = struct.unpack("<Q", f.read(8))
+            return f.read(length).decode("utf-8")
+
+        def skip(kind: int) -> None:
+            if kind == 8:
+                f.seek(struct.unpack("<Q", f.read(8))[0], 1)
+            elif kind == 9:
+                inner, count = struct.unpack("<IQ", f.read(12))
+                if inner in _SCALAR_SIZES:
+                    f.seek(_SCALAR_SIZES[inner] * count, 1)
+                else:
+                    for _ in range(count):
+                        skip(inner)
+            else:
+                f.seek(_SCALAR_SIZES[kind], 1)
+
+        for _ in range(pairs):
+            key = text()
+            (kind,) = struct.unpack("<I", f.read(4))
+            if key == wanted and kind == 8:
+                return text()
+            skip(kind)
+    return None
 
 
 def architecture_of(config: dict) -> Architecture:

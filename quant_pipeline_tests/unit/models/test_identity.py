@@ -124,3 +124,17 @@ def test_the_base_record_reads_widths_under_each_family_s_spelling(tmp_path):
     facts = describe_checkpoint(folder)
     assert (facts["hidden_size"], facts["intermediate_size"], facts["num_hidden_layers"]) == (96, 384, 2)
     assert facts["num_parameters"] == 8 * 96 and facts["architecture"] == "GPT2LMHeadModel"
+
+
+def test_a_gguf_s_name_is_read_from_its_header_as_gguf_s_own_reader_reads_it(tmp_path):
+    """The header is walked up to `general.name` (no vocabulary parsed); the value is gguf's reader's."""
+    from gguf import GGUFReader
+
+    from quant_pipeline.core.paths import default_gguf_path
+    from quant_pipeline.models.identity import gguf_name
+
+    path = default_gguf_path()
+    field = GGUFReader(str(path)).fields["general.name"]
+    assert gguf_name(path) == safe_name(bytes(field.parts[field.data[0]]).decode("utf-8"))
+    (tmp_path / "fake.gguf").write_bytes(b"not a gguf at all")
+    assert gguf_name(tmp_path / "fake.gguf") is None
