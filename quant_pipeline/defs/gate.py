@@ -48,6 +48,11 @@ from quant_pipeline.release.trail import read_entries
 # The code that turns eval tables into a verdict is part of the verdict's key: a gate whose rules changed
 # (an upgrade) judges again, into a new report, rather than reusing one its predecessor wrote.
 JUDGE_CODE = canonical_hash({m.__name__: sha256_file(Path(m.__file__)) for m in (delta_module, policy_module)})
+# What the gate shows of each gated slice: the failed check's table in Dagster, the trail's `evaluated` entry (and so
+# the per-model audit report, rendered from the trail). The paired item count is what "not measurable" is about.
+SHOWN_COLUMNS = (
+    "category", "metric", "base", "quantized", "delta", "ci_low", "ci_high", "n_items", "tolerance", "status", "reason",
+)  # fmt: skip
 REPORT_FILES = ("delta_report.md", "delta_report.parquet", "delta_report.json", "delta_report.html")
 
 
@@ -154,9 +159,7 @@ def delta_report(
         )  # fmt: skip
         report_json = Path(record.path).with_name("delta_report.json")
         gated = deltas[deltas["status"] != UNGATED]
-        shown = gated[
-            ["category", "metric", "base", "quantized", "delta", "ci_low", "ci_high", "tolerance", "status", "reason"]
-        ]
+        shown = gated[list(SHOWN_COLUMNS)]
         rows = shown.astype(object).where(shown.notna(), None).to_dict("records")  # JSON metadata: None, not NaN
         judged = {
             "report_key": key, "report_sha256": sha256_file(report_json), "dagster_run_id": context.run.run_id,

@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 from quant_pipeline.core.store import ArtifactStore
+from quant_pipeline.defs.gate import SHOWN_COLUMNS
 from quant_pipeline.evaluation.delta import REGRESSION, compute_deltas, verdict
 from quant_pipeline.evaluation.delta_html import render_html, render_markdown
 from quant_pipeline.evaluation.plots import tolerance_offset
@@ -254,9 +255,7 @@ def test_the_model_report_shows_each_evaluation_with_its_identity_slices_and_the
     copy.write_bytes(policy_file.read_bytes())
     trail, name = store.trail_path("SmolLM2"), "SmolLM2"
     gated = deltas[deltas["status"] != "reported (no tolerance)"]
-    records = gated[
-        ["category", "metric", "base", "quantized", "delta", "ci_low", "ci_high", "tolerance", "status", "reason"]
-    ].to_dict("records")
+    records = gated[list(SHOWN_COLUMNS)].to_dict("records")
     for aid, decision in (("gptq-a", {"event": "rejected", "by": "the gate", "note": "acc/facts regressed"}),
                           ("gptq-b", {"event": "approved", "by": "Ada", "note": HOSTILE})):  # fmt: skip
         append_entry(trail, {"event": "audit", "artifact_id": aid, "recipe": {"bits": 4}, **HASHES})
@@ -281,6 +280,10 @@ def test_the_model_report_shows_each_evaluation_with_its_identity_slices_and_the
         assert fields["Decision"].startswith(("approved by Ada", "rejected by the gate"))
         failing = one(section, tag="table", cls="slices").find(tag="tr", cls="status-regression")
         assert len(failing) == (gated["status"] == REGRESSION).sum()
+        counted = gated[(gated["status"] == REGRESSION) & (gated["n_items"] > 0)]  # perplexity rows have no items
+        shown = [row.find(tag="td")[3].all_text().strip() for row in failing]
+        expected = sorted(str(int(n)) for n in counted["n_items"])
+        assert expected and sorted(s for s in shown if s.isdigit()) == expected  # the paired counts, from the trail
         assert "may rise ≤ 20% of base" in one(section, tag="table", cls="slices").all_text()  # mode: the pinned copy
     assert len(one(root, id="events").find(tag="tbody")[0].find(tag="tr")) == 8
 
@@ -288,9 +291,7 @@ def test_the_model_report_shows_each_evaluation_with_its_identity_slices_and_the
 def test_a_model_report_whose_policy_copy_is_gone_does_not_guess_the_tolerance_mode(judged, tmp_path):
     deltas, ctx, _, _ = judged
     store = ArtifactStore(tmp_path / "store")
-    records = deltas[deltas["metric"] == "word_perplexity"][
-        ["category", "metric", "base", "quantized", "delta", "ci_low", "ci_high", "tolerance", "status", "reason"]
-    ].to_dict("records")
+    records = deltas[deltas["metric"] == "word_perplexity"][list(SHOWN_COLUMNS)].to_dict("records")
     append_entry(store.trail_path("m"), {
         "event": "evaluated", "artifact_id": "a", "verdict": "FAIL", "policy_name": ctx.policy_name,
         "policy_hash": ctx.policy_hash, "report_key": "k", "deltas": records,
