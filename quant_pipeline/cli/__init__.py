@@ -22,9 +22,13 @@ def _quiet_before_imports() -> None:
     """Library chatter that is decided at import time, kept off the terminal (`--verbose` keeps it): tqdm
     reads its defaults from the environment when imported (lm-eval's per-task bars, MLflow's download
     bars: ours set `disable` themselves and stay), torchao logs its missing
-    CUDA extensions and torch its pytree deprecations as they load."""
+    CUDA extensions and torch its pytree deprecations as they load, Dagster warns at import that partitioned
+    asset checks are a preview feature (the checks are tested here)."""
     import logging
     import os
+    import warnings
+
+    warnings.filterwarnings("ignore", message="Specifying a partitions_def on an AssetCheckSpec")
 
     os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
