@@ -53,6 +53,13 @@ def run_audit(
     return run_phases(execute, [str(s) for s in selection] if selection is not None else None, model, settings.recipe)
 
 
+def edit_first_sample(calibration: Path, text: str) -> None:
+    """Rewrite the calibration file's first sample, one every calibrated recipe reads: a change that must re-audit
+    (a line after the samples a recipe reads changes no artifact, and the calibration sensor skips it)."""
+    lines = calibration.read_text().splitlines()
+    calibration.write_text("\n".join([json.dumps({"text": text}), *lines[1:]]) + "\n")
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

@@ -29,7 +29,7 @@ from quant_pipeline.defs.automation import (
 )
 from quant_pipeline.defs.candidates import CANDIDATE_STAGES, register
 from quant_pipeline.defs.signoff import PENDING
-from quant_pipeline_tests.support import LENIENT, TINY_RECIPE, change_policy, replace, run_audit
+from quant_pipeline_tests.support import LENIENT, TINY_RECIPE, change_policy, edit_first_sample, replace, run_audit
 
 
 def audited(instance, model: str, *recipes: Recipe) -> str:
@@ -71,8 +71,7 @@ def test_calibration_change_requests_one_reaudit_of_the_affected_stages(tiny_set
     assert requests == [] and "unchanged" in skip
     before = json.loads(cursor)["version"]
 
-    with open(calibration_copy, "a") as f:
-        f.write(json.dumps({"text": "A new calibration sample about tide tables and harbour pilots."}) + "\n")
+    edit_first_sample(calibration_copy, "A calibration sample about tide tables and harbour pilots.")
     requests, skip, cursor = tick(calibration_data_sensor, instance, cursor, settings)
     assert len(requests) == 1  # the model's own stages first; its candidates follow once they succeed
     request = requests[0]
@@ -186,8 +185,7 @@ def test_after_the_model_stages_succeed_each_candidate_then_the_comparison_is_re
     sensor requests every candidate it names, then the comparison, each tagged with what changed."""
     settings = replace(tiny_settings, calibration_file=str(calibration_copy), policy_file=str(lenient_policy))
     assert run_audit(settings, mlflow_tracker, instance).success
-    with open(calibration_copy, "a") as f:
-        f.write(json.dumps({"text": "A new calibration sample about tide tables and harbour pilots."}) + "\n")
+    edit_first_sample(calibration_copy, "A calibration sample about tide tables and harbour pilots.")
     requests, _, _ = tick(calibration_data_sensor, instance, json.dumps({"version": "calibration.jsonl@0"}), settings)
     (request,) = requests
     model_run = dg.materialize(

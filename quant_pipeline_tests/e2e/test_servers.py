@@ -15,7 +15,7 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from quant_pipeline_tests.servers import REPO_ROOT, free_port, start_server, stop_process_group, tail, wait_until
-from quant_pipeline_tests.support import mlflow_db, replace, run_audit
+from quant_pipeline_tests.support import edit_first_sample, mlflow_db, replace, run_audit
 
 BIN_DIR = Path(sys.executable).parent
 STAGES = [
@@ -189,10 +189,7 @@ def test_daemon_launches_and_completes_a_reaudit_after_a_calibration_change(
     try:
         with dg.DagsterInstance.get() as instance:
             wait_until(lambda: graphql(port, "{ version }"), timeout=180, proc=proc, log=log)
-            with open(calibration, "a") as f:
-                f.write(
-                    json.dumps({"text": "A late calibration sample about lighthouse keepers and fog signals."}) + "\n"
-                )
+            edit_first_sample(calibration, "A calibration sample about lighthouse keepers and fog signals.")
 
             def reaudit_finished():
                 """The calibration re-audit's three runs, once the last (the comparison) has finished."""
