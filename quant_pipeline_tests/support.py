@@ -53,6 +53,32 @@ def run_audit(
     return run_phases(execute, [str(s) for s in selection] if selection is not None else None, model, settings.recipe)
 
 
+def real_model_audit(
+    store: Path, tracker: MlflowTracker, instance, model: str, seq_len: int, eval_limit: int, max_new_tokens: int
+) -> tuple[AuditSettings, AuditRuns, dict]:
+    """Audit a packaged real model with one 4-bit GPTQ candidate at sizes for CI (8 calibration samples; the
+    suite cut to `eval_limit` items per slice). Returns the settings, the runs and each side's eval values by
+    (category, metric), so a slow test states only what it expects of that model."""
+    import pandas as pd
+
+    settings = AuditSettings(
+        model=model,
+        store_dir=str(store),
+        recipe=Recipe(bits=4, group_size=64, calibration_samples=8, seq_len=seq_len),
+        eval_limit=eval_limit,
+        eval_max_new_tokens=max_new_tokens,
+    )
+    result = run_audit(settings, tracker, instance)
+    assert result.success  # whatever the verdict, the audit completes its record
+    evals = {
+        label: pd.read_parquet(result.output_for_node(f"{label}_eval_results")["results_path"]).set_index(
+            ["category", "metric"]
+        )["value"]
+        for label in ("base", "quantized")
+    }
+    return settings, result, evals
+
+
 def edit_first_sample(calibration: Path, text: str) -> None:
     """Rewrite the calibration file's first sample, one every calibrated recipe reads: a change that must re-audit
     (a line after the samples a recipe reads changes no artifact, and the calibration sensor skips it)."""

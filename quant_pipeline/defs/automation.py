@@ -18,6 +18,7 @@ from quant_pipeline.core.artifacts import read_artifact_record
 from quant_pipeline.core.errors import AuditInputError
 from quant_pipeline.core.recipe import Recipe
 from quant_pipeline.core.runtime import fingerprint_changes, fingerprint_hash, runtime_fingerprint
+from quant_pipeline.core.tracking import MlflowTracker
 from quant_pipeline.defs.candidates import (
     CANDIDATE_STAGES,
     COMPARISON_STAGES,
@@ -39,6 +40,7 @@ from quant_pipeline.models.calibration import (
     used_samples_hash,
 )
 from quant_pipeline.models.checkpoint import source_stat, source_version
+from quant_pipeline.release.signoff import verify_model_trail
 from quant_pipeline.release.trail import read_entries
 
 TRIGGER_TAG = "quant_pipeline/trigger"
@@ -203,7 +205,7 @@ def base_model_sensor(context: dg.SensorEvaluationContext, settings: AuditSettin
 
 
 @audit_sensor("Calibration data: the calibration file's content changed.")
-def calibration_data_sensor(context: dg.SensorEvaluationContext, settings: AuditSettings):
+def calibration_data_sensor(context: dg.SensorEvaluationContext, settings: AuditSettings, mlflow: MlflowTracker):
     """A changed file re-audits the candidates whose samples changed: an edit outside the samples a candidate
     reads cannot change its bytes, so it is skipped, saying so."""
     cursor = json.loads(context.cursor) if context.cursor else {}
@@ -218,7 +220,7 @@ def calibration_data_sensor(context: dg.SensorEvaluationContext, settings: Audit
         affected = {
             model: changed
             for model, keys in affected.items()
-            if (changed := [c for c in keys if _samples_changed(context.instance, settings, model, c, texts)])
+            if (changed := _changed_candidates(context.instance, settings, mlflow, model, keys, texts))
         }
         if not affected:
             return dg.SensorResult(
@@ -236,26 +238,45 @@ def _texts_or_none(path: Path) -> list[str] | None:
         return None
 
 
-def _samples_changed(
-    instance: dg.DagsterInstance, settings: AuditSettings, model: str, candidate: str, texts: list[str] | None
-) -> bool:
-    """Whether the samples the candidate's current artifact read differ from those the file now holds. The read
-    samples' hash comes from the model's trail (anchored outside the store), and anything unknown or unreadable
-    counts as changed: a wrong "unchanged" costs an unaudited change, a wrong "changed" one re-audit."""
-    aid = latest_metadata(
-        instance, "quantized_artifact", "artifact_id", dg.MultiPartitionKey({"model": model, "candidate": candidate})
-    )
-    try:
-        record = read_artifact_record(settings.store, aid) if texts is not None and aid else None
-        if record is None or len(texts) < record.recipe["calibration_samples"]:
+def _changed_candidates(
+    instance: dg.DagsterInstance,
+    settings: AuditSettings,
+    tracker: MlflowTracker,
+    model: str,
+    candidates: list[str],
+    texts: list[str] | None,
+) -> list[str]:
+    """The candidates whose current artifact read samples that differ from those the file now holds. The read
+    samples' hash comes from the model's trail, trusted only once it verifies against its MLflow anchor (an
+    edited hash in the store must not silence a re-audit); anything unknown, unreadable or unverified counts as
+    changed: a wrong "unchanged" costs an unaudited change, a wrong "changed" one re-audit."""
+    audited_with: dict[str, dict[str, str]] = {}  # registered name -> artifact ID -> calibration hash, read once
+
+    def hashes(model_name: str) -> dict[str, str]:
+        if model_name not in audited_with:
+            try:
+                intact = not verify_model_trail(settings.store, tracker, model_name)
+                entries = read_entries(settings.store.trail_path(model_name)) if intact else []
+            except (AuditInputError, OSError, ValueError):  # no trail, or one that cannot be read: nothing known
+                entries = []
+            audited_with[model_name] = {
+                e["artifact_id"]: e.get("calibration_hash") for e in entries if e.get("event") == "audit"
+            }  # the latest audit of each artifact wins
+        return audited_with[model_name]
+
+    def changed(candidate: str) -> bool:
+        key = dg.MultiPartitionKey({"model": model, "candidate": candidate})
+        aid = latest_metadata(instance, "quantized_artifact", "artifact_id", key)
+        try:
+            record = read_artifact_record(settings.store, aid) if texts is not None and aid else None
+            if record is None or len(texts) < record.recipe["calibration_samples"]:
+                return True
+            used = used_samples_hash(texts, Recipe(**record.recipe), tokenizer_hash_of(Path(record.base_path)))
+            return hashes(record.model_name).get(aid) != used
+        except (AuditInputError, OSError, ValueError):
             return True
-        recipe = Recipe(**record.recipe)
-        entries = read_entries(settings.store.trail_path(record.model_name))
-        audits = [e for e in entries if e.get("event") == "audit" and e.get("artifact_id") == aid]
-        audited_with = audits[-1].get("calibration_hash") if audits else None
-        return audited_with != used_samples_hash(texts, recipe, tokenizer_hash_of(Path(record.base_path)))
-    except (AuditInputError, OSError, ValueError):
-        return True
+
+    return [c for c in candidates if changed(c)]
 
 
 @audit_sensor("Runtime: the fingerprint recorded with the latest audit differs from the current one.")

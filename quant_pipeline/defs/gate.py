@@ -38,6 +38,7 @@ from quant_pipeline.evaluation.delta import (
 from quant_pipeline.evaluation.delta_html import render_html, render_markdown
 from quant_pipeline.evaluation.policy import Policy, load_policy
 from quant_pipeline.evaluation.report_context import ReportContext
+from quant_pipeline.models.placement import described as placement_described
 from quant_pipeline.models.placement import mismatch as placement_mismatch
 from quant_pipeline.release.evidence import eval_table_hashes
 from quant_pipeline.release.governing import require_governing
@@ -95,7 +96,8 @@ def judge(
     )
     deltas = compute_deltas(base_results, quant_results, policy, base_items, quant_items)
     outcome, reasons = verdict(deltas, policy)
-    misplaced = placement_mismatch(base_eval.get("execution") or {}, quant_eval.get("execution") or {})
+    executions = base_eval.get("execution") or {}, quant_eval.get("execution") or {}
+    misplaced = placement_mismatch(*executions)
     if misplaced:  # the deltas measure more than the quantization: no verdict on them can stand
         outcome, reasons = INCOMPLETE, [misplaced, *reasons]
     if _recorded(store, artifact["model_name"], out_dir / "delta_report.json"):  # judged before: kept as it is
@@ -121,7 +123,8 @@ def judge(
         recipe=artifact.get("recipe") or {}, calibration_hash=artifact.get("calibration_hash"),
         calibration_count=artifact.get("calibration_count"), runtime_hash=artifact.get("runtime_hash"),
         policy_name=policy.name, policy_hash=policy_hash, policy=policy, base_eval_key=base_eval["key"],
-        eval_key=quant_eval["key"], judged_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        eval_key=quant_eval["key"], placement=placement_described(*executions),
+        judged_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         verdict=outcome, reasons=reasons,
     )  # fmt: skip
     markdown = render_markdown(deltas, policy, policy_hash, aid, outcome, reasons, context)

@@ -156,6 +156,7 @@ def identity_table(ctx: ReportContext, with_ids: bool = True) -> str:
         ("Policy", html.escape(ctx.policy_name)),
         ("Policy hash (sha256)", _hash(ctx.policy_hash, "")),
         ("Evaluations (base / quantized)", html.escape(f"{ctx.base_eval_key or '–'} / {ctx.eval_key or '–'}")),
+        *([("Placement (device, compute dtype)", html.escape(ctx.placement))] if ctx.placement else []),
         ("Judged at (UTC)", html.escape(ctx.judged_at)),
         ("Verdict", html.escape(ctx.verdict)),
         ("Decision", html.escape(ctx.decision)),

@@ -58,6 +58,7 @@ class ReportContext(BaseModel):
     policy: Policy | None = None  # the tolerances themselves; None when the pinned copy cannot be read back
     base_eval_key: str | None = None
     eval_key: str | None = None
+    placement: str | None = None  # where both evaluations ran (device, compute dtype); None: not known here
     judged_at: str
     verdict: Literal["PASS", "FAIL", "INCOMPLETE"]
     reasons: list[str] = []

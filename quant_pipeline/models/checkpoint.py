@@ -7,6 +7,7 @@ baseline (comparison and rollback path): the pipeline writes it once and never o
 """
 
 import json
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -214,24 +215,34 @@ def _convert_gguf(source: ModelSource, out: Path) -> None:
     tok.save_pretrained(out)
 
 
+_GGUF_SWAP = threading.Lock()  # see _gguf_parsed_once
+
+
 @contextmanager
 def _gguf_parsed_once(path: Path):
     """Transformers parses a GGUF three times in a conversion (tokenizer, config, weights), and each parse reads
     every header field, the vocabulary's strings one by one: 262k of them for Gemma 3, about 30 s a parse here.
-    One reader of the file, shared by the three, parses it once; the bytes read are the same."""
+    One reader of the file, shared by the three, parses it once; the bytes read are the same.
+
+    Why a swap of gguf's class rather than an argument: transformers (5.24) builds its reader from a path inside
+    `load_gguf_checkpoint` and takes no parsed one. The swap is process-wide, so it is held under a lock (one
+    conversion at a time per process) and answers only a plain `GGUFReader(path)` of this very file; any other
+    call gets gguf's own class."""
     import gguf
 
-    original, wanted = gguf.GGUFReader, path.resolve()
-    reader = original(str(path))
+    with _GGUF_SWAP:
+        original, wanted = gguf.GGUFReader, path.resolve()
+        reader = original(str(path))
 
-    def shared(file, *args, **kwargs):
-        return reader if not args and not kwargs and Path(file).resolve() == wanted else original(file, *args, **kwargs)
+        def shared(file, *args, **kwargs):
+            plain = not args and not kwargs and Path(file).resolve() == wanted
+            return reader if plain else original(file, *args, **kwargs)
 
-    gguf.GGUFReader = shared
-    try:
-        yield
-    finally:
-        gguf.GGUFReader = original
+        gguf.GGUFReader = shared
+        try:
+            yield
+        finally:
+            gguf.GGUFReader = original
 
 
 def source_files(source: ModelSource) -> list[Path]:

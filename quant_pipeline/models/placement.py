@@ -55,11 +55,21 @@ def placement(setting: str = "auto") -> Placement:
     return CPU
 
 
+def _where(execution: dict) -> tuple[str, str]:
+    """An evaluation's device and compute dtype. One recorded before placement was recorded ran on the CPU in
+    float32, the only placement there was."""
+    return execution.get("device", "cpu"), execution.get("compute_dtype", COMPUTE_DTYPE["cpu"])
+
+
+def described(base_execution: dict, quant_execution: dict) -> str:
+    """Where both sides of a delta ran, in words, for the report a reviewer reads."""
+    (bd, bt), (qd, qt) = _where(base_execution), _where(quant_execution)
+    return f"{bd}, {bt} (base and quantized)" if (bd, bt) == (qd, qt) else f"base {bd}, {bt}; quantized {qd}, {qt}"
+
+
 def mismatch(base_execution: dict, quant_execution: dict) -> str | None:
-    """Why two evaluations cannot be compared (placed on other devices or dtypes), or None. An evaluation recorded
-    before placement was recorded ran on the CPU in float32, the only placement there was."""
-    base = (base_execution.get("device", "cpu"), base_execution.get("compute_dtype", COMPUTE_DTYPE["cpu"]))
-    quant = (quant_execution.get("device", "cpu"), quant_execution.get("compute_dtype", COMPUTE_DTYPE["cpu"]))
+    """Why two evaluations cannot be compared (placed on other devices or dtypes), or None."""
+    base, quant = _where(base_execution), _where(quant_execution)
     if base == quant:
         return None
     return (

@@ -3,24 +3,16 @@
 import pytest
 
 from quant_pipeline.core.artifacts import verify_artifact
-from quant_pipeline.core.recipe import Recipe
-from quant_pipeline.defs.resources import AuditSettings
 from quant_pipeline.models.checkpoint import resolve_model_source
-from quant_pipeline_tests.support import run_audit
+from quant_pipeline_tests.support import real_model_audit
 
 pytestmark = pytest.mark.slow
 
 
 def test_default_smollm2_audit_quantizes_evaluates_and_gates(tmp_path, mlflow_tracker, instance):
-    settings = AuditSettings(
-        model="default",
-        store_dir=str(tmp_path / "store"),
-        recipe=Recipe(bits=4, group_size=64, calibration_samples=8, seq_len=128),
-        eval_limit=8,
-        eval_max_new_tokens=32,
+    settings, result, evals = real_model_audit(
+        tmp_path / "store", mlflow_tracker, instance, "default", seq_len=128, eval_limit=8, max_new_tokens=32
     )
-    result = run_audit(settings, mlflow_tracker, instance)
-    assert result.success  # whatever the verdict, the audit completes its record
     evaluated = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
     assert set(evaluated) == {
         "slices_within_tolerance", "every_gated_slice_informative", "policy_metrics_measured", "identity_moves_nothing"
@@ -43,14 +35,7 @@ def test_default_smollm2_audit_quantizes_evaluates_and_gates(tmp_path, mlflow_tr
     assert record["scales"]["layers"] == 30 * 7
     assert artifact["size_bytes"] < 0.5 * base["size_bytes"]  # int4 linears + fp32 tied embedding
 
-    import pandas as pd
-
-    base_evals = pd.read_parquet(result.output_for_node("base_eval_results")["results_path"]).set_index(
-        ["category", "metric"]
-    )["value"]
-    quant_evals = pd.read_parquet(result.output_for_node("quantized_eval_results")["results_path"]).set_index(
-        ["category", "metric"]
-    )["value"]
+    base_evals, quant_evals = evals["base"], evals["quantized"]
     # A real 135M instruct model is far better than a random one on held-out text, and 4-bit GPTQ
     # costs it some perplexity but keeps it in the same range.
     assert base_evals[("heldout", "word_perplexity")] < 200

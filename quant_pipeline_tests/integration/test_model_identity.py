@@ -9,10 +9,12 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from quant_pipeline.core.artifacts import read_artifact_record
 from quant_pipeline.core.recipe import Recipe, candidate_key
 from quant_pipeline.core.records import ArtifactRecord
 from quant_pipeline.defs import inputs
 from quant_pipeline.defs.automation import CANDIDATES_TAG, calibration_data_sensor
+from quant_pipeline.models.calibration import load_calibration_texts, tokenizer_hash_of, used_samples_hash
 from quant_pipeline.release import signoff
 from quant_pipeline.release.trail import read_entries
 from quant_pipeline_tests.support import fresh_audit_world, replace, run_audit
@@ -77,9 +79,10 @@ def test_two_models_in_folders_of_the_same_name_cannot_share_a_trail(tmp_path, t
     assert [e["new_base_version"] for e in audits] == [False, True]
 
 
-def calibration_tick(instance, settings, cursor: str | None) -> tuple[list, str | None, str | None]:
+def calibration_tick(instance, settings, tracker, cursor: str | None) -> tuple[list, str | None, str | None]:
     """One tick of the calibration sensor: its run requests, its skip message, its new cursor."""
-    with dg.build_sensor_context(instance=instance, cursor=cursor, resources={"settings": settings}) as context:
+    resources = {"settings": settings, "mlflow": tracker}
+    with dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources) as context:
         result = calibration_data_sensor(context)
     skip = result.skip_reason.skip_message if result.skip_reason else None
     return result.run_requests or [], skip, result.cursor or cursor
@@ -94,16 +97,29 @@ def test_editing_a_calibration_line_no_recipe_reads_keeps_the_artifact_and_its_v
     assert len(lines) > settings.recipe.calibration_samples + 1
     with dg.instance_for_test(temp_dir=str(tmp_path / "dagster")) as instance:
         before = run_audit(settings, tracker, instance, selection=UP_TO_ARTIFACT).output_for_node("quantized_artifact")
-        _, skip, cursor = calibration_tick(instance, settings, None)
+        _, skip, cursor = calibration_tick(instance, settings, tracker, None)
         assert "unchanged" in skip
         lines[-1] = json.dumps({"text": "a line after the samples the recipe reads, edited"})
         calibration.write_text("\n".join(lines) + "\n")
-        requests, skip, unused = calibration_tick(instance, settings, cursor)
+        requests, skip, unused = calibration_tick(instance, settings, tracker, cursor)
         assert requests == [] and "outside the samples every audited candidate reads" in skip
         lines[0] = json.dumps({"text": "the first sample, which the recipe reads, edited"})
         calibration.write_text("\n".join(lines) + "\n")
-        requests, _, _ = calibration_tick(instance, settings, unused)
+        requests, _, _ = calibration_tick(instance, settings, tracker, unused)
         assert len(requests) == 1 and requests[0].tags[CANDIDATES_TAG] == candidate_key(settings.recipe)
+        # Red team: whoever can write the store sets the trail's hash to the edited samples' to silence that
+        # re-audit. The trail no longer verifies against its MLflow anchor, so its hash is not believed.
+        trail = settings.store.trail_path(before["model_name"])
+        kept = trail.read_bytes()
+        record = read_artifact_record(settings.store, before["artifact_id"])
+        edited = used_samples_hash(
+            load_calibration_texts(calibration), Recipe(**record.recipe), tokenizer_hash_of(Path(record.base_path))
+        )
+        forged = [{**e, "calibration_hash": edited} if e.get("event") == "audit" else e for e in read_entries(trail)]
+        trail.write_text("".join(json.dumps(e) + "\n" for e in forged))
+        requests, _, _ = calibration_tick(instance, settings, tracker, unused)
+        assert len(requests) == 1, "a forged trail hash silenced a calibration re-audit"
+        trail.write_bytes(kept)
         lines[0] = first  # back to the samples the artifact read: the audit below reuses it
         calibration.write_text("\n".join(lines) + "\n")
         after = run_audit(settings, tracker, instance, selection=UP_TO_ARTIFACT).output_for_node("quantized_artifact")

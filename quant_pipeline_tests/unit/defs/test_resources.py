@@ -24,10 +24,11 @@ def test_a_sensor_tick_reports_an_unusable_model_as_its_own_skip_reason(tmp_path
     )
 
 
-def test_a_sensor_tick_reports_a_missing_calibration_file(tmp_path):
+def test_a_sensor_tick_reports_a_missing_calibration_file(tmp_path, mlflow_tracker):
     settings = AuditSettings(calibration_file=str(tmp_path / "gone.jsonl"), store_dir=str(tmp_path / "store"))
     with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
-        context = dg.build_sensor_context(instance=instance, resources={"settings": settings})
+        resources = {"settings": settings, "mlflow": mlflow_tracker}
+        context = dg.build_sensor_context(instance=instance, resources=resources)
         skipped = calibration_data_sensor(context)
     assert isinstance(skipped, dg.SkipReason) and "does not exist" in skipped.skip_message
 

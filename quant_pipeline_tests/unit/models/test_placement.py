@@ -1,6 +1,8 @@
 """One placement for every model of an audit (#17): a GPU asked for where there is none is refused in one line,
 GPTQ made on a GPU gets its own artifact ID, and the gate gives no verdict on evaluations placed differently."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -73,6 +75,10 @@ def test_the_gate_gives_no_verdict_on_a_base_and_a_candidate_evaluated_on_differ
     )
     assert record.verdict == "INCOMPLETE" and not record.passed
     assert "quantized model on cuda in float16" in record.reasons[0]
+    shown = Path(record.html_path).read_text()  # the reviewer's document says where each side ran
+    assert (
+        '<th scope="row">Placement (device, compute dtype)</th><td>base cpu, float32; quantized cuda, float16' in shown
+    )
 
     evals["quantized"]["execution"] = CPU.record()
     evals["quantized"]["key"] = "quantized-cpu-key"
@@ -80,3 +86,4 @@ def test_the_gate_gives_no_verdict_on_a_base_and_a_candidate_evaluated_on_differ
         store, artifact, evals["base"], evals["quantized"], policy, tmp_path / "p.yaml", "f" * 64, {}
     )
     assert record.verdict == "PASS"  # the same tables on one placement: the placement alone made it INCOMPLETE
+    assert "<td>cpu, float32 (base and quantized)</td>" in Path(record.html_path).read_text()
