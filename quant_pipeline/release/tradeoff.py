@@ -136,19 +136,21 @@ def why_kept(keep: str, sensitivity: dict[str, float]) -> str:
     )  # fmt: skip
 
 
-def plot_fronts(rows: list[TradeoffRow], path) -> None:
-    """Size and latency against the worst regression, one point per candidate, the frontier joined."""
+def plot_fronts(rows: list[TradeoffRow], path) -> list[str]:
+    """Size and latency against the worst regression, one point per candidate, the frontier joined, both cost axes
+    from zero. Returns the candidates drawn (a candidate beyond a zero tolerance is drawn at the top, named)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    drawn: list[str] = []
     for ax, (cost, label, scale) in zip(
         axes, [("size_bytes", "size (MB)", 2**20), ("latency_p50_s", "p50 latency (s)", 1.0)], strict=True
     ):
         front = set(pareto_front(rows, cost))
-        measured = [r for r in rows if math.isfinite(r.worst_share)]  # infinite: over a zero tolerance, off the axis
+        measured = [r for r in rows if math.isfinite(r.worst_share)]
         for r in measured:
             colour = {"PASS": "tab:green", "FAIL": "tab:red"}.get(r.verdict, "tab:gray")
             ax.scatter(getattr(r, cost) / scale, r.worst_share, color=colour, zorder=3)
@@ -157,10 +159,20 @@ def plot_fronts(rows: list[TradeoffRow], path) -> None:
         line = sorted((getattr(r, cost) / scale, r.worst_share) for r in measured if r.candidate in front)
         if line:
             ax.plot(*zip(*line, strict=True), color="black", linewidth=1, zorder=2)
+        top = max([r.worst_share for r in measured] + [1.0]) * 1.15
+        drawn = [r.candidate for r in measured]
+        for r in (r for r in rows if r.worst_share == math.inf):  # over a zero tolerance: drawn at the top, named
+            drawn.append(r.candidate)
+            ax.scatter(getattr(r, cost) / scale, top, color="tab:red", marker="^", zorder=3)
+            ax.annotate(f"{r.candidate} (beyond a zero tolerance)", (getattr(r, cost) / scale, top), fontsize=7,
+                        xytext=(3, -9), textcoords="offset points")  # fmt: skip
         ax.axhline(1.0, color="tab:red", linestyle="--", linewidth=0.8)
+        ax.set_xlim(left=0)  # from zero: a third of the base's size must look like a third
+        ax.set_ylim(-0.03 * top, top * 1.05)
         ax.set_xlabel(label)
         ax.set_ylabel("worst share of tolerance (1 = the bar)")
     fig.suptitle("Candidates: cost against worst per-slice regression (green PASS, red FAIL, grey other)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return drawn

@@ -5,7 +5,7 @@ import math
 import pandas as pd
 import pytest
 
-from quant_pipeline.release.tradeoff import TradeoffRow, pareto_front, recommend, worst_regression
+from quant_pipeline.release.tradeoff import TradeoffRow, pareto_front, plot_fronts, recommend, worst_regression
 
 
 def row(candidate: str, verdict: str = "PASS", size: int = 100, latency: float = 1.0, share: float = 0.5, **kw):
@@ -77,3 +77,16 @@ def test_a_zero_tolerance_makes_any_degradation_the_worst_and_infinite():
     worst = worst_regression(d, {"acc"})
     assert worst["worst_slice"] == "toxicity_rate/should_refuse" and worst["worst_share"] == math.inf
     assert math.isnan(worst["worst_share_low"])
+
+
+def test_the_plot_draws_every_measured_candidate_and_one_beyond_a_zero_tolerance(tmp_path):
+    """Nothing failing is left off the plot: a share over a zero tolerance is infinite, drawn at the top and named;
+    a candidate with nothing measured has no point to draw."""
+    rows = [
+        row("a"),
+        row("b", "FAIL", share=3.0),
+        row("c", "FAIL", share=math.inf),
+        row("d", "INCOMPLETE", share=math.nan),
+    ]
+    drawn = plot_fronts(rows, tmp_path / "tradeoff.png")
+    assert drawn == ["a", "b", "c"] and (tmp_path / "tradeoff.png").stat().st_size > 10_000
