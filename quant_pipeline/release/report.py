@@ -127,9 +127,29 @@ def _artifact_fields(store: ArtifactStore, artifact_id: str) -> dict:
         return {}
 
 
-def evaluation_context(store: ArtifactStore | Path, entries: list[dict], evaluated: dict) -> ReportContext:
+def distinct_judgements(evaluations: list[dict]) -> list[tuple[dict, list[int]]]:
+    """Each judgement once: a re-audit that reuses everything judges the same report again (same sha256), and
+    each time is on the trail, but a reviewer needs it once. Returns, oldest first, the newest entry of each run of
+    an artifact's identical judgements with the trail entries of the earlier ones; a different report in between
+    (another policy, another evaluation) starts a new run."""
+    shown: list[tuple[dict, list[int]]] = []
+    latest: dict[str, int] = {}  # artifact ID -> its newest judgement's index in `shown`
+    for e in evaluations:
+        i = latest.get(e["artifact_id"])
+        if i is not None and e.get("report_sha256") and shown[i][0].get("report_sha256") == e["report_sha256"]:
+            shown[i] = (e, [*shown[i][1], shown[i][0]["seq"]])
+        else:
+            latest[e["artifact_id"]] = len(shown)
+            shown.append((e, []))
+    return sorted(shown, key=lambda pair: pair[0]["seq"])
+
+
+def evaluation_context(
+    store: ArtifactStore | Path, entries: list[dict], evaluated: dict, since: int | None = None
+) -> ReportContext:
     """The identity of one `evaluated` trail entry: the bytes from the artifact's last `audit` entry before it,
-    the policy from its pinned copy, and the decisions on the artifact after it (until its next evaluation)."""
+    the policy from its pinned copy, and the decisions on the artifact after it (after `since`, the first of its
+    identical judgements, when given) until its next evaluation."""
     store = ArtifactStore.of(store)
     aid, seq = evaluated["artifact_id"], evaluated["seq"]
     audits = [e for e in entries if e.get("event") == "audit" and e.get("artifact_id") == aid and e["seq"] < seq]
@@ -140,7 +160,9 @@ def evaluation_context(store: ArtifactStore | Path, entries: list[dict], evaluat
     decisions = [
         DecisionNote.model_validate(e)
         for e in entries
-        if e.get("event") in DECISIONS and e.get("artifact_id") == aid and seq < e["seq"] < until
+        if e.get("event") in DECISIONS
+        and e.get("artifact_id") == aid
+        and (seq if since is None else since) < e["seq"] < until
     ]
     base_key, eval_key = _eval_keys(store, evaluated)
     return ReportContext(
@@ -194,7 +216,9 @@ def render(store: ArtifactStore | Path, tracker: MlflowTracker, model_name: str)
     integrity = "intact" if not problems else "BROKEN — " + "; ".join(problems)
     alias_text = ", ".join(f"`{a}` → v{v}" for a, v in aliases.items() if v) or "none"
     evaluations = [e for e in entries if e.get("event") == "evaluated" and e.get("deltas")]
-    contexts = [(e, evaluation_context(store, entries, e)) for e in evaluations]
+    judgements = distinct_judgements(evaluations)
+    contexts = [(e, evaluation_context(store, entries, e, min(earlier, default=None))) for e, earlier in judgements]
+    repeats = {e["seq"]: earlier for e, earlier in judgements}
     lines = [
         f"# Audit report — {model_name}",
         f"Generated {generated} from `{path}` ({len(entries)} events, head `{head}`).",
@@ -252,6 +276,12 @@ def render(store: ArtifactStore | Path, tracker: MlflowTracker, model_name: str)
     sections = "".join(
         f'<section class="audit" id="audit-{e["seq"]}"><h2>Evaluation of {html.escape(e["artifact_id"])} '
         f"(trail entry {e['seq']}, {html.escape(e['at'][:19])} UTC)</h2>"
+        + (
+            f'<p class="repeats">The same report (sha256 {html.escape(e["report_sha256"])}) was judged before at '
+            f"trail entries {', '.join(map(str, repeats[e['seq']]))}: re-audits that reused every input.</p>"
+            if repeats[e["seq"]]
+            else ""
+        )
         + audit_parts(ctx, pd.DataFrame(e["deltas"]), with_ids=False)
         + f"<details><summary>The policy it was judged under</summary>{policy_section(ctx, with_ids=False)}</details>"
         + "</section>"

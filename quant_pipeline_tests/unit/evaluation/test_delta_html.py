@@ -301,3 +301,27 @@ def test_a_model_report_whose_policy_copy_is_gone_does_not_guess_the_tolerance_m
     assert "0.2 (mode not recorded)" in one(section, tag="table", cls="slices").all_text()
     assert "could not be read back" in one(section, tag="section", cls="policy").all_text()
     assert identity(one(section, tag="table", cls="identity"))["Decision"] == "pending sign-off"
+
+
+def test_a_re_audit_that_judges_the_same_report_again_is_shown_once_with_every_decision_since_the_first(
+    judged, tmp_path
+):
+    deltas, ctx, _, _ = judged
+    store = ArtifactStore(tmp_path / "store")
+    records = deltas[deltas["metric"] == "word_perplexity"][list(SHOWN_COLUMNS)].to_dict("records")
+    judgement = {
+        "event": "evaluated", "artifact_id": "a", "verdict": "FAIL", "policy_name": ctx.policy_name,
+        "policy_hash": ctx.policy_hash, "report_key": "k", "deltas": records, "report_sha256": "1" * 64,
+    }  # fmt: skip
+    trail = store.trail_path("m")
+    append_entry(trail, judgement)  # 0
+    append_entry(trail, {"event": "rejected", "artifact_id": "a", "by": "Ada", "note": "first look"})  # 1
+    append_entry(trail, judgement)  # 2: a re-audit that reused everything
+    append_entry(trail, {**judgement, "report_sha256": "2" * 64})  # 3: another report (say, a new policy)
+    append_entry(trail, {**judgement, "report_sha256": "2" * 64})  # 4
+    _, page = render(store, _NoAliases(), "m")
+    sections = Tree(page).root.find(tag="section", cls="audit")
+    assert [s.attrs["id"] for s in sections] == ["audit-4", "audit-2"]  # one per distinct judgement, newest first
+    assert "judged before at trail entries 3" in sections[0].all_text()
+    assert "judged before at trail entries 0" in sections[1].all_text()
+    assert "Ada" in one(sections[1], cls="decision").all_text()  # the decision after the first of the run is kept
