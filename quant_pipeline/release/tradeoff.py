@@ -144,13 +144,14 @@ def plot_fronts(rows: list[TradeoffRow], path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    measured = [r for r in rows if math.isfinite(r.worst_share)]
+    beyond = [r for r in rows if r.worst_share == math.inf]  # over a zero tolerance: drawn at the top, named
+    top = max([r.worst_share for r in measured] + [1.0]) * 1.15
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    drawn: list[str] = []
     for ax, (cost, label, scale) in zip(
         axes, [("size_bytes", "size (MB)", 2**20), ("latency_p50_s", "p50 latency (s)", 1.0)], strict=True
     ):
         front = set(pareto_front(rows, cost))
-        measured = [r for r in rows if math.isfinite(r.worst_share)]
         for r in measured:
             colour = {"PASS": "tab:green", "FAIL": "tab:red"}.get(r.verdict, "tab:gray")
             ax.scatter(getattr(r, cost) / scale, r.worst_share, color=colour, zorder=3)
@@ -159,10 +160,7 @@ def plot_fronts(rows: list[TradeoffRow], path) -> list[str]:
         line = sorted((getattr(r, cost) / scale, r.worst_share) for r in measured if r.candidate in front)
         if line:
             ax.plot(*zip(*line, strict=True), color="black", linewidth=1, zorder=2)
-        top = max([r.worst_share for r in measured] + [1.0]) * 1.15
-        drawn = [r.candidate for r in measured]
-        for r in (r for r in rows if r.worst_share == math.inf):  # over a zero tolerance: drawn at the top, named
-            drawn.append(r.candidate)
+        for r in beyond:
             ax.scatter(getattr(r, cost) / scale, top, color="tab:red", marker="^", zorder=3)
             ax.annotate(f"{r.candidate} (beyond a zero tolerance)", (getattr(r, cost) / scale, top), fontsize=7,
                         xytext=(3, -9), textcoords="offset points")  # fmt: skip
@@ -175,4 +173,4 @@ def plot_fronts(rows: list[TradeoffRow], path) -> list[str]:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return drawn
+    return [r.candidate for r in measured + beyond]
