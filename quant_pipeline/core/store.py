@@ -23,7 +23,7 @@ import shutil
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 from quant_pipeline.core.errors import AuditInputError
 from quant_pipeline.core.hashing import RECORD_FILE, diff_hashes, file_hashes
@@ -152,6 +152,41 @@ def append_line_locked(path: Path, build: Callable[[bytes | None], str], repair_
     if created:
         _fsync_dir(path.parent)
     return line
+
+
+@contextlib.contextmanager
+def locked_for_reading(path: Path) -> Iterator[BinaryIO]:
+    """The file open under a shared flock for as long as the block runs: no appender can add a line meanwhile
+    (what copying a log elsewhere needs, so that the copy is never older than what a later copy replaces)."""
+    with open(path, "rb") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_SH)
+        try:
+            yield f
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def extend_locked(path: Path, data: bytes) -> int:
+    """Make the log ``data``, under an exclusive flock, by appending what it lacks; the bytes added (0 when it
+    holds all of it). Refused when the log is not a prefix of ``data``: two copies that disagree are a fork for
+    a person to look at, never something to overwrite."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            f.seek(0)
+            current = f.read()
+            if not data.startswith(current):
+                if current.startswith(data):
+                    return 0
+                raise StoreError(f"{path}: this copy and the shared one disagree (a fork): neither was changed")
+            f.write(data[len(current) :])
+            f.flush()
+            os.fsync(f.fileno())
+            return len(data) - len(current)
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def last_line(f, chunk: int = 1 << 16) -> bytes | None:

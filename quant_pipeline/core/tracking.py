@@ -123,15 +123,28 @@ class MlflowTracker(dg.ConfigurableResource):
             if kind is None or kind.endswith("_inferred"):  # a kind a person chose is theirs to keep
                 client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
             return exp.experiment_id
-        root = self.artifact_root or (project_home() / ".mlflow" / "artifacts").as_uri()
         try:
             return client.create_experiment(
                 name,
-                artifact_location=f"{root.rstrip('/')}/{model_name}",
+                artifact_location=self._artifact_location(model_name),
                 tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND},
             )
         except MlflowException:  # created concurrently
             return client.get_experiment_by_name(name).experiment_id
+
+    @property
+    def is_server(self) -> bool:
+        """A tracking server (http, https): the system of record for artifacts too, reachable from every host."""
+        return self.uri.split(":", 1)[0] in ("http", "https")
+
+    def _artifact_location(self, model_name: str) -> str | None:
+        """Where a new experiment keeps its artifacts: `artifact_root` if set; on a server, the server's own
+        (proxied) store, so that every host reads what any host wrote; otherwise the project's `.mlflow` folder."""
+        if self.artifact_root:
+            return f"{self.artifact_root.rstrip('/')}/{model_name}"
+        if self.is_server:
+            return None
+        return f"{(project_home() / '.mlflow' / 'artifacts').as_uri()}/{model_name}"
 
     def run_url(self, exp_id: str, run_id: str) -> str:
         return f"{self.ui_url.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}?{ML_VIEW}"

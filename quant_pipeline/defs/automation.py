@@ -32,6 +32,7 @@ from quant_pipeline.defs.candidates import (
     model_stages_job,
     phases,
 )
+from quant_pipeline.defs.recovery import HOST_TAG, PID_TAG
 from quant_pipeline.defs.resources import AuditSettings
 from quant_pipeline.models.calibration import (
     calibration_version,
@@ -49,6 +50,9 @@ TO_TAG = "quant_pipeline/to_version"
 FORCE_REEVAL_TAG = "quant_pipeline/force_reeval"
 STAGES_TAG = "quant_pipeline/stages"  # what the re-audit runs after its model stages succeed
 CANDIDATES_TAG = "quant_pipeline/candidates"  # which of the model's candidates it re-audits
+# The model every phase of a re-audit is about: the run queue's per-model limit (deploy/dagster.postgres.yaml) keys
+# on it, so a model's phases run one after another while other models' run beside them.
+AUDITED_MODEL_TAG = "quant_pipeline/model"
 
 ALL_STAGES = [*MODEL_STAGES, *CANDIDATE_STAGES, *COMPARISON_STAGES]
 # A calibration change cannot change the base model's scores: its eval is not re-run.
@@ -95,7 +99,7 @@ def reaudit(
             run_key=f"{trigger}:{previous}->{current}:{model}",
             job_name=model_stages_job.name,
             asset_selection=[dg.AssetKey(s) for s in model_stages],
-            tags={**tags, CANDIDATES_TAG: ",".join(keys)},
+            tags={**tags, CANDIDATES_TAG: ",".join(keys), AUDITED_MODEL_TAG: model},
             partition_key=model,
         )
         for model, keys in audited_by_model.items()
@@ -151,7 +155,13 @@ def next_phases_sensor(context: dg.RunStatusSensorContext):
     if not stages:
         return dg.SkipReason(f"run {run.run_id} is not a re-audit: nothing follows it")
     model = run.tags[PARTITION_TAG]
-    tags = {k: v for k, v in run.tags.items() if k.startswith("quant_pipeline/") and k != STAGES_TAG}
+    # the plan and what changed carry over; the finished run's process tags do not (a later run reading them would
+    # take the new run for one whose process died, and fail it)
+    tags = {
+        k: v
+        for k, v in run.tags.items()
+        if k.startswith("quant_pipeline/") and k not in (STAGES_TAG, PID_TAG, HOST_TAG)
+    }
     tags["quant_pipeline/after_run"] = run.run_id
     requests = []
     for phase, chosen in phases(stages):

@@ -60,7 +60,9 @@ def base_checkpoint(
         run.log_metrics({"size_bytes": record["size_bytes"], **meter.metadata()})
         run.log_json(record, "base_checkpoint.json")
         # The kept baseline is a registry version too: the rollback target and the critical-request route.
-        source_uri = log_registered_pyfunc(run.client, run.run_id, path, record, settings.store.root)
+        source_uri = log_registered_pyfunc(
+            run.client, run.run_id, path, record, settings.store.root, bundle_weights=mlflow.is_server
+        )
         version = mlflow.register_artifact(source.name, base_artifact_id(record["hash"]), source_uri, run.run_id, {
             "kind": "base", "artifact_id": base_artifact_id(record["hash"]), "content_hash": record["hash"],
             "base_hash": record["hash"], "source_version": record["source_version"], "dtype": record["dtype"],

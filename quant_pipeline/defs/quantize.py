@@ -117,7 +117,9 @@ def quantized_artifact(
         run.log_json(record["scales"], "scales_summary.json")
         # The version is an MLflow pyfunc that points at (and re-verifies) these exact bytes:
         # `mlflow models serve -m models:/<name>@production` serves it.
-        source = log_registered_pyfunc(run.client, run.run_id, target, record, store.root)
+        source = log_registered_pyfunc(
+            run.client, run.run_id, target, record, store.root, bundle_weights=mlflow.is_server
+        )
         version = mlflow.register_artifact(model_name, aid, source, run.run_id, tags, describe_artifact(record, recipe))
     trigger = {k.split("/", 1)[1]: v for k, v in context.run.tags.items() if k.startswith("quant_pipeline/")}
     record_event(store, mlflow, model_name, {

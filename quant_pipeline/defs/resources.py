@@ -137,7 +137,11 @@ def build_resources(deferred: bool = False, **settings_overrides) -> dict:
     live monitoring reads."""
     tracker = {
         field: dg.EnvVar(name) if deferred else os.environ[name]
-        for field, name in (("tracking_uri", "QP_MLFLOW_TRACKING_URI"), ("ui_url", "QP_MLFLOW_UI_URL"))
+        for field, name in (
+            ("tracking_uri", "QP_MLFLOW_TRACKING_URI"),
+            ("ui_url", "QP_MLFLOW_UI_URL"),
+            ("artifact_root", "QP_MLFLOW_ARTIFACT_ROOT"),
+        )
         if os.environ.get(name)
     }
     return {

@@ -1,8 +1,11 @@
 """What a registered version carries instead of the weights: a reference to verified bytes.
 
-The registered version is a small MLflow pyfunc whose only artifact is a reference to the checkpoint
-directory and its per-file hashes (never the weights); every load re-hashes the directory against
-that reference and refuses to load bytes that differ, naming each file. The pyfunc is logged from
+The registered version is a small MLflow pyfunc whose artifact is a reference to the checkpoint
+directory and its per-file hashes; every load re-hashes the directory against that reference and
+refuses to load bytes that differ, naming each file. On a tracking server the pyfunc carries the
+weights too (`bundled`): the server is then the system of record, and a host that never ran the
+audit fetches them into its own store, a cache, and verifies them against the reference (whose
+content hash the registry version's tags hold) before use. The pyfunc is logged from
 code (`serving/pyfunc_entry.py`, by path), so registering a version never imports the serving
 package: dependencies point from serving to release, not back.
 """
@@ -10,6 +13,8 @@ package: dependencies point from serving to release, not back.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -22,6 +27,7 @@ from quant_pipeline.core.paths import PACKAGE_DIR
 from quant_pipeline.core.store import verify_tree
 
 REF_FILE = "artifact_ref.json"
+WEIGHTS = "weights"  # where a bundled pyfunc keeps the checkpoint's files, under its artifacts/
 REF_SCHEMA = "quant_pipeline.artifact_ref/1"
 PYFUNC_ARTIFACT_PATH = "model"
 PYFUNC_CODE = PACKAGE_DIR / "serving" / "pyfunc_entry.py"
@@ -90,6 +96,19 @@ def verify_ref(ref: dict) -> None:
         )
 
 
+def _named(tmp: Path, ref: dict) -> Path:
+    """The checkpoint under the name the pyfunc keeps it by (MLflow copies an artifact folder under its own name
+    and refuses a symlink): hard links where the filesystem allows, copies elsewhere."""
+
+    def link_or_copy(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    return Path(shutil.copytree(ref["model_dir"], tmp / WEIGHTS, copy_function=link_or_copy))
+
+
 def log_registered_pyfunc(
     client: MlflowClient,
     run_id: str,
@@ -97,12 +116,14 @@ def log_registered_pyfunc(
     record: dict,
     store_dir: Path | None = None,
     artifact_path: str = PYFUNC_ARTIFACT_PATH,
+    bundle_weights: bool = False,
 ) -> str:
-    """Log a `QuantizedLLM` pyfunc (reference only, no weights) under the run; return the source URI
-    to register (`<run artifact_uri>/model`). The directory must match the record right now.
-    One pyfunc per run and artifact path: a second one would silently merge into the first."""
+    """Log a `QuantizedLLM` pyfunc under the run; return the source URI to register (`<run artifact_uri>/model`).
+    It holds the reference, and with ``bundle_weights`` the checkpoint's files as well. The directory must
+    match the record right now. One pyfunc per run and artifact path: a second would merge into the first."""
     ref = build_ref(model_dir, record, store_dir)
     verify_ref(ref)
+    ref["bundled"] = WEIGHTS if bundle_weights else None
     if client.list_artifacts(run_id, artifact_path):
         raise ServingError(
             f"run {run_id} already holds a model at `{artifact_path}`: "
@@ -115,7 +136,10 @@ def log_registered_pyfunc(
         mlflow.pyfunc.save_model(
             path=str(saved),
             python_model=str(PYFUNC_CODE),  # models from code: registering never imports serving
-            artifacts={"artifact_ref": str(ref_path)},
+            artifacts={
+                "artifact_ref": str(ref_path),
+                **({WEIGHTS: str(_named(Path(tmp), ref))} if bundle_weights else {}),
+            },
             code_paths=None,
             pip_requirements=[],  # served with --env-manager local: no pip inference (it would load the model)
             metadata={

@@ -21,7 +21,9 @@ from quant_pipeline.core.hashing import sha256_file
 from quant_pipeline.core.records import ArtifactRecord, Decision
 from quant_pipeline.core.registry_view import APPROVED_ALIAS
 from quant_pipeline.core.store import ArtifactStore
+from quant_pipeline.release import shared_trail
 from quant_pipeline.release.evidence import gate_failures, judged_report, report_path, verified_bytes
+from quant_pipeline.release.shared_trail import TRAIL_HEAD_TAG, TRAIL_LENGTH_TAG
 from quant_pipeline.release.trail import append_entry, read_entries, verify_trail
 
 if TYPE_CHECKING:  # the class imports MLflow (seconds): read-only verbs run without it
@@ -29,7 +31,6 @@ if TYPE_CHECKING:  # the class imports MLflow (seconds): read-only verbs run wit
     from quant_pipeline.core.tracking import MlflowTracker
 
 PRODUCTION_ALIAS = "production"
-TRAIL_HEAD_TAG, TRAIL_LENGTH_TAG = "trail_head", "trail_length"  # the anchor, on the registered model
 _ANCHOR_TAGS = (TRAIL_HEAD_TAG, TRAIL_LENGTH_TAG)
 
 
@@ -52,14 +53,24 @@ def artifact_record(store: ArtifactStore | Path, artifact_id: str) -> ArtifactRe
 def record_event(store: ArtifactStore | Path, tracker: MlflowTracker, model_name: str, event: dict) -> dict:
     """Append ``event`` to the model's trail and move its anchor in MLflow to the new head.
 
-    The anchor is checked and moved under the trail's append lock, before the line is written. An
-    append onto a head that is not the anchored one is refused: re-anchoring a trail that was cut
-    short or replaced would launder the damage. (A trail with no anchor yet, written before
-    anchoring existed, is anchored as it stands.) If the write fails the anchor is put back; a
-    crash between the two leaves it one entry ahead, which `verify_model_trail` reports, so a
-    person looks, as with a torn line.
+    The anchor is checked and moved under the trail's append lock, before the line is written. An append onto a
+    head that is not the anchored one is refused: re-anchoring a trail that was cut short or replaced would
+    launder the damage. (A trail with no anchor yet, written before anchoring existed, is anchored as it stands.)
+    If the write fails the anchor is put back; a crash between the two leaves it one entry ahead, which
+    `verify_model_trail` reports, so a person looks, as with a torn line. On a tracking server every host shares
+    the trail: the append catches up with the shared copy, then uploads it, under a writer lock (`shared_trail`).
     """
     _require_registered(tracker, model_name, event)
+    path = trail_path(store, model_name)
+    with shared_trail.writer_lock(model_name):
+        shared_trail.catch_up(tracker, model_name, path)
+        entry = _append_anchored(path, tracker, model_name, event)
+        if tracker.is_server:
+            shared_trail.push(tracker, model_name, path)
+    return entry
+
+
+def _append_anchored(path: Path, tracker: MlflowTracker, model_name: str, event: dict) -> dict:
     before: dict[str, str] = {}
     published: list[bool] = []
 
@@ -78,7 +89,7 @@ def record_event(store: ArtifactStore | Path, tracker: MlflowTracker, model_name
         tracker.set_model_tags(model_name, {TRAIL_HEAD_TAG: entry["hash"], TRAIL_LENGTH_TAG: entry["seq"] + 1})
 
     try:
-        return append_entry(trail_path(store, model_name), event, before_write=anchor)
+        return append_entry(path, event, before_write=anchor)
     except BaseException:
         if published:
             with contextlib.suppress(Exception):  # best effort: the original error is the one to see
@@ -223,17 +234,10 @@ def approve(
     )  # fmt: skip
     entry = record_event(store, tracker, model_name, decision.model_dump(mode="json"))
     label = "approved (override)" if override else "approved"
-    tracker.set_version_tags(
-        model_name,
-        version,
-        {
-            "approval": label,
-            "approver": by,
-            "second_approver": second_approver,
-            "approval_note": note,
-            "approved_content_hash": record.content_hash,
-        },
-    )
+    tracker.set_version_tags(model_name, version, {
+        "approval": label, "approver": by, "second_approver": second_approver, "approval_note": note,
+        "approved_content_hash": record.content_hash,
+    })  # fmt: skip
     tracker.set_alias(model_name, APPROVED_ALIAS, version)
     return entry
 

@@ -35,6 +35,8 @@ class QuantizedLLM(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context) -> None:
         ref = json.loads(Path(context.artifacts["artifact_ref"]).read_text())
+        if ref.get("bundled") in context.artifacts and not Path(ref["model_dir"]).is_dir():
+            ref["model_dir"] = context.artifacts[ref["bundled"]]  # audited elsewhere: the copy MLflow fetched
         config = dict(getattr(context, "model_config", None) or {})
         store = (
             os.environ.get("QP_STORE_DIR")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -20,10 +21,11 @@ from mlflow.exceptions import MlflowException
 
 from quant_pipeline.core.artifacts import read_artifact_record
 from quant_pipeline.core.hashing import RECORD_FILE, file_hashes, tree_hash
-from quant_pipeline.core.store import ArtifactStore, StoreError, check_name
+from quant_pipeline.core.store import ArtifactStore, StoreError, atomic_directory, check_name, verify_tree
 from quant_pipeline.core.tracking import MlflowTracker
 from quant_pipeline.models.checkpoint import load_model
 from quant_pipeline.models.placement import placement
+from quant_pipeline.release import shared_trail
 from quant_pipeline.release.reference import REF_FILE, ServingError, build_ref, verify_ref
 from quant_pipeline.release.signoff import decisions
 
@@ -127,6 +129,15 @@ class ModelResolver:
                     f"{self.model_name} v{mv.version}: registry tag {key}={tags[key][:16]} "
                     f"but its reference says {ref[key][:16]}: refusing to serve"
                 )
+        if ref.get("bundled") and not Path(ref["model_dir"]).is_dir():  # audited elsewhere: fetched into our store
+            ref = {
+                **ref,
+                "model_dir": str(self.store.artifact_dir(ref["artifact_id"])),
+                "fetch_from": f"{mv.source.rstrip('/')}/artifacts/{ref['bundled']}",
+                "tracking_uri": self.tracker.uri,
+            }
+        # this host's copy of the trail (the sign-off record) brought up to the anchor, where a server shares it
+        shared_trail.catch_up(self.tracker, self.model_name, self.store.trail_path(self.model_name))
         return Resolved(str(mv.version), ref)
 
     def _download_ref(self, source: str) -> dict | None:
@@ -228,8 +239,34 @@ def unapproved_reason(store: ArtifactStore, model_name: str, ref: dict) -> str |
     return None
 
 
+def fetch_bundled(ref: dict) -> Path:
+    """Download a bundled version's files from the tracking server into the local store (the cache), keeping them
+    only if every file hashes as the reference says; the reference's content hash is the registry's."""
+    final = Path(ref["model_dir"])
+    with atomic_directory(final) as tmp:
+        try:
+            local = mlflow.artifacts.download_artifacts(
+                artifact_uri=ref["fetch_from"], dst_path=str(tmp / "download"), tracking_uri=ref["tracking_uri"]
+            )
+        except Exception as e:  # noqa: BLE001 - any transport failure is one refusal, the cache left as it was
+            raise ServingError(f"cannot fetch {ref['artifact_id']} from {ref['fetch_from']}: {e}") from None
+        problems = verify_tree(Path(local), ref["files"])
+        if problems:
+            raise ServingError(
+                f"refusing {ref['artifact_id']} fetched from {ref['fetch_from']}: its files differ from the registered "
+                f"hashes ({'; '.join(problems[:3])}); nothing was kept"
+            )
+        for item in Path(local).iterdir():
+            os.replace(item, tmp / item.name)
+        shutil.rmtree(tmp / "download", ignore_errors=True)
+    return final
+
+
 def load_verified(ref: dict):
-    """Verify every file against the reference, then load (safetensors only) on the placement `QP_DEVICE` names,
-    the one setting the audits ran under (a model served on another device computes other numbers)."""
+    """Verify every file against the reference (fetching a bundled version first where this store lacks it), then
+    load (safetensors only) on the placement `QP_DEVICE` names, the one setting the audits ran under (a model
+    served on another device computes other numbers)."""
+    if ref.get("fetch_from") and not Path(ref["model_dir"]).is_dir():
+        fetch_bundled(ref)
     verify_ref(ref)
     return load_model(Path(ref["model_dir"]), where=placement(os.environ.get("QP_DEVICE", "auto")))

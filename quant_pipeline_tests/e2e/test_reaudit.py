@@ -28,6 +28,7 @@ from quant_pipeline.defs.automation import (
     runtime_sensor,
 )
 from quant_pipeline.defs.candidates import CANDIDATE_STAGES, register
+from quant_pipeline.defs.recovery import HOST_TAG, PID_TAG
 from quant_pipeline.defs.signoff import PENDING
 from quant_pipeline_tests.support import LENIENT, TINY_RECIPE, change_policy, edit_first_sample, replace, run_audit
 
@@ -217,6 +218,9 @@ def test_after_the_model_stages_succeed_each_candidate_then_the_comparison_is_re
     assert (
         candidate.tags[TRIGGER_TAG] == "calibration" and candidate.tags["quant_pipeline/after_run"] == model_run.run_id
     )
+    # the model run's process tags stay behind: run in parallel, a later run would take these for a dead process's
+    assert model_run.dagster_run.tags.get(PID_TAG) or instance.get_run_by_id(model_run.run_id).tags.get(PID_TAG)
+    assert all(PID_TAG not in r.tags and HOST_TAG not in r.tags for r in follow)
 
 
 def test_calibration_reaudit_reuses_base_eval_and_starts_a_new_pending_approval(
