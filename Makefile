@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install chromium postgres dagster-instance demo test test-fast lint fmt ui mlflow bench bench-candidates check-deps clean serve
+.PHONY: install chromium postgres dagster-instance bench-deploy demo test test-fast lint fmt ui mlflow bench bench-candidates check-deps clean serve
 
 GEMMA   := .cache/models/gemma-3-270m-q4_k_m.gguf
 
@@ -154,6 +154,10 @@ bench: install
 # What `make demo` runs, cold, in a store of its own: per candidate wall time, size, latency, worst regression.
 bench-candidates: install
 	QP_MODEL=$(DEMO_MODEL) $(PY) -m quant_pipeline.cli.bench $(DEMO_ARGS) $(BENCH_ARGS)
+
+# Beyond one machine, on a tiny model: one audit on SQLite, one on PostgreSQL + an MLflow server, two at once there.
+bench-deploy: install
+	$(PY) -m quant_pipeline.cli.bench_deploy
 
 clean:
 	rm -rf .store .mlflow .dagster_home

@@ -16,9 +16,9 @@ from types import SimpleNamespace
 import pytest
 from mlflow.tracking import MlflowClient
 
+from quant_pipeline.cli.bench_deploy import running_postgres
 from quant_pipeline.core.hashing import file_hashes, tree_hash
 from quant_pipeline.core.paths import DEFAULT_CALIBRATION
-from quant_pipeline_tests.postgres import running_postgres
 from quant_pipeline_tests.servers import REPO_ROOT, free_port, start_server, stop_process_group, tail, wait_until
 from quant_pipeline_tests.support import LENIENT, edit_first_sample
 
