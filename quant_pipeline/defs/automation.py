@@ -29,6 +29,7 @@ from quant_pipeline.defs.candidates import (
     audited,
     candidate_stages_job,
     comparison_job,
+    latest_metadata,
     model_stages_job,
     phases,
 )
@@ -70,18 +71,6 @@ INTERVAL = int(os.environ.get("QP_SENSOR_INTERVAL_SECONDS", "30"))
 # How often the base model sensor hashes a model's files even when their names, sizes and mtimes are unchanged:
 # a copy that keeps both (`cp -p`, `rsync -t`, a restored backup) changes the content unseen by the cheap check.
 FULL_HASH_SECONDS = float(os.environ.get("QP_SENSOR_FULL_HASH_HOURS", "6")) * 3600
-
-
-def latest_metadata(instance: dg.DagsterInstance, asset: str, key: str, partition: str | None = None):
-    """A metadata value of the asset's latest materialization (of one partition, if named)."""
-    records = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition] if partition else None),
-        limit=1,
-    ).records
-    if not records:
-        return None
-    value = records[0].asset_materialization.metadata.get(key)
-    return getattr(value, "value", value)
 
 
 def reaudit(
@@ -192,7 +181,7 @@ def base_model_sensor(context: dg.SensorEvaluationContext, settings: AuditSettin
     audited_by_model = audited(context.instance)
     for model in context.instance.get_dynamic_partitions(MODELS.name):
         try:
-            source = settings.source(model)
+            source = settings.source(model, context.instance)
         except AuditInputError as e:
             notes.append(f"{model}: unusable ({e})")
             continue

@@ -85,6 +85,18 @@ def register(instance: dg.DagsterInstance, model: str, recipe: Recipe | None = N
     return key
 
 
+def latest_metadata(instance: dg.DagsterInstance, asset: str, key: str, partition: str | None = None):
+    """A metadata value of the asset's latest materialization (of one partition, if named)."""
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition] if partition else None),
+        limit=1,
+    ).records
+    if not records:
+        return None
+    value = records[0].asset_materialization.metadata.get(key)
+    return getattr(value, "value", value)
+
+
 def context_model(context: dg.AssetExecutionContext) -> str:
     """The model key of the partition a stage runs for."""
     key = context.partition_key

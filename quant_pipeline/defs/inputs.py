@@ -35,7 +35,7 @@ def base_checkpoint(
 ) -> dg.MaterializeResult:
     """The full-precision model under audit, as a hashed local safetensors checkpoint (kept baseline)."""
     with StageMeter() as meter:
-        source = settings.source(context_model(context))
+        source = settings.source(context_model(context), context.instance)
         path = materialize_checkpoint(source, settings.store)
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))
         # again here, on the checkpoint itself: a run that skipped the pre-run check registers nothing foreign
@@ -140,7 +140,7 @@ def runtime_environment(
     run_metadata: dict = {}
     model = context.run.tags.get(MODEL_TAG) or context.run.tags.get(PARTITION_TAG)
     try:
-        model_name = settings.source(model).name if model else None
+        model_name = settings.source(model, context.instance).name if model else None
     except AuditInputError:
         model_name = None  # a model key naming nothing fails its own stages, not this one
     if model_name:

@@ -58,10 +58,10 @@ def live_key(model: str, start: dt.datetime) -> dg.MultiPartitionKey:
     return dg.MultiPartitionKey({"model": model, "window": hour.strftime(WINDOWS.fmt)})
 
 
-def model_name_of(model_key: str) -> str:
+def model_name_of(model_key: str, instance: dg.DagsterInstance | None = None) -> str:
     """The registered model name (the request log's and the trail's) of a model partition key: the audit's
-    naming (QP_MODEL_NAME for the model QP_MODEL names, else the checkpoint's own), so both find one trail."""
-    return AuditSettings.from_env().source(model_key).name
+    naming (QP_MODEL_NAME for the model QP_MODEL names, else the name it was audited as), so both find one trail."""
+    return AuditSettings.from_env().source(model_key, instance).name
 
 
 def log_window_metrics(tracker: MlflowTracker, signals: WindowSignals, drift, run_tags: dict) -> str:
@@ -112,7 +112,7 @@ def live_signals(
     agreement, and prompt drift against the golden prompts; stored per window, logged to MLflow (step = window
     start), and drawn into the model's HTML dashboard."""
     model_key, window = window_of(context.partition_key)
-    model_name, store = model_name_of(model_key), monitoring.store
+    model_name, store = model_name_of(model_key, context.instance), monitoring.store
     log = read_log(store, model_name)
     entries = log.window(window.start, window.end)
     signals = window_signals(model_name, entries, window.start, window.end)
@@ -153,7 +153,7 @@ def canary_within_rollback_policy(
     the alert, and the rollback has already happened (the alias moved, the trail says why). An unusable policy
     file fails the check in one line, as a misconfiguration must not pass for a healthy canary."""
     model_key, window = window_of(context.partition_key)
-    model_name, store = model_name_of(model_key), monitoring.store
+    model_name, store = model_name_of(model_key, context.instance), monitoring.store
     policy_path = Path(monitoring.rollback_policy_file)
     policy = load_rollback_policy(policy_path)
     version = mlflow.alias_version(model_name, CANARY_ALIAS)
@@ -197,7 +197,7 @@ def _models_with_traffic(instance: dg.DagsterInstance, store) -> tuple[dict[str,
     found, notes = {}, []
     for model in instance.get_dynamic_partitions(MODELS.name):
         try:
-            name = model_name_of(model)
+            name = model_name_of(model, instance)
         except AuditInputError as e:
             notes.append(f"{model}: unusable ({e})")
             continue

@@ -37,7 +37,7 @@ def check_eval_sizes(settings) -> None:
         )
 
 
-def preflight(settings, recipe=None, model: str | None = None) -> None:
+def preflight(settings, recipe=None, model: str | None = None, instance=None) -> None:
     """Raise AuditInputError (one line: what, where, how to fix) for the first bad input found. `model`: the
     run's model partition (else the settings' model); `recipe`: the candidate to check against the model and
     the calibration set (None: a run of the model's own stages, which has none)."""
@@ -47,7 +47,7 @@ def preflight(settings, recipe=None, model: str | None = None) -> None:
     placement(settings.device)  # a GPU asked for where torch sees none is refused before any work
     if recipe is not None:
         recipe.validate_values()
-    source = settings.source(model)
+    source = settings.source(model, instance)
     check_weights_readable(source)
     previous = base_architecture(settings.store, source.name)  # a trail read: the config only if there is one
     if previous is not None:

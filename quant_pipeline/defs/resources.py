@@ -15,7 +15,7 @@ from quant_pipeline.core.paths import DEFAULT_CALIBRATION, DEFAULT_POLICY, DEFAU
 from quant_pipeline.core.recipe import Recipe
 from quant_pipeline.core.store import ArtifactStore
 from quant_pipeline.core.tracking import MlflowTracker
-from quant_pipeline.defs.candidates import model_key, run_partition
+from quant_pipeline.defs.candidates import latest_metadata, model_key, run_partition
 from quant_pipeline.defs.preflight import preflight
 from quant_pipeline.defs.recovery import fail_orphaned_runs, process_tags
 from quant_pipeline.models.checkpoint import ModelSource, resolve_model_source
@@ -70,11 +70,15 @@ class AuditSettings(dg.ConfigurableResource):
     def store(self) -> ArtifactStore:
         return ArtifactStore(self.store_dir or default_store_dir())
 
-    def source(self, model: str | None = None) -> ModelSource:
+    def source(self, model: str | None = None, instance: dg.DagsterInstance | None = None) -> ModelSource:
         """The source of a model partition (None: `model`), named `model_name` where that is the model the
-        settings name: one explicit name cannot name every partition of an instance."""
+        settings name: one explicit name cannot name every partition of an instance. Any other partition keeps
+        the name it was last audited as (its base_checkpoint's, given the instance): a re-audit the daemon starts
+        must not file a model audited as `--model-name tiny-a` under the name its folder would give it."""
         spec = model or self.model
         named = self.model_name if self.model_name and model_key(spec) == model_key(self.model) else ""
+        if not named and instance is not None:
+            named = latest_metadata(instance, "base_checkpoint", "model", model_key(spec)) or ""
         return resolve_model_source(spec, named)
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
@@ -84,7 +88,7 @@ class AuditSettings(dg.ConfigurableResource):
         for run_id in fail_orphaned_runs(context.instance, context.run.run_id):
             context.log.warning(f"marked run {run_id} failed: its process died before it finished")
         model, recipe = run_partition(context.run)
-        preflight(self, recipe, model)
+        preflight(self, recipe, model, context.instance)
         for path in self.store.sweep_stale():  # temp files of a run that was killed mid-write
             context.log.warning(f"removed {path}, left by a process that no longer runs")
 

@@ -50,11 +50,8 @@ def deployment(tmp_path_factory, tiny_llama):
     """PostgreSQL with a `dagster` and an `mlflow` database, the MLflow server on the latter, the environment a host
     of the deployment runs with (Dagster's instance from the shipped config), and both models audited at once."""
     root = tmp_path_factory.mktemp("deployment")
-    # named by their folders (the daemon's re-audit of a partition derives the name as the CLI did)
-    models = {
-        "tiny-a": Path(shutil.copytree(tiny_llama, root / "tiny-a")),
-        "tiny-b": second_tiny_model(tiny_llama, root / "tiny-b"),
-    }
+    # named explicitly: tiny-a's folder says tiny_llama0, and the daemon's re-audit must keep the name it was given
+    models = {"tiny-a": tiny_llama, "tiny-b": second_tiny_model(tiny_llama, root / "tiny-b")}
     with running_postgres() as urls:
         port, log = free_port(), root / "mlflow.log"
         server = start_server(
@@ -83,7 +80,7 @@ def deployment(tmp_path_factory, tiny_llama):
             }  # fmt: skip
             audits = {
                 name: subprocess.Popen(
-                    [str(BIN_DIR / "quant-pipeline"), "audit", "--model", str(path)],
+                    [str(BIN_DIR / "quant-pipeline"), "audit", "--model", str(path), "--model-name", name],
                     env=env,
                     stdout=open(root / f"audit-{name}.log", "w"),
                     stderr=subprocess.STDOUT,
@@ -231,3 +228,5 @@ def test_the_daemon_on_postgres_reaudits_both_models_in_parallel_runs(deployment
         stop_process_group(daemon)
     for model in MODELS:
         assert cli(deployment.env, "verify-trail", model).returncode == 0
+    registered = {m.name for m in MlflowClient(tracking_uri=deployment.uri).search_registered_models()}
+    assert registered == set(MODELS), "a re-audit filed a model under another name than it was audited as"
