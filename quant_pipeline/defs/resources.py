@@ -72,12 +72,13 @@ class AuditSettings(dg.ConfigurableResource):
 
     def source(self, model: str | None = None, instance: dg.DagsterInstance | None = None) -> ModelSource:
         """The source of a model partition (None: `model`), named `model_name` where that is the model the
-        settings name: one explicit name cannot name every partition of an instance. Any other partition keeps
-        the name it was last audited as (its base_checkpoint's, given the instance): a re-audit the daemon starts
-        must not file a model audited as `--model-name tiny-a` under the name its folder would give it."""
+        settings name (else what the checkpoint says): one explicit name cannot name every partition of an
+        instance. Any other partition keeps the name it was last audited as (its base_checkpoint's, given the
+        instance): a re-audit the daemon starts must not file a model audited as `--model-name tiny-a` under the
+        name its folder would give it."""
         spec = model or self.model
         named = self.model_name if self.model_name and model_key(spec) == model_key(self.model) else ""
-        if not named and instance is not None:
+        if not named and instance is not None and model_key(spec) != model_key(self.model):
             named = latest_metadata(instance, "base_checkpoint", "model", model_key(spec)) or ""
         return resolve_model_source(spec, named)
 
