@@ -207,12 +207,8 @@ def last_line(f, chunk: int = 1 << 16) -> bytes | None:
 
 def read_lines_locked(path: Path) -> list[str]:
     """Every line of a log under a shared flock (never a line an appender is half-way through)."""
-    with open(path, "rb") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_SH)
-        try:
-            data = f.read()
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    with locked_for_reading(path) as f:
+        data = f.read()
     text = data.decode("utf-8", errors="replace")
     return text.removesuffix("\n").split("\n") if text else []
 

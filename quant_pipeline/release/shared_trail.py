@@ -79,9 +79,9 @@ def _trail_run(tracker: MlflowTracker, model_name: str, create: bool) -> str | N
 def push(tracker: MlflowTracker, model_name: str, path: Path) -> None:
     """Upload the local trail as the shared copy, holding it read-locked so no append slips in meanwhile."""
     run_id = _trail_run(tracker, model_name, create=True)
-    with locked_for_reading(path), tempfile.TemporaryDirectory() as tmp:
+    with locked_for_reading(path) as f, tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / path.name
-        copy.write_bytes(path.read_bytes())
+        copy.write_bytes(f.read())
         tracker.client().log_artifact(run_id, str(copy), TRAIL_DIR)
 
 

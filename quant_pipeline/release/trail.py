@@ -17,7 +17,6 @@ each line is fsynced before the lock is released, so an acknowledged entry survi
 from __future__ import annotations
 
 import datetime as dt
-import fcntl
 import hashlib
 import json
 from collections.abc import Callable
@@ -26,7 +25,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from quant_pipeline.core.records import SCHEMA_VERSION, TrailEntry, first_error
-from quant_pipeline.core.store import StoreError, append_line_locked, last_line, read_json_lines
+from quant_pipeline.core.store import StoreError, append_line_locked, last_line, locked_for_reading, read_json_lines
 
 GENESIS_HASH = "0" * 64
 RESERVED = ("seq", "prev_hash", "hash")
@@ -109,28 +108,14 @@ def head_hash(path: Path) -> str | None:
     path = Path(path)
     if not path.exists():
         return None
-    with open(path, "rb") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_SH)
-        try:
-            last = last_line(f)
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    with locked_for_reading(path) as f:
+        last = last_line(f)
     if last is None:
         return None
     try:
         return json.loads(last).get("hash")
     except (ValueError, AttributeError):
         return None
-
-
-def _read_locked(path: Path) -> bytes:
-    """The whole file under a shared flock (never a line an appender is half-way through)."""
-    with open(path, "rb") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_SH)
-        try:
-            return f.read()
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def verify_trail(path: Path, expected_head: str | None = None, expected_length: int | None = None) -> list[str]:
@@ -146,7 +131,11 @@ def verify_trail(path: Path, expected_head: str | None = None, expected_length: 
     """
     path = Path(path)
     problems: list[str] = []
-    data = _read_locked(path) if path.exists() else b""
+    if path.exists():
+        with locked_for_reading(path) as f:  # never a line an appender is half-way through
+            data = f.read()
+    else:
+        data = b""
     text = data.decode("utf-8", errors="replace")
     lines = text.removesuffix("\n").split("\n") if text else []
     prev_hash: str | None = GENESIS_HASH  # None: the line before was unreadable, skip the link check
