@@ -9,17 +9,16 @@ import os
 import shutil
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from quant_pipeline.cli.bench_deploy import running_postgres
+from quant_pipeline.cli.bench_deploy import mlflow_server, running_postgres
 from quant_pipeline.core.hashing import file_hashes, tree_hash
 from quant_pipeline.core.paths import DEFAULT_CALIBRATION
-from quant_pipeline_tests.servers import REPO_ROOT, free_port, start_server, stop_process_group, tail, wait_until
+from quant_pipeline_tests.servers import REPO_ROOT, start_server, stop_process_group, tail, wait_until
 from quant_pipeline_tests.support import LENIENT, edit_first_sample
 
 BIN_DIR = Path(sys.executable).parent
@@ -52,45 +51,32 @@ def deployment(tmp_path_factory, tiny_llama):
     root = tmp_path_factory.mktemp("deployment")
     # named explicitly: tiny-a's folder says tiny_llama0, and the daemon's re-audit must keep the name it was given
     models = {"tiny-a": tiny_llama, "tiny-b": second_tiny_model(tiny_llama, root / "tiny-b")}
-    with running_postgres() as urls:
-        port, log = free_port(), root / "mlflow.log"
-        server = start_server(
-            [str(BIN_DIR / "mlflow"), "server", "--backend-store-uri", urls["mlflow"], "--serve-artifacts",
-             "--artifacts-destination", str(root / "mlartifacts"), "--host", "127.0.0.1", "--port", str(port),
-             "--workers", "1"],
-            log,
-        )  # fmt: skip
-        try:
-            uri = f"http://127.0.0.1:{port}"
-            wait_until(
-                lambda: urllib.request.urlopen(f"{uri}/health", timeout=5).read(), timeout=180, proc=server, log=log
-            )
-            home = root / "dagster_home"
-            home.mkdir()
-            shutil.copy(REPO_ROOT / "quant_pipeline" / "deploy" / "dagster.postgres.yaml", home / "dagster.yaml")
-            (root / "policy.yaml").write_text(LENIENT)
-            calibration = Path(shutil.copy(DEFAULT_CALIBRATION, root / "calibration.jsonl"))
-            env = {
-                **os.environ, "DAGSTER_HOME": str(home), "QP_DAGSTER_POSTGRES_URL": urls["dagster"],
-                "QP_MAX_CONCURRENT_RUNS": "2", "QP_MLFLOW_TRACKING_URI": uri, "QP_STORE_DIR": str(root / "store"),
-                "QP_TRAIL_LOCK_URL": urls["dagster"], "QP_CALIBRATION_FILE": str(calibration),
-                "QP_POLICY_FILE": str(root / "policy.yaml"), "QP_CALIBRATION_SAMPLES": "8", "QP_SEQ_LEN": "64",
-                "QP_EVAL_LIMIT": "4", "QP_EVAL_MAX_NEW_TOKENS": "16", "QP_SENSOR_INTERVAL_SECONDS": "5",
-                "QP_REAUDIT_SCHEDULE": "off", "QP_MONITORING": "off",
-            }  # fmt: skip
-            audits = {
-                name: subprocess.Popen(
-                    [str(BIN_DIR / "quant-pipeline"), "audit", "--model", str(path), "--model-name", name],
-                    env=env,
-                    stdout=open(root / f"audit-{name}.log", "w"),
-                    stderr=subprocess.STDOUT,
-                )  # fmt: skip
-                for name, path in models.items()
-            }
-            codes = {name: proc.wait(timeout=900) for name, proc in audits.items()}
-            yield SimpleNamespace(root=root, urls=urls, uri=uri, env=env, codes=codes, calibration=calibration, log=log)
-        finally:
-            stop_process_group(server)
+    log = root / "mlflow.log"
+    with running_postgres() as urls, mlflow_server(urls["mlflow"], root / "mlartifacts", log) as uri:
+        home = root / "dagster_home"
+        home.mkdir()
+        shutil.copy(REPO_ROOT / "quant_pipeline" / "deploy" / "dagster.postgres.yaml", home / "dagster.yaml")
+        (root / "policy.yaml").write_text(LENIENT)
+        calibration = Path(shutil.copy(DEFAULT_CALIBRATION, root / "calibration.jsonl"))
+        env = {
+            **os.environ, "DAGSTER_HOME": str(home), "QP_DAGSTER_POSTGRES_URL": urls["dagster"],
+            "QP_MAX_CONCURRENT_RUNS": "2", "QP_MLFLOW_TRACKING_URI": uri, "QP_STORE_DIR": str(root / "store"),
+            "QP_TRAIL_LOCK_URL": urls["dagster"], "QP_CALIBRATION_FILE": str(calibration),
+            "QP_POLICY_FILE": str(root / "policy.yaml"), "QP_CALIBRATION_SAMPLES": "8", "QP_SEQ_LEN": "64",
+            "QP_EVAL_LIMIT": "4", "QP_EVAL_MAX_NEW_TOKENS": "16", "QP_SENSOR_INTERVAL_SECONDS": "5",
+            "QP_REAUDIT_SCHEDULE": "off", "QP_MONITORING": "off",
+        }  # fmt: skip
+        audits = {
+            name: subprocess.Popen(
+                [str(BIN_DIR / "quant-pipeline"), "audit", "--model", str(path), "--model-name", name],
+                env=env,
+                stdout=open(root / f"audit-{name}.log", "w"),
+                stderr=subprocess.STDOUT,
+            )  # fmt: skip
+            for name, path in models.items()
+        }
+        codes = {name: proc.wait(timeout=900) for name, proc in audits.items()}
+        yield SimpleNamespace(root=root, urls=urls, uri=uri, env=env, codes=codes, calibration=calibration, log=log)
 
 
 def artifact_of(deployment, model: str) -> str:
