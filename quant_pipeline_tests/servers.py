@@ -2,7 +2,6 @@
 
 import os
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -10,14 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from quant_pipeline.cli.bench_deploy import free_port  # noqa: F401 - the one way to pick a port
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    """A port nobody listens on right now: bind port 0 on loopback and let the OS pick."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until(

@@ -33,6 +33,7 @@ TINY_ENV = {"QP_CALIBRATION_SAMPLES": "8", "QP_SEQ_LEN": "64", "QP_EVAL_LIMIT": 
 
 
 def free_port() -> int:
+    """A port nobody listens on right now: bind port 0 on loopback and let the OS pick."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -162,6 +162,12 @@ def add_registry_commands(sub) -> None:
         print(f"deleted base checkpoint {a.model}")
         return 0
 
+    def pull(a):
+        from quant_pipeline.cli.pull import pull_model
+
+        store, tracker = _store_and_tracker()
+        return pull_model(store, tracker, a.model, weights=not a.no_weights)
+
     for name, func, help_text, args in (
         ("show", show, "print an artifact's full record", ["artifact_id"]),
         ("verify", verify, "re-hash an artifact's files against its record", ["artifact_id"]),
@@ -195,11 +201,17 @@ def add_registry_commands(sub) -> None:
             ["model", "--file", "--by", "--reason"],
         ),
         ("show-policy", show_policy, "print the policy that governs a model, as pinned in its trail", ["model"]),
+        (
+            "pull",
+            pull,
+            "rebuild this host's store of a model from the tracking server (every file verified by the trail)",
+            ["model", "--no-weights"],
+        ),
         ("delete-base", delete_base, "delete a kept base checkpoint (refused while artifacts depend on it)", ["model"]),
     ):
         p = sub.add_parser(name, help=help_text)
         for arg in args:
-            if arg in ("--override", "--to-base"):
+            if arg in ("--override", "--to-base", "--no-weights"):
                 p.add_argument(arg, action="store_true")
             elif arg.startswith("--"):
                 p.add_argument(

@@ -172,6 +172,8 @@ def delta_report(
         "event": "evaluated", "artifact_id": aid, "registry_version": record.registry_version,
         "verdict": record.verdict, "passed": record.passed, "reasons": record.reasons,
         "report_key": key, "report_sha256": judged["report_sha256"],  # what approve trusts, not the file itself
+        # and each of the report's files: what a host rebuilding its store from the server takes (release.rebuild)
+        "report_files": {name: sha256_file(report_json.with_name(name)) for name in REPORT_FILES},
         "eval_tables": tables,
         "failing": [f.model_dump() for f in record.failing], "waived": [w.model_dump() for w in record.waived],
         "policy_name": policy.name, "policy_hash": policy_hash, "dagster_run_id": context.run.run_id,

@@ -19,6 +19,7 @@ from quant_pipeline.core.hashing import sha256_file
 from quant_pipeline.core.records import Architecture
 from quant_pipeline.core.store import ArtifactStore, write_bytes_atomic
 from quant_pipeline.evaluation.policy import load_policy
+from quant_pipeline.release import shared_trail
 from quant_pipeline.release.signoff import (
     PINNED,
     SignOffError,
@@ -78,7 +79,7 @@ def pin_policy(
     current = governing_policy(store, model_name)
     if current is not None and current.get("policy_hash") == policy_hash:
         raise SignOffError(f"policy {policy.name} ({policy_hash[:12]}) already governs {model_name}: nothing to change")
-    _keep_copy(store, Path(policy_file), policy_hash)
+    shared_trail.share_policy(tracker, model_name, _keep_copy(store, Path(policy_file), policy_hash))
     return record_event(store, tracker, model_name, {
         "event": PINNED, "policy_hash": policy_hash, "policy_name": policy.name,
         "policy_path": str(Path(policy_file).resolve()), "by": by.strip(), "reason": reason.strip(),

@@ -37,6 +37,7 @@ TRAIL_HEAD_TAG, TRAIL_LENGTH_TAG = "trail_head", "trail_length"  # the anchor, o
 LOCK_URL_ENV = "QP_TRAIL_LOCK_URL"
 TRAIL_RUN = "audit trail"  # the run (stage tag and name) holding the model's shared trail
 TRAIL_DIR = "trail"
+POLICY_DIR = "policies"  # beside it: each policy the model was pinned to, named by its sha256
 
 
 class SharedTrailError(AuditInputError):
@@ -83,6 +84,13 @@ def push(tracker: MlflowTracker, model_name: str, path: Path) -> None:
         copy = Path(tmp) / path.name
         copy.write_bytes(f.read())
         tracker.client().log_artifact(run_id, str(copy), TRAIL_DIR)
+
+
+def share_policy(tracker: MlflowTracker, model_name: str, copy: Path) -> None:
+    """Put a pinned policy (the store's copy, named by its sha256) beside the shared trail, where a host that
+    rebuilds its store finds it (`release.rebuild`); off a server there is no one to share it with."""
+    if getattr(tracker, "is_server", False):
+        tracker.client().log_artifact(_trail_run(tracker, model_name, create=True), str(copy), POLICY_DIR)
 
 
 def catch_up(tracker: MlflowTracker, model_name: str, path: Path) -> int:

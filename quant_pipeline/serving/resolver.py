@@ -129,7 +129,8 @@ class ModelResolver:
                     f"{self.model_name} v{mv.version}: registry tag {key}={tags[key][:16]} "
                     f"but its reference says {ref[key][:16]}: refusing to serve"
                 )
-        if ref.get("bundled") and not Path(ref["model_dir"]).is_dir():  # audited elsewhere: fetched into our store
+        # audited elsewhere (its folder is another host's store): fetched into our store, the cache, and read there
+        if ref.get("bundled") and not self.store.contains(Path(ref["model_dir"])):
             ref = {
                 **ref,
                 "model_dir": str(self.store.artifact_dir(ref["artifact_id"])),
@@ -239,6 +240,22 @@ def unapproved_reason(store: ArtifactStore, model_name: str, ref: dict) -> str |
     return None
 
 
+def _record_disagrees(record_path: Path, ref: dict) -> list[str]:
+    """The bundled record (which `show` and the audit report read) must say what the registry's reference says of
+    the same bytes: it is not among the hashed files, so its provenance fields are checked one by one."""
+    if not record_path.is_file():
+        return []
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+    except ValueError:
+        return [f"{RECORD_FILE}: not valid JSON"]
+    return [
+        f"{RECORD_FILE}: its {key} differs from the registered one"
+        for key in ("files", "content_hash", "base_hash", "recipe", "calibration_hash", "runtime_hash")
+        if record.get(key) is not None and record[key] != ref.get(key)
+    ]
+
+
 def fetch_bundled(ref: dict) -> Path:
     """Download a bundled version's files from the tracking server into the local store (the cache), keeping them
     only if every file hashes as the reference says; the reference's content hash is the registry's."""
@@ -250,7 +267,7 @@ def fetch_bundled(ref: dict) -> Path:
             )
         except Exception as e:  # noqa: BLE001 - any transport failure is one refusal, the cache left as it was
             raise ServingError(f"cannot fetch {ref['artifact_id']} from {ref['fetch_from']}: {e}") from None
-        problems = verify_tree(Path(local), ref["files"])
+        problems = verify_tree(Path(local), ref["files"]) + _record_disagrees(Path(local) / RECORD_FILE, ref)
         if problems:
             raise ServingError(
                 f"refusing {ref['artifact_id']} fetched from {ref['fetch_from']}: its files differ from the registered "

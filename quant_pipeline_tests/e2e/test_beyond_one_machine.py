@@ -152,6 +152,73 @@ def test_a_host_with_an_empty_store_serves_the_approved_artifact_fetched_and_ver
         (root / "store.elsewhere").rename(root / "store")
 
 
+def test_a_host_rebuilds_its_store_from_the_server_keeping_only_what_the_trail_vouches_for(deployment):
+    from quant_pipeline.core.hashing import sha256_file
+    from quant_pipeline.core.store import ArtifactStore
+    from quant_pipeline.release.trail import read_entries
+
+    env, root = deployment.env, deployment.root
+    aid = artifact_of(deployment, "tiny-b")
+    host_d = {**env, "QP_STORE_DIR": str(root / "host-d" / "store")}
+    pulled = cli(host_d, "pull", "tiny-b")
+    assert pulled.returncode == 0, pulled.stdout[-3000:] + pulled.stderr[-3000:]
+    store, original = ArtifactStore(root / "host-d" / "store"), ArtifactStore(root / "store")
+    entries = read_entries(store.trail_path("tiny-b"))
+    evaluated = [e for e in entries if e["event"] == "evaluated"]
+    assert evaluated and all(e["artifact_id"] == aid for e in evaluated)
+    for entry in evaluated:  # every file of the verdict, and the tables it was computed from, as the trail says
+        report = store.delta_report_dir(aid, entry["report_key"])
+        assert file_hashes(report) == entry["report_files"]
+        assert sha256_file(report / "delta_report.json") == entry["report_sha256"]
+        keys = json.loads((report / "delta_report.json").read_text())
+        for label, key in (("base", keys["base_eval_key"]), ("quantized", keys["eval_key"])):
+            for name in ("results.parquet", "items.parquet"):
+                assert sha256_file(store.eval_dir(key) / name) == entry["eval_tables"][f"{label}/{name}"]
+    for policy_hash in {e["policy_hash"] for e in entries if e.get("policy_hash")}:
+        assert sha256_file(store.policy_path(policy_hash)) == policy_hash
+    assert file_hashes(store.artifact_dir(aid)) == file_hashes(original.artifact_dir(aid))
+    assert "tiny-b" in (store.report_dir("tiny-b") / "audit_report.html").read_text()
+    assert cli(host_d, "verify-trail", "tiny-b").returncode == 0
+    shown = cli(host_d, "show", aid)
+    assert shown.returncode == 0 and json.loads(shown.stdout)["artifact_id"] == aid, shown.stderr[-2000:]
+    again = cli(host_d, "pull", "tiny-b", "--no-weights")  # nothing to take twice
+    assert again.returncode == 0 and f"PRESENT  delta report {aid}/" in again.stdout, again.stdout[-3000:]
+    assert "FETCHED  delta report" not in again.stdout and "FETCHED  eval table" not in again.stdout
+
+    # someone with write access to the server's artifact store swaps the quantized evaluation's per-item table
+    client = MlflowClient(tracking_uri=deployment.uri)
+    exp = client.get_experiment_by_name("quant_pipeline/tiny-b")
+    run_id = client.search_runs([exp.experiment_id], "tags.stage = 'quantized_eval_results'")[0].info.run_id
+    table = next((root / "mlartifacts").rglob(f"*/{run_id}/artifacts/items.parquet"))
+    genuine = table.read_bytes()
+    table.write_bytes(genuine[:-64] + b"\0" * 64)
+    try:
+        host_e = {**env, "QP_STORE_DIR": str(root / "host-e" / "store")}
+        refused = cli(host_e, "pull", "tiny-b", "--no-weights")
+        assert refused.returncode == 1, refused.stdout[-3000:] + refused.stderr[-3000:]
+        assert f"REFUSED  eval table {keys['eval_key']}/items.parquet" in refused.stdout
+        assert not (ArtifactStore(root / "host-e" / "store").eval_dir(keys["eval_key"]) / "items.parquet").exists()
+        assert f"FETCHED  delta report {aid}/" in refused.stdout  # the rest is taken: it verified
+    finally:
+        table.write_bytes(genuine)
+
+    # ... or the record bundled beside the weights, which is not among the hashed files: it must agree field by field
+    mv = next(v for v in client.search_model_versions("name='tiny-b'") if v.tags.get("artifact_id") == aid)
+    record = next(
+        (root / "mlartifacts").rglob(f"*/{mv.run_id}/artifacts/model/artifacts/weights/quant_pipeline_record.json")
+    )
+    genuine = record.read_text()
+    record.write_text(json.dumps({**json.loads(genuine), "recipe": {"method": "identity", "bits": 16}}))
+    try:
+        host_f = {**env, "QP_STORE_DIR": str(root / "host-f" / "store")}
+        refused = cli(host_f, "pull", "tiny-b")
+        assert refused.returncode == 1, refused.stdout[-3000:] + refused.stderr[-3000:]
+        assert f"REFUSED  v{mv.version} weights ({aid})" in refused.stdout and "its recipe differs" in refused.stdout
+        assert not ArtifactStore(root / "host-f" / "store").artifact_dir(aid).exists()
+    finally:
+        record.write_text(genuine)
+
+
 APPEND = """
 import sys
 from quant_pipeline.core.tracking import MlflowTracker

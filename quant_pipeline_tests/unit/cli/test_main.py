@@ -17,6 +17,7 @@ VERBS = {
     "rollback": lambda n: ["rollback", n, "--by", "Ada", "--note", "bad"],
     "verify-trail": lambda n: ["verify-trail", n],
     "audit-report": lambda n: ["audit-report", n],
+    "pull": lambda n: ["pull", n],
     "delete-base": lambda n: ["delete-base", n],
     "audit --model-name": lambda n: ["audit", "--model-name", n],
     "serve --model-name": lambda n: ["serve", "--model-name", n, "--prompt", "hi"],

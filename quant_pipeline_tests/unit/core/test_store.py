@@ -114,6 +114,29 @@ def test_locked_appends_from_many_threads_lose_and_tear_nothing(tmp_path):
     assert len(lines) == 200 and len({(json.loads(x)["i"], json.loads(x)["j"]) for x in lines}) == 200
 
 
+APPEND_REQUESTS = """
+import sys
+from quant_pipeline.serving.request_log import append_request
+for n in range(100):
+    append_request(sys.argv[1], {"request_id": f"{sys.argv[2]}-{n}", "pad": "x" * 3000})
+"""
+
+
+def test_request_log_appends_from_two_processes_on_one_store_lose_and_tear_nothing(tmp_path):
+    """Two serving hosts that share the store's volume (the Helm values mount it ReadWriteMany) write one request
+    log: each process's appends are whole lines under the flock, none lost, none interleaved (3 KB lines: longer
+    than one atomic pipe write, so without the lock they could tear)."""
+    path = tmp_path / "requests" / "tiny.jsonl"
+    hosts = [
+        subprocess.Popen([sys.executable, "-c", APPEND_REQUESTS, str(path), f"host-{i}"], stderr=subprocess.PIPE)
+        for i in (1, 2)
+    ]
+    assert [h.wait(timeout=120) for h in hosts] == [0, 0], [h.stderr.read().decode()[-2000:] for h in hosts]
+    lines = read_lines_locked(path)
+    ids = [json.loads(line)["request_id"] for line in lines]
+    assert len(lines) == 200 and set(ids) == {f"host-{i}-{n}" for i in (1, 2) for n in range(100)}
+
+
 def test_a_torn_last_line_is_refused_or_closed_off_on_request(tmp_path):
     path = tmp_path / "log.jsonl"
     path.write_text('{"a": 1}\n{"b": ')

@@ -1,0 +1,52 @@
+"""`quant-pipeline pull MODEL`: rebuild this host's store of one model from the tracking server.
+
+The records come through `release.rebuild` (each file checked against the verified trail); the weights of every
+registered version through the serving resolver, which keeps a bundled version only if its files hash as the
+reference the registry's content hash names. Exit 0 when everything the trail and the registry name is here and
+verified, 1 when something was refused or the server holds no copy of it (the list says which), 2 bad input.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from quant_pipeline.core.store import ArtifactStore
+from quant_pipeline.core.tracking import MlflowTracker
+from quant_pipeline.release.rebuild import Pulled, rebuild_records
+from quant_pipeline.release.reference import ServingError, verify_ref
+from quant_pipeline.serving.resolver import ModelResolver, fetch_bundled
+
+
+def pull_weights(store: ArtifactStore, tracker: MlflowTracker, model_name: str, pulled: Pulled) -> None:
+    """Every registered version's files, fetched where this store lacks them and verified either way."""
+    resolver = ModelResolver(tracker, model_name, store)
+    versions = tracker.client().search_model_versions(f"name='{model_name}'")
+    for mv in sorted(versions, key=lambda v: int(v.version)):
+        what = f"v{mv.version} weights ({mv.tags.get('artifact_id', '?')})"
+        try:
+            ref = resolver.for_version(mv).ref
+            if ref.get("fetch_from") and not Path(ref["model_dir"]).is_dir():
+                fetch_bundled(ref)
+                verify_ref(ref)
+                pulled.fetched.append(what)
+            elif Path(ref["model_dir"]).is_dir():
+                verify_ref(ref)
+                pulled.present.append(what)
+            else:
+                pulled.missing.append(f"{what}: registered without its files on the server ({ref['model_dir']})")
+        except ServingError as e:
+            pulled.refused.append(f"{what}: {e}")
+
+
+def pull_model(store: ArtifactStore, tracker: MlflowTracker, model_name: str, weights: bool = True) -> int:
+    pulled = rebuild_records(store, tracker, model_name)
+    if weights:
+        pull_weights(store, tracker, model_name, pulled)
+    counts = ", ".join(f"{len(getattr(pulled, k))} {k}" for k in ("fetched", "present", "refused", "missing"))
+    print(f"{model_name} from {tracker.uri} into {store.root}: {counts}")
+    for kind in ("fetched", "present", "refused", "missing"):
+        for what in getattr(pulled, kind):
+            print(f"  {kind.upper():8} {what}")
+    if not pulled.ok:
+        print(f"{model_name}: NOT fully rebuilt: what was refused or missing was not kept (the lines above say which)")
+    return 0 if pulled.ok else 1
