@@ -9,6 +9,7 @@ stderr names it and the Dagster run that holds the traceback). Other verbs: 0 do
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from quant_pipeline.cli.registry import add_registry_commands
@@ -79,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     add_registry_commands(sub)
     add_serving_commands(sub)
     args = parser.parse_args(argv)
+    # MLflow draws a progress bar per download (a pull or a first serve downloads dozens): the verbs say what they got
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if hasattr(args, "func"):
         try:
             return args.func(args)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from quant_pipeline.core.store import ArtifactStore
 from quant_pipeline.core.tracking import MlflowTracker
-from quant_pipeline.release.rebuild import Pulled, rebuild_records
+from quant_pipeline.release.rebuild import KINDS, Pulled, rebuild_records
 from quant_pipeline.release.reference import ServingError, verify_ref
 from quant_pipeline.serving.resolver import ModelResolver, fetch_bundled
 
@@ -28,25 +28,24 @@ def pull_weights(store: ArtifactStore, tracker: MlflowTracker, model_name: str, 
             if ref.get("fetch_from") and not Path(ref["model_dir"]).is_dir():
                 fetch_bundled(ref)
                 verify_ref(ref)
-                pulled.fetched.append(what)
+                pulled.add("fetched", what)
             elif Path(ref["model_dir"]).is_dir():
                 verify_ref(ref)
-                pulled.present.append(what)
+                pulled.add("present", what)
             else:
-                pulled.missing.append(f"{what}: registered without its files on the server ({ref['model_dir']})")
+                pulled.add("missing", f"{what}: registered without its files on the server ({ref['model_dir']})")
         except ServingError as e:
-            pulled.refused.append(f"{what}: {e}")
+            pulled.add("refused", f"{what}: {e}")
 
 
 def pull_model(store: ArtifactStore, tracker: MlflowTracker, model_name: str, weights: bool = True) -> int:
     pulled = rebuild_records(store, tracker, model_name)
     if weights:
         pull_weights(store, tracker, model_name, pulled)
-    counts = ", ".join(f"{len(getattr(pulled, k))} {k}" for k in ("fetched", "present", "refused", "missing"))
+    counts = ", ".join(f"{pulled.count(kind)} {kind}" for kind in KINDS)
     print(f"{model_name} from {tracker.uri} into {store.root}: {counts}")
-    for kind in ("fetched", "present", "refused", "missing"):
-        for what in getattr(pulled, kind):
-            print(f"  {kind.upper():8} {what}")
+    for kind, what in pulled.lines:
+        print(f"  {kind.upper():8} {what}")
     if not pulled.ok:
         print(f"{model_name}: NOT fully rebuilt: what was refused or missing was not kept (the lines above say which)")
     return 0 if pulled.ok else 1

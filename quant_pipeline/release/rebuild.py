@@ -45,18 +45,27 @@ class RebuildError(AuditInputError):
     """The model's records cannot be rebuilt from the server at all (no trail, or one that does not verify)."""
 
 
+KINDS = ("fetched", "present", "written", "refused", "missing")
+
+
 @dataclass
 class Pulled:
-    """What a rebuild did with each thing the trail names: taken from the server, already here, refused, absent."""
+    """What a rebuild did with each thing, in order: taken from the server (fetched), already here and verified
+    (present), derived here from those (written), found but not the bytes the trail names (refused), or not on
+    the server at all (missing: logged before it kept a copy)."""
 
-    fetched: list[str] = field(default_factory=list)
-    present: list[str] = field(default_factory=list)
-    refused: list[str] = field(default_factory=list)  # found on the server, but not the bytes the trail names
-    missing: list[str] = field(default_factory=list)  # the server holds no copy (logged before it kept one)
+    lines: list[tuple[str, str]] = field(default_factory=list)
+
+    def add(self, kind: str, what: str) -> None:
+        assert kind in KINDS, kind
+        self.lines.append((kind, what))
+
+    def count(self, kind: str) -> int:
+        return sum(k == kind for k, _ in self.lines)
 
     @property
     def ok(self) -> bool:
-        return not self.refused and not self.missing
+        return not self.count("refused") and not self.count("missing")
 
 
 def _sha256(data: bytes) -> str:
@@ -120,13 +129,10 @@ class ServerFiles:
         return sorted(set(out))
 
 
-def _take(pulled: Pulled, what: str, found: bytes | str, write) -> bool:
+def _take(pulled: Pulled, what: str, found: bytes | str, write) -> None:
     if isinstance(found, bytes):
         write(found)
-        pulled.fetched.append(what)
-        return True
-    (pulled.refused if found == "refused" else pulled.missing).append(what)
-    return False
+    pulled.add("fetched" if isinstance(found, bytes) else found, what)
 
 
 def _pull_report(store: ArtifactStore, server: ServerFiles, entry: dict, pulled: Pulled) -> Path | None:
@@ -135,7 +141,7 @@ def _pull_report(store: ArtifactStore, server: ServerFiles, entry: dict, pulled:
     out, what = store.delta_report_dir(aid, key), f"delta report {aid}/{key}"
     files = {**(entry.get("report_files") or {}), REPORT_JSON: entry["report_sha256"]}
     if all(_has(out / name, digest) for name, digest in files.items()):
-        pulled.present.append(what)
+        pulled.add("present", what)
         return out / REPORT_JSON
     found = {
         name: server.find(("delta_report",), [name], digest, {"artifact_id": aid}) for name, digest in files.items()
@@ -148,7 +154,7 @@ def _pull_report(store: ArtifactStore, server: ServerFiles, entry: dict, pulled:
     with atomic_directory(out) as tmp:
         for name, data in found.items():
             (tmp / name).write_bytes(data)
-    pulled.fetched.append(what)
+    pulled.add("fetched", what)
     return out / REPORT_JSON
 
 
@@ -160,11 +166,11 @@ def _pull_evals(store: ArtifactStore, server: ServerFiles, entry: dict, report: 
         for name in EVAL_TABLES:
             digest, what = tables.get(f"{label}/{name}"), f"eval table {key}/{name}"
             if not key or not digest:
-                pulled.missing.append(f"{what} (the trail entry names no hash for it)")
+                pulled.add("missing", f"{what} (the trail entry names no hash for it)")
                 continue
             path = store.eval_dir(key) / name
             if _has(path, digest):
-                pulled.present.append(what)
+                pulled.add("present", what)
                 continue
             _take(pulled, what, server.find((EVAL_STAGES[label],), [name], digest),
                   lambda data, p=path: write_bytes_atomic(p, data))  # fmt: skip
@@ -173,7 +179,7 @@ def _pull_evals(store: ArtifactStore, server: ServerFiles, entry: dict, report: 
 def _pull_policy(store: ArtifactStore, server: ServerFiles, policy_hash: str, pulled: Pulled) -> None:
     path, what = store.policy_path(policy_hash), f"policy {policy_hash[:12]}"
     if _has(path, policy_hash):
-        pulled.present.append(what)
+        pulled.add("present", what)
         return
     names = [f"{shared_trail.POLICY_DIR}/{policy_hash}.yaml", *server.listed(("delta_report",), "policy")]
     _take(pulled, what, server.find(POLICY_STAGES, names, policy_hash), lambda data: write_bytes_atomic(path, data))
@@ -187,7 +193,7 @@ def rebuild_records(store: ArtifactStore | Path, tracker: MlflowTracker, model_n
     store = ArtifactStore.of(store)
     path = store.trail_path(model_name)
     try:
-        shared_trail.catch_up(tracker, model_name, path)
+        taken = shared_trail.catch_up(tracker, model_name, path)
     except shared_trail.SharedTrailError as e:
         raise RebuildError(f"cannot rebuild {model_name}: {e}") from None
     problems = verify_model_trail(store, tracker, model_name)
@@ -197,7 +203,9 @@ def rebuild_records(store: ArtifactStore | Path, tracker: MlflowTracker, model_n
             f"nothing was taken; run `quant-pipeline verify-trail {model_name}`"
         )
     entries = read_entries(path)
-    pulled = Pulled(present=[f"trail of {model_name} ({len(entries)} entries, verified against its anchor)"])
+    pulled = Pulled()
+    kind = "fetched" if taken else "present"
+    pulled.add(kind, f"trail of {model_name} ({len(entries)} entries, verified against its anchor)")
     server = ServerFiles(tracker, model_name)
     for policy_hash in dict.fromkeys(e["policy_hash"] for e in entries if e.get("policy_hash")):
         _pull_policy(store, server, policy_hash, pulled)
@@ -206,5 +214,5 @@ def rebuild_records(store: ArtifactStore | Path, tracker: MlflowTracker, model_n
         if report is not None:
             _pull_evals(store, server, entry, report, pulled)
     _, page = write_report(store, tracker, model_name)
-    pulled.fetched.append(f"audit report written from them: {page}")
+    pulled.add("written", f"audit report, from what is verified here: {page}")
     return pulled
