@@ -37,6 +37,21 @@ def _quiet_before_imports() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def _unreachable_tracking(error: Exception) -> str | None:
+    """The one line for a tracking server that does not answer (None: another error, which is a bug to show whole).
+    MLflow raises it as a generic MlflowException whose message names the request: matched by name, so that
+    `--help` and the store-only verbs never import MLflow to catch it."""
+    text = str(error)
+    if type(error).__name__ != "MlflowException" or not text.startswith("API request to "):
+        return None
+    server = text.removeprefix("API request to ").split("/api/", 1)[0]
+    reason = "connection refused" if "Connection refused" in text else text.rsplit("(Caused by ", 1)[-1][:160]
+    return (
+        f"cannot reach the MLflow tracking server at {server} ({reason}): start it, or point "
+        "QP_MLFLOW_TRACKING_URI at the server the pipeline records to"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="quant-pipeline", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -83,10 +98,18 @@ def main(argv: list[str] | None = None) -> int:
     # MLflow draws a progress bar per download (a pull or a first serve downloads dozens): the verbs say what they got
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if hasattr(args, "func"):
+        # a verb a person waits on: MLflow's 7 retries with backoff would take 4 min to say the server is down
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         try:
             return args.func(args)
         except AuditInputError as e:
             print(f"quant-pipeline: error: {e}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        except Exception as e:
+            unreachable = _unreachable_tracking(e)
+            if unreachable is None:
+                raise
+            print(f"quant-pipeline: error: {unreachable}", file=sys.stderr)
             return EXIT_BAD_INPUT
 
     if args.command == "audit":  # dagster, the asset graph and torch load only now (seconds)

@@ -1,6 +1,11 @@
 """`quant-pipeline` as a person types it: exit codes mean something, refusals are one line on stderr,
 and no name from the command line reaches a path or an MLflow filter unchecked."""
 
+import os
+import subprocess
+import sys
+import time
+
 import pytest
 
 from quant_pipeline.cli import main
@@ -91,3 +96,23 @@ def test_candidates_and_a_single_recipe_or_an_approver_do_not_mix(capsys):
     with pytest.raises(SystemExit) as usage:
         main(["audit", "--candidates", "all", "--approver", "Ada"])
     assert usage.value.code == 2 and "signed off afterwards" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("verb", [["verify-trail", "tiny"], ["pull", "tiny"]])
+def test_a_tracking_server_that_does_not_answer_is_one_line_and_exit_2_within_seconds(tmp_path, verb):
+    """MLflow's own retries (7, with backoff) took 4 min 17 s and ended in a traceback."""
+    from quant_pipeline_tests.servers import free_port
+
+    port = free_port()
+    env = {**os.environ, "QP_MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}", "QP_STORE_DIR": str(tmp_path)}
+    env.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "quant_pipeline.cli", *verb], env=env, capture_output=True, text=True, timeout=180
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines() == [
+        f"quant-pipeline: error: cannot reach the MLflow tracking server at http://127.0.0.1:{port} (connection "
+        "refused): start it, or point QP_MLFLOW_TRACKING_URI at the server the pipeline records to"
+    ]
+    assert time.monotonic() - started < 60
