@@ -38,7 +38,6 @@ if TYPE_CHECKING:
 
 REPORT_JSON = "delta_report.json"
 EVAL_STAGES = {"base": "base_eval_results", "quantized": "quantized_eval_results"}
-POLICY_STAGES = ("delta_report", shared_trail.TRAIL_RUN)
 
 
 class RebuildError(AuditInputError):
@@ -118,10 +117,10 @@ class ServerFiles:
                 seen = True
         return "refused" if seen else "missing"
 
-    def listed(self, stages: tuple[str, ...], folder: str) -> list[str]:
-        """Paths of the files under ``folder`` in the runs of these stages (where a policy copy may lie)."""
+    def listed(self, stages: tuple[str, ...], folder: str, tags: dict) -> list[str]:
+        """Paths of the files under ``folder`` in the matching runs (where a policy copy may lie)."""
         out = []
-        for run in self._runs(stages, {}):
+        for run in self._runs(stages, tags):
             try:
                 out += [f.path for f in self.client.list_artifacts(run.info.run_id, folder) if not f.is_dir]
             except Exception:  # noqa: BLE001
@@ -181,8 +180,12 @@ def _pull_policy(store: ArtifactStore, server: ServerFiles, policy_hash: str, pu
     if _has(path, policy_hash):
         pulled.add("present", what)
         return
-    names = [f"{shared_trail.POLICY_DIR}/{policy_hash}.yaml", *server.listed(("delta_report",), "policy")]
-    _take(pulled, what, server.find(POLICY_STAGES, names, policy_hash), lambda data: write_bytes_atomic(path, data))
+    found = server.find((shared_trail.TRAIL_RUN,), [f"{shared_trail.POLICY_DIR}/{policy_hash}.yaml"], policy_hash)
+    if not isinstance(found, bytes):  # pinned before pins were shared: the copy each verdict under it logged
+        tags = {"policy_hash": policy_hash}
+        again = server.find(("delta_report",), server.listed(("delta_report",), "policy", tags), policy_hash, tags)
+        found = again if isinstance(again, bytes) else ("refused" if "refused" in (found, again) else "missing")
+    _take(pulled, what, found, lambda data: write_bytes_atomic(path, data))
 
 
 def rebuild_records(store: ArtifactStore | Path, tracker: MlflowTracker, model_name: str) -> Pulled:

@@ -192,6 +192,10 @@ def test_a_host_rebuilds_its_store_from_the_server_keeping_only_what_the_trail_v
     table = next((root / "mlartifacts").rglob(f"*/{run_id}/artifacts/items.parquet"))
     genuine = table.read_bytes()
     table.write_bytes(genuine[:-64] + b"\0" * 64)
+    # and the policy shared beside the trail is gone: the copy logged with the verdict stands in, as verified
+    (policy_hash,) = {e["policy_hash"] for e in evaluated}
+    shared_policy = next((root / "mlartifacts").rglob(f"*/artifacts/policies/{policy_hash}.yaml"))
+    shared_policy.rename(shared_policy.with_suffix(".away"))
     try:
         host_e = {**env, "QP_STORE_DIR": str(root / "host-e" / "store")}
         refused = cli(host_e, "pull", "tiny-b", "--no-weights")
@@ -199,8 +203,11 @@ def test_a_host_rebuilds_its_store_from_the_server_keeping_only_what_the_trail_v
         assert f"REFUSED  eval table {keys['eval_key']}/items.parquet" in refused.stdout
         assert not (ArtifactStore(root / "host-e" / "store").eval_dir(keys["eval_key"]) / "items.parquet").exists()
         assert f"FETCHED  delta report {aid}/" in refused.stdout  # the rest is taken: it verified
+        assert f"FETCHED  policy {policy_hash[:12]}" in refused.stdout
+        assert sha256_file(ArtifactStore(root / "host-e" / "store").policy_path(policy_hash)) == policy_hash
     finally:
         table.write_bytes(genuine)
+        shared_policy.with_suffix(".away").rename(shared_policy)
 
     # ... or the record bundled beside the weights, which is not among the hashed files: it must agree field by field
     mv = next(v for v in client.search_model_versions("name='tiny-b'") if v.tags.get("artifact_id") == aid)
