@@ -38,10 +38,26 @@ def pull_weights(store: ArtifactStore, tracker: MlflowTracker, model_name: str, 
             pulled.add("refused", f"{what}: {e}")
 
 
+def write_boms(store: ArtifactStore, tracker: MlflowTracker, model_name: str, pulled: Pulled) -> None:
+    """Each quantized version's ML-BOM, written here from the verified records and weights (never downloaded)."""
+    from quant_pipeline.core.errors import AuditInputError
+    from quant_pipeline.release.registry import write_bom
+
+    versions = tracker.client().search_model_versions(f"name='{model_name}' and tag.kind='quantized'")
+    for aid in sorted({v.tags["artifact_id"] for v in versions if v.tags.get("artifact_id")}):
+        if not store.artifact_record_path(aid).is_file():
+            continue  # refused or missing above: said there
+        try:
+            pulled.add("written", f"ML-BOM of {aid}: {write_bom(store, aid)}")
+        except AuditInputError as e:
+            pulled.add("missing", f"ML-BOM of {aid}: {e}")
+
+
 def pull_model(store: ArtifactStore, tracker: MlflowTracker, model_name: str, weights: bool = True) -> int:
     pulled = rebuild_records(store, tracker, model_name)
     if weights:
         pull_weights(store, tracker, model_name, pulled)
+        write_boms(store, tracker, model_name, pulled)
     counts = ", ".join(f"{pulled.count(kind)} {kind}" for kind in KINDS)
     print(f"{model_name} from {tracker.uri} into {store.root}: {counts}")
     for kind, what in pulled.lines:

@@ -89,6 +89,22 @@ def delete_base(store: ArtifactStore | Path, model: str | Path) -> None:
     shutil.rmtree(checkpoint)
 
 
+def _base_dir(store: ArtifactStore, record: dict) -> Path:
+    """The base checkpoint's folder: where the audit read it, else this store's copy of the registered base (what
+    `quant-pipeline pull` fetches on a host that did not run the audit), if it hashes as the record's base."""
+    from quant_pipeline.release.reference import base_artifact_id
+
+    if Path(record["base_path"]).is_dir():
+        return Path(record["base_path"])
+    fetched = store.artifact_dir(base_artifact_id(record["base_hash"]))
+    if fetched.is_dir() and hash_directory(fetched) == record["base_hash"]:
+        return fetched
+    raise AuditInputError(
+        f"{record['artifact_id']}: its base checkpoint {record['base_path']} is not on this host: "
+        f"`quant-pipeline pull {record['model_name']}` fetches the registered base"
+    )
+
+
 def write_bom(store: ArtifactStore | Path, artifact_id: str) -> Path:
     """The artifact's CycloneDX 1.6 ML-BOM, validated against the official schema, beside its reports."""
     # here, not at the top: they pull in torch and lm-eval, which `show` and `verify` do not need
@@ -98,7 +114,7 @@ def write_bom(store: ArtifactStore | Path, artifact_id: str) -> Path:
     store = ArtifactStore.of(store)
     record = read_artifact_record(store, artifact_id).dump()
     source = {"kind": "local", "location": record["base_path"], "name": record["model_name"]}
-    base = {"model_name": record["model_name"], "source": source, **describe_checkpoint(Path(record["base_path"]))}
+    base = {"model_name": record["model_name"], "source": source, **describe_checkpoint(_base_dir(store, record))}
     calibration = {"path": "", "hash": record["calibration_hash"], "count": record["calibration_count"]}
     suite = {
         "name": "quant_pipeline golden + behaviour suite",
@@ -108,7 +124,10 @@ def write_bom(store: ArtifactStore | Path, artifact_id: str) -> Path:
     report = latest_report(store, record["model_name"], artifact_id)
     import pandas as pd  # only here: `show` answers without it
 
-    deltas = pd.read_parquet(report.with_name("delta_report.parquet")).to_dict("records") if report else []
+    table = report.with_name("delta_report.parquet") if report else None
+    if table is not None and not table.is_file():
+        raise AuditInputError(f"{table}: missing (the verdict's deltas, which the ML-BOM lists): re-run the audit")
+    deltas = pd.read_parquet(table).to_dict("records") if table else []
     doc = build_mlbom(record, base, calibration, suite, deltas, decisions(store, record["model_name"], artifact_id))
     validate_mlbom(doc)
     return write_mlbom(doc, store.report_dir(artifact_id) / "mlbom.cdx.json")

@@ -178,6 +178,8 @@ def test_a_host_rebuilds_its_store_from_the_server_keeping_only_what_the_trail_v
         assert sha256_file(store.policy_path(policy_hash)) == policy_hash
     assert file_hashes(store.artifact_dir(aid)) == file_hashes(original.artifact_dir(aid))
     assert "tiny-b" in (store.report_dir("tiny-b") / "audit_report.html").read_text()
+    bom = json.loads((store.report_dir(aid) / "mlbom.cdx.json").read_text())  # written here, from the verified files
+    assert bom["bomFormat"] == "CycloneDX" and f"WRITTEN  ML-BOM of {aid}" in pulled.stdout
     assert cli(host_d, "verify-trail", "tiny-b").returncode == 0
     shown = cli(host_d, "show", aid)
     assert shown.returncode == 0 and json.loads(shown.stdout)["artifact_id"] == aid, shown.stderr[-2000:]
