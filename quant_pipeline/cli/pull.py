@@ -17,11 +17,10 @@ from quant_pipeline.release.reference import ServingError, verify_ref
 from quant_pipeline.serving.resolver import ModelResolver, fetch_bundled
 
 
-def pull_weights(store: ArtifactStore, tracker: MlflowTracker, model_name: str, pulled: Pulled) -> None:
+def pull_weights(store: ArtifactStore, tracker: MlflowTracker, model_name: str, versions: list, pulled: Pulled) -> None:
     """Every registered version's files, fetched where this store lacks them and verified either way."""
     resolver = ModelResolver(tracker, model_name, store)
-    versions = tracker.client().search_model_versions(f"name='{model_name}'")
-    for mv in sorted(versions, key=lambda v: int(v.version)):
+    for mv in versions:
         what = f"v{mv.version} weights ({mv.tags.get('artifact_id', '?')})"
         try:
             ref = resolver.for_version(mv).ref
@@ -38,13 +37,13 @@ def pull_weights(store: ArtifactStore, tracker: MlflowTracker, model_name: str, 
             pulled.add("refused", f"{what}: {e}")
 
 
-def write_boms(store: ArtifactStore, tracker: MlflowTracker, model_name: str, pulled: Pulled) -> None:
+def write_boms(store: ArtifactStore, versions: list, pulled: Pulled) -> None:
     """Each quantized version's ML-BOM, written here from the verified records and weights (never downloaded)."""
     from quant_pipeline.core.errors import AuditInputError
     from quant_pipeline.release.registry import write_bom
 
-    versions = tracker.client().search_model_versions(f"name='{model_name}' and tag.kind='quantized'")
-    for aid in sorted({v.tags["artifact_id"] for v in versions if v.tags.get("artifact_id")}):
+    quantized = {v.tags.get("artifact_id") for v in versions if v.tags.get("kind") == "quantized"}
+    for aid in sorted(quantized - {None}):
         if not store.artifact_record_path(aid).is_file():
             continue  # refused or missing above: said there
         try:
@@ -56,8 +55,10 @@ def write_boms(store: ArtifactStore, tracker: MlflowTracker, model_name: str, pu
 def pull_model(store: ArtifactStore, tracker: MlflowTracker, model_name: str, weights: bool = True) -> int:
     pulled = rebuild_records(store, tracker, model_name)
     if weights:
-        pull_weights(store, tracker, model_name, pulled)
-        write_boms(store, tracker, model_name, pulled)
+        versions = tracker.client().search_model_versions(f"name='{model_name}'")
+        versions = sorted(versions, key=lambda v: int(v.version))
+        pull_weights(store, tracker, model_name, versions, pulled)
+        write_boms(store, versions, pulled)
     counts = ", ".join(f"{pulled.count(kind)} {kind}" for kind in KINDS)
     print(f"{model_name} from {tracker.uri} into {store.root}: {counts}")
     for kind, what in pulled.lines:

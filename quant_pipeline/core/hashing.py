@@ -21,8 +21,17 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 def sha256_text(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return sha256_bytes(text.encode("utf-8"))
+
+
+def file_matches(path: Path, digest: str) -> bool:
+    """Whether a file is there and hashes to ``digest`` (a copy named by its hash, a file a record vouches for)."""
+    return Path(path).is_file() and sha256_file(path) == digest
 
 
 def file_hashes(directory: Path, exclude: tuple[str, ...] = (RECORD_FILE,)) -> dict[str, str]:

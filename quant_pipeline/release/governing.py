@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from quant_pipeline.core.errors import AuditInputError
-from quant_pipeline.core.hashing import sha256_file
+from quant_pipeline.core.hashing import file_matches
 from quant_pipeline.core.records import Architecture
 from quant_pipeline.core.store import ArtifactStore, write_bytes_atomic
 from quant_pipeline.evaluation.policy import load_policy
@@ -39,13 +39,9 @@ class PolicyNotPinnedError(AuditInputError):
     """An audit under a policy other than the one pinned for the model."""
 
 
-def _intact(copy: Path, policy_hash: str) -> bool:
-    return copy.exists() and sha256_file(copy) == policy_hash
-
-
 def _keep_copy(store: ArtifactStore, policy_file: Path, policy_hash: str) -> Path:
     copy = store.policy_path(policy_hash)
-    if not _intact(copy, policy_hash):
+    if not file_matches(copy, policy_hash):
         write_bytes_atomic(copy, policy_file.read_bytes())
     return copy
 
@@ -53,7 +49,7 @@ def _keep_copy(store: ArtifactStore, policy_file: Path, policy_hash: str) -> Pat
 def pinned_policy_file(store: ArtifactStore | Path, policy_hash: str) -> Path:
     """The store's copy of a pinned policy, re-hashed: a copy edited in place is refused."""
     copy = ArtifactStore.of(store).policy_path(policy_hash)
-    if not _intact(copy, policy_hash):
+    if not file_matches(copy, policy_hash):
         raise AuditInputError(f"{copy}: missing or does not hash to {policy_hash[:12]}: the store's copy was altered")
     return copy
 

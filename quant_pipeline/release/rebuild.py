@@ -18,7 +18,6 @@ version come through the serving resolver (`cli/pull.py`), checked against the r
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tempfile
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from quant_pipeline.core.errors import AuditInputError
-from quant_pipeline.core.hashing import sha256_file
+from quant_pipeline.core.hashing import file_matches, sha256_bytes
 from quant_pipeline.core.store import ArtifactStore, atomic_directory, write_bytes_atomic
 from quant_pipeline.release import shared_trail
 from quant_pipeline.release.evidence import EVAL_TABLES
@@ -67,14 +66,6 @@ class Pulled:
         return not self.count("refused") and not self.count("missing")
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _has(path: Path, digest: str) -> bool:
-    return path.is_file() and sha256_file(path) == digest
-
-
 class ServerFiles:
     """The model's runs on the server, listed once, and the files they hold, fetched by the hash they must have."""
 
@@ -112,7 +103,7 @@ class ServerFiles:
                 data = self._read(run.info.run_id, name)
                 if data is None:
                     continue
-                if _sha256(data) == digest:
+                if sha256_bytes(data) == digest:
                     return data
                 seen = True
         return "refused" if seen else "missing"
@@ -139,7 +130,7 @@ def _pull_report(store: ArtifactStore, server: ServerFiles, entry: dict, pulled:
     aid, key = entry["artifact_id"], entry["report_key"]
     out, what = store.delta_report_dir(aid, key), f"delta report {aid}/{key}"
     files = {**(entry.get("report_files") or {}), REPORT_JSON: entry["report_sha256"]}
-    if all(_has(out / name, digest) for name, digest in files.items()):
+    if all(file_matches(out / name, digest) for name, digest in files.items()):
         pulled.add("present", what)
         return out / REPORT_JSON
     found = {
@@ -147,8 +138,7 @@ def _pull_report(store: ArtifactStore, server: ServerFiles, entry: dict, pulled:
     }
     bad = [name for name, data in found.items() if not isinstance(data, bytes)]
     if bad:
-        verdict = "refused" if any(found[n] == "refused" for n in bad) else "missing"
-        _take(pulled, f"{what} ({', '.join(bad)})", verdict, None)
+        pulled.add("refused" if any(found[n] == "refused" for n in bad) else "missing", f"{what} ({', '.join(bad)})")
         return None
     with atomic_directory(out) as tmp:
         for name, data in found.items():
@@ -168,7 +158,7 @@ def _pull_evals(store: ArtifactStore, server: ServerFiles, entry: dict, report: 
                 pulled.add("missing", f"{what} (the trail entry names no hash for it)")
                 continue
             path = store.eval_dir(key) / name
-            if _has(path, digest):
+            if file_matches(path, digest):
                 pulled.add("present", what)
                 continue
             _take(pulled, what, server.find((EVAL_STAGES[label],), [name], digest),
@@ -177,7 +167,7 @@ def _pull_evals(store: ArtifactStore, server: ServerFiles, entry: dict, report: 
 
 def _pull_policy(store: ArtifactStore, server: ServerFiles, policy_hash: str, pulled: Pulled) -> None:
     path, what = store.policy_path(policy_hash), f"policy {policy_hash[:12]}"
-    if _has(path, policy_hash):
+    if file_matches(path, policy_hash):
         pulled.add("present", what)
         return
     found = server.find((shared_trail.TRAIL_RUN,), [f"{shared_trail.POLICY_DIR}/{policy_hash}.yaml"], policy_hash)
