@@ -132,7 +132,8 @@ def candidate_tradeoff(
             elif row.method == "identity":
                 moved = extra["deltas"].query(QUALITY).dropna(subset=["delta"])
                 identity_moved = [f"{r.metric}/{r.category}: {r.delta:+.3g}" for r in moved.itertuples() if r.delta]
-        best, why = recommend(rows, settings.objective)
+        base_eval = EvalRecord.read(settings.store.eval_dir(base_eval_results["key"]) / "record.json")
+        best, why = recommend(rows, settings.objective, base_eval.latency_p50_s)
         table = markdown_table(rows, best.candidate if best else None)
         out = settings.store.report_dir(base_checkpoint["model_name"]) / "tradeoff"
         with atomic_directory(out) as tmp:

@@ -88,8 +88,11 @@ def pareto_front(rows: list[TradeoffRow], cost: str) -> list[str]:
     return front
 
 
-def recommend(rows: list[TradeoffRow], objective: str = "size") -> tuple[TradeoffRow | None, str]:
-    """The candidate that best meets the objective among those that PASS (identity excluded), and why."""
+def recommend(
+    rows: list[TradeoffRow], objective: str = "size", base_latency_p50_s: float | None = None
+) -> tuple[TradeoffRow | None, str]:
+    """The candidate that best meets the objective among those that PASS (identity excluded), and why: with what
+    it costs against the base (its size, and its p50 latency against the base's measured one where known)."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective {objective!r}: use one of {', '.join(OBJECTIVES)}")
     field = OBJECTIVES[objective]
@@ -97,9 +100,12 @@ def recommend(rows: list[TradeoffRow], objective: str = "size") -> tuple[Tradeof
     if not passing:
         return None, "no quantized candidate passes the gate: none can be recommended"
     best = min(passing, key=lambda r: (getattr(r, field), r.worst_share, r.candidate))
+    latency = f"p50 latency {best.latency_p50_s:.3f} s"
+    if base_latency_p50_s and not math.isnan(base_latency_p50_s) and not math.isnan(best.latency_p50_s):
+        latency += f" against the base's {base_latency_p50_s:.3f} s ({best.latency_p50_s / base_latency_p50_s:.2f}x)"
     return best, (
         f"{best.candidate} ({best.artifact_id}): the {objective} objective's best of {len(passing)} passing "
-        f"candidate(s); {best.size_vs_base:.3f}x the base's size, p50 latency {best.latency_p50_s:.3f} s; "
+        f"candidate(s); {best.size_vs_base:.3f}x the base's size, {latency}; "
         "pending sign-off (nothing is approved automatically)"
     )
 

@@ -64,6 +64,8 @@ def test_only_a_passing_quantized_candidate_is_recommended_and_identity_never():
     best, why = recommend(rows)
     assert best.candidate == "passes-small" and "pending sign-off" in why
     assert recommend(rows, "latency")[0].candidate == "passes-big"
+    _, why = recommend(rows, base_latency_p50_s=2.0)
+    assert "0.375x the base's size" in why and "p50 latency 3.000 s against the base's 2.000 s (1.50x)" in why, why
     assert recommend(rows[:3]) == (None, "no quantized candidate passes the gate: none can be recommended")
     with pytest.raises(ValueError, match="objective"):
         recommend(rows, "cheapest")
