@@ -25,8 +25,7 @@ def pull_weights(store: ArtifactStore, tracker: MlflowTracker, model_name: str, 
         try:
             ref = resolver.for_version(mv).ref
             if ref.get("fetch_from") and not Path(ref["model_dir"]).is_dir():
-                fetch_bundled(ref)
-                verify_ref(ref)
+                fetch_bundled(ref)  # verified as it is kept
                 pulled.add("fetched", what)
             elif Path(ref["model_dir"]).is_dir():
                 verify_ref(ref)

@@ -26,7 +26,7 @@ from quant_pipeline.core.tracking import MlflowTracker
 from quant_pipeline.models.checkpoint import load_model
 from quant_pipeline.models.placement import placement
 from quant_pipeline.release import shared_trail
-from quant_pipeline.release.reference import REF_FILE, ServingError, build_ref, verify_ref
+from quant_pipeline.release.reference import REF_FILE, ServingError, build_ref, check_consistent, verify_ref
 from quant_pipeline.release.signoff import decisions
 
 BASE_REF = "base"
@@ -258,7 +258,9 @@ def _record_disagrees(record_path: Path, ref: dict) -> list[str]:
 
 def fetch_bundled(ref: dict) -> Path:
     """Download a bundled version's files from the tracking server into the local store (the cache), keeping them
-    only if every file hashes as the reference says; the reference's content hash is the registry's."""
+    only if every file hashes as the reference says and the reference adds up to the registry's content hash:
+    what it returns is verified, and needs no second hashing before use."""
+    check_consistent(ref)
     final = Path(ref["model_dir"])
     with atomic_directory(final) as tmp:
         try:
@@ -284,6 +286,7 @@ def load_verified(ref: dict):
     load (safetensors only) on the placement `QP_DEVICE` names, the one setting the audits ran under (a model
     served on another device computes other numbers)."""
     if ref.get("fetch_from") and not Path(ref["model_dir"]).is_dir():
-        fetch_bundled(ref)
-    verify_ref(ref)
+        fetch_bundled(ref)  # verified as it is kept
+    else:
+        verify_ref(ref)
     return load_model(Path(ref["model_dir"]), where=placement(os.environ.get("QP_DEVICE", "auto")))
