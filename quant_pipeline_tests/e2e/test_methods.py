@@ -2,6 +2,7 @@
 the identity candidate (the base, copied) comes out with every quality delta exactly zero."""
 
 import json
+import re
 from pathlib import Path
 
 import dagster as dg
@@ -170,6 +171,8 @@ def test_the_cli_audits_each_candidate_then_prints_the_table_and_the_recommendat
     assert "== candidate 2/2: torchao-int8-weight" in out
     assert "| torchao-int8-weight **(recommended)** | PASS" in out and "| identity | PASS" in out
     assert "quant-pipeline approve torchao-int8w-" in out
+    recommended = next(line for line in out.splitlines() if line.startswith("recommended: "))
+    assert re.search(r"x the base's size, p50 latency [0-9.]+ s against the base's [0-9.]+ s \([0-9.]+x\)", recommended)
     plot = Path(next(line for line in out.splitlines() if line.startswith("plot: ")).removeprefix("plot: "))
     assert plot.exists() and store.contains(plot)
 
