@@ -240,7 +240,8 @@ def bench_candidates(keys: str, search: int, policy_file: str | None, eval_limit
     rows = {r["candidate"]: r for r in json.loads(found[0].read_text())["rows"]}
     print("\n== per candidate (one run, cold; the first candidate pays the base checkpoint and base evaluation) ==")
     print(
-        "| candidate | verdict | wall s | size MB | × base | p50 s | p95 s | tok/s | worst slice | share of tolerance |"
+        "| candidate | verdict | wall s | size MiB | × base | p50 s | p95 s | tok/s | worst slice "
+        "| share of tolerance |"
     )
     print("|---|---|---:|---:|---:|---:|---:|---:|---|---:|")
     for key, wall in seconds.items():
@@ -249,7 +250,7 @@ def bench_candidates(keys: str, search: int, policy_file: str | None, eval_limit
             print(f"| {key} | not compared | {wall:.0f} | | | | | | | |")
             continue
         print(
-            f"| {key} | {r['verdict']} | {wall:.0f} | {r['size_bytes'] / 1e6:.1f} | {r['size_vs_base']:.3f} | "
+            f"| {key} | {r['verdict']} | {wall:.0f} | {r['size_bytes'] / 2**20:.1f} | {r['size_vs_base']:.3f} | "
             f"{r['latency_p50_s']:.2f} | {r['latency_p95_s']:.2f} | {r['tokens_per_second']:.1f} | "
             f"{r['worst_slice']} | {r['worst_share']:.2f} |"
         )

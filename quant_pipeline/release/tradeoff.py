@@ -116,7 +116,7 @@ def _fmt(value: float, spec: str) -> str:
 
 def markdown_table(rows: list[TradeoffRow], recommended: str | None) -> str:
     head = (
-        "| candidate | verdict | size MB | × base | peak RSS MB | p50 s | p95 s | tok/s | worst slice | "
+        "| candidate | verdict | size MiB | × base | peak RSS MB | p50 s | p95 s | tok/s | worst slice | "
         "share of tolerance [95% CI] |\n|---|---|---:|---:|---:|---:|---:|---:|---|---|\n"
     )
     lines = []
@@ -155,7 +155,7 @@ def plot_fronts(rows: list[TradeoffRow], path) -> list[str]:
     top = max([r.worst_share for r in measured] + [1.0]) * 1.15
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, (cost, label, scale) in zip(
-        axes, [("size_bytes", "size (MB)", 2**20), ("latency_p50_s", "p50 latency (s)", 1.0)], strict=True
+        axes, [("size_bytes", "size (MiB)", 2**20), ("latency_p50_s", "p50 latency (s)", 1.0)], strict=True
     ):
         front = set(pareto_front(rows, cost))
         for r in measured:
