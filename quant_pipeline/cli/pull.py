@@ -13,8 +13,8 @@ from pathlib import Path
 from quant_pipeline.core.store import ArtifactStore
 from quant_pipeline.core.tracking import MlflowTracker
 from quant_pipeline.release.rebuild import KINDS, Pulled, rebuild_records
-from quant_pipeline.release.reference import ServingError, verify_ref
-from quant_pipeline.serving.resolver import ModelResolver, fetch_bundled
+from quant_pipeline.release.reference import ServingError
+from quant_pipeline.serving.resolver import ModelResolver, ensure_verified
 
 
 def pull_weights(store: ArtifactStore, tracker: MlflowTracker, model_name: str, versions: list, pulled: Pulled) -> None:
@@ -24,14 +24,10 @@ def pull_weights(store: ArtifactStore, tracker: MlflowTracker, model_name: str, 
         what = f"v{mv.version} weights ({mv.tags.get('artifact_id', '?')})"
         try:
             ref = resolver.for_version(mv).ref
-            if ref.get("fetch_from") and not Path(ref["model_dir"]).is_dir():
-                fetch_bundled(ref)  # verified as it is kept
-                pulled.add("fetched", what)
-            elif Path(ref["model_dir"]).is_dir():
-                verify_ref(ref)
-                pulled.add("present", what)
-            else:
+            if not ref.get("fetch_from") and not Path(ref["model_dir"]).is_dir():
                 pulled.add("missing", f"{what}: registered without its files on the server ({ref['model_dir']})")
+            else:
+                pulled.add("fetched" if ensure_verified(ref) else "present", what)
         except ServingError as e:
             pulled.add("refused", f"{what}: {e}")
 

@@ -49,15 +49,6 @@ def current_artifact(instance: dg.DagsterInstance, model: str, candidate: str) -
     return getattr(value, "value", value)
 
 
-def _base_latency(settings: AuditSettings, eval_key: str) -> float | None:
-    """The base's p50 latency, measured by the same probe as every candidate's: what a recommendation's latency is
-    put against (None where this host has no record of it: the recommendation then gives its latency alone)."""
-    try:
-        return EvalRecord.read(settings.store.eval_dir(eval_key) / "record.json").latency_p50_s
-    except AuditInputError:
-        return None
-
-
 def candidate_row(
     settings: AuditSettings, base: dict, key: str, aid: str, current: tuple[str | None, str | None] = (None, None)
 ) -> tuple[TradeoffRow, dict]:
@@ -141,7 +132,8 @@ def candidate_tradeoff(
             elif row.method == "identity":
                 moved = extra["deltas"].query(QUALITY).dropna(subset=["delta"])
                 identity_moved = [f"{r.metric}/{r.category}: {r.delta:+.3g}" for r in moved.itertuples() if r.delta]
-        best, why = recommend(rows, settings.objective, _base_latency(settings, base_eval_results["key"]))
+        # the base evaluation's record (this asset's input) holds the latency the same probe measured for it
+        best, why = recommend(rows, settings.objective, base_eval_results.get("latency_p50_s"))
         table = markdown_table(rows, best.candidate if best else None)
         out = settings.store.report_dir(base_checkpoint["model_name"]) / "tradeoff"
         with atomic_directory(out) as tmp:

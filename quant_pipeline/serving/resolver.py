@@ -281,12 +281,19 @@ def fetch_bundled(ref: dict) -> Path:
     return final
 
 
+def ensure_verified(ref: dict) -> bool:
+    """The version's files here, each verified against the reference: a bundled version this store lacks is
+    fetched (and verified as it is kept), anything else re-hashed where it lies. True when it was fetched."""
+    if ref.get("fetch_from") and not Path(ref["model_dir"]).is_dir():
+        fetch_bundled(ref)
+        return True
+    verify_ref(ref)
+    return False
+
+
 def load_verified(ref: dict):
     """Verify every file against the reference (fetching a bundled version first where this store lacks it), then
     load (safetensors only) on the placement `QP_DEVICE` names, the one setting the audits ran under (a model
     served on another device computes other numbers)."""
-    if ref.get("fetch_from") and not Path(ref["model_dir"]).is_dir():
-        fetch_bundled(ref)  # verified as it is kept
-    else:
-        verify_ref(ref)
+    ensure_verified(ref)
     return load_model(Path(ref["model_dir"]), where=placement(os.environ.get("QP_DEVICE", "auto")))
