@@ -35,8 +35,9 @@ def _device(model) -> torch.device:
 GENERATION_BATCH = 64
 # Names the decode loop in every evaluation key: batch size and loop are part of what was measured, since
 # a kernel that is not batch-invariant (gptqmodel's bf16 int4 CPU kernel is not) gives other greedy
-# outputs in other batches.
-DECODER = "greedy_rows/1: argmax, key/value cache, finished rows leave the batch"
+# outputs in other batches. /2 writes the cache in place (kv_cache.py): the default model's 281 behaviour outputs
+# are token for token those of /1, kept apart anyway so that a record says which loop made it.
+DECODER = "greedy_rows/2: argmax, key/value cache written in place, finished rows leave the batch"
 
 
 def linear_layers(model) -> list:
@@ -109,13 +110,14 @@ def greedy_rows(model, enc: dict, budgets: list[int], stops: set[int], on_step=N
 
     Plain argmax decoding with the key/value cache, as `model.generate(do_sample=False)` does it, with
     one difference that is the point: a row that has finished leaves the batch (its cache rows are
-    dropped), so no step is spent on it. `on_step(finished, tokens)` is called after each step."""
-    from transformers import DynamicCache
+    dropped), so no step is spent on it. The cache is written in place (`kv_cache.py`: same keys and
+    values, no copy per step). `on_step(finished, tokens)` is called after each step."""
+    from quant_pipeline.evaluation.kv_cache import decode_cache
 
     dev = _device(model)
     ids, mask = enc["input_ids"].to(dev), enc["attention_mask"].to(dev)
     positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    cache = DynamicCache(config=model.config)
+    cache = decode_cache(model, ids.shape[1] + max(budgets, default=0))
     out: list[list[int]] = [[] for _ in budgets]
     live = list(range(len(budgets)))  # batch rows still generating, in cache order
     with torch.inference_mode():
