@@ -83,13 +83,27 @@ AUDIT_CONSOLE = dg.LoggerDefinition(
 )
 
 
+# Loggers of libraries that warn about themselves, not about the audit: lm-eval per task, torchao about CUDA
+# kernels a CPU machine cannot load, torch's pytree about torchao's enums, MLflow's table set-up.
+NOISY_LOGGERS = (
+    "lm_eval", "lm-eval", "optimum", "logbar", "mlflow", "transformers", "datasets", "urllib3", "torchao",
+    "torch.utils._pytree",
+)  # fmt: skip
+
+
+def _quiet_loggers() -> None:
+    """The noisy loggers to ERROR, before the pre-run check: it imports torchao and HQQ (through transformers),
+    which is when they speak."""
+    for noisy in NOISY_LOGGERS:
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
 def _quiet_libraries() -> None:
     """Library chatter off the terminal: lm-eval's per-task warnings, optimum's and gptqmodel's (logbar)
     per-layer INFO lines, MLflow's table set-up, Hugging Face weight-loading bars, gptqmodel's import banner,
     transformers' FutureWarnings. Progress that says how far a long stage is (our bars and run-log lines,
     which stand in for lm-eval's request bar; optimum's GPTQ block bar) stays."""
-    for noisy in ("lm_eval", "lm-eval", "optimum", "logbar", "mlflow", "transformers", "datasets", "urllib3"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    _quiet_loggers()
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     import transformers
 
@@ -122,15 +136,17 @@ def run_audit(
     if tracker is not None:
         resources["mlflow"] = tracker
     settings = resources["settings"]
+    if not verbose:
+        _quiet_loggers()
     preflight(settings, settings.recipe)
+    if not verbose:
+        _quiet_libraries()  # before the stack's import below: gptqmodel's banner is caught on its first import
     freeze_import_heap()  # after the pre-run check: bad input is refused without importing the stack
     instance = instance or _instance()
     # A job's own logger runs only when the run config names it; the level is what Dagster's default uses.
     # Dagster's DEBUG engine events and lm-eval's per-task warnings bury the progress lines and the
     # verdict; they stay in the run's event log (the UI) and come back to the terminal with --verbose.
     level = "DEBUG" if verbose else (instance.python_log_level or "INFO")
-    if not verbose:
-        _quiet_libraries()
 
     def execute(phase: str, stages: list[str], partition_key):
         defs = dg.Definitions(

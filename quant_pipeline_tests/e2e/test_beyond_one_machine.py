@@ -97,7 +97,12 @@ def test_two_audits_run_at_once_with_every_run_event_metric_and_artifact_on_the_
     from dagster_postgres import PostgresEventLogStorage, PostgresRunStorage
 
     for model in MODELS:  # lenient policy: both PASS (exit 0), pending sign-off
-        assert deployment.codes[model] == 0, (deployment.root / f"audit-{model}.log").read_text()[-3000:]
+        terminal = (deployment.root / f"audit-{model}.log").read_text()
+        assert deployment.codes[model] == 0, terminal[-3000:]
+        # what a person watches: progress and the verdict, not the libraries' banners and import warnings
+        assert "behaviour suite: " in terminal and "\nverdict: PASS" in terminal
+        for noise in ("GPT-QModel", "Failed to load", "_pytree.py"):
+            assert noise not in terminal, noise
     with dagster_instance(deployment) as instance:
         assert isinstance(instance.run_storage, PostgresRunStorage)
         assert isinstance(instance.event_log_storage, PostgresEventLogStorage)
