@@ -102,8 +102,8 @@ def _quiet_libraries() -> None:
     """Library chatter off the terminal: lm-eval's per-task warnings, optimum's and gptqmodel's (logbar)
     per-layer INFO lines, MLflow's table set-up, Hugging Face weight-loading bars, gptqmodel's import banner,
     transformers' FutureWarnings. Progress that says how far a long stage is (our bars and run-log lines,
-    which stand in for lm-eval's request bar; optimum's GPTQ block bar) stays."""
-    _quiet_loggers()
+    which stand in for lm-eval's request bar; optimum's GPTQ block bar) stays. The loggers among them are
+    already quiet: `_quiet_loggers` runs before the pre-run check."""
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     import transformers
 

@@ -6,8 +6,8 @@ step copies the whole cache into new tensors: at 64 rows and 400 positions, abou
 (`core.perf.bound_heap_fragmentation`), so each of those copies also faults in fresh pages. Measured on the
 default model's fp32 base, its whole behaviour suite (281 prompts, 26,110 new tokens, one process, that heap
 setting): 394.7 s with `DynamicCache`, 242.4 s with this cache (decode steps 278.6 s -> 149.8 s), every output
-token identical. Here each layer's buffer holds the batch's prompt width plus its
-token budget from the start; a step writes one position into it and attention reads a view of the filled part.
+token identical. Here each layer's buffer holds the batch's prompt width plus its token budget from the start;
+a step writes one position into it and attention reads a view of the filled part.
 Layers that are not plain `DynamicLayer`s (Gemma's sliding-window ones) are left as transformers makes them.
 """
 
