@@ -18,9 +18,6 @@ import json
 import re
 from collections.abc import Sequence
 
-from jsonschema import Draft202012Validator
-from jsonschema.exceptions import best_match
-
 __all__ = [
     "extract_json",
     "check_json_format",
@@ -67,6 +64,11 @@ def extract_json(text: str) -> object | None:
 
 def _schema_error(instance: object, schema: dict) -> str | None:
     """The most relevant validation error as one line, or None when `instance` is valid."""
+    # imported here: jsonschema's format module builds rfc3987_syntax's grammar at import (1.7 s), which every
+    # process loading the pipeline's definitions paid, scoring or not
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import best_match
+
     error = best_match(Draft202012Validator(schema).iter_errors(instance))
     if error is None:
         return None
