@@ -266,19 +266,20 @@ def reference_states(
         _check_logits_are_head_of_hidden(model, torch.tensor([encoded[0]]))
     progress = Progress("base reference states", len(texts), "texts")
     with heap_for_temporaries(), torch.inference_mode():
+        bounds, weight = offsets.tolist(), head.weight.float()  # once, not per text (a bf16 head is converted here)
         for idx in _by_length([len(e) for e in encoded], batch_size):
             ids, mask = right_padded([encoded[i] for i in idx])
             progress.advance(len(idx), tokens=int(mask.sum()))
             hidden = decoder(input_ids=ids.to(dev), attention_mask=mask.to(dev)).last_hidden_state
             for row, i in enumerate(idx):
-                lo, hi = int(offsets[i]), int(offsets[i + 1])
+                lo, hi = bounds[i], bounds[i + 1]
                 out["hidden_states"][lo:hi] = hidden[row, : hi - lo]
                 # float64: KL is a small difference of O(log vocab) terms, so the entropy needs the digits
                 logp = torch.log_softmax(softcapped(head(hidden[row, : hi - lo]).double(), cap), -1)
                 p = logp.exp()
                 out["top1"][lo:hi] = logp.argmax(-1)
                 out["neg_entropy"][lo:hi] = (p * logp).sum(-1)
-                out["expected_embedding"][lo:hi] = p.float() @ head.weight.float()
+                out["expected_embedding"][lo:hi] = p.float() @ weight
     progress.close()
     return out
 
