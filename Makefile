@@ -118,13 +118,14 @@ demo: install
 	esac
 
 # One pytest worker per core (pytest-xdist), a test file's tests kept on one worker so its module-scoped
-# audits are built once; each worker's torch gets its share of the cores (conftest.py).
+# audits are built once; each worker's torch gets its share of the cores (conftest.py). The files are handed out
+# heaviest first, in the order conftest.py collects them (--no-loadscope-reorder: quant_pipeline_tests/scheduling.py).
 PYTEST_WORKERS ?= auto
 test: install lint
-	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 test-fast: install lint
-	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not slow" $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff format --check quant_pipeline quant_pipeline_tests

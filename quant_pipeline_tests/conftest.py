@@ -25,9 +25,15 @@ from quant_pipeline.core.paths import default_gguf_path  # noqa: E402
 from quant_pipeline.core.perf import freeze_import_heap  # noqa: E402
 from quant_pipeline.core.tracking import MlflowTracker  # noqa: E402
 from quant_pipeline.defs.resources import AuditSettings  # noqa: E402
+from quant_pipeline_tests.scheduling import heaviest_files_first  # noqa: E402
 from quant_pipeline_tests.support import TINY_RECIPE, audit_world, fresh_audit_world, mlflow_db, run_audit  # noqa: E402
 
 freeze_import_heap()  # each worker audits tiny models all session: its collections skip the imported stack
+
+
+def pytest_collection_modifyitems(config, items):
+    """The heaviest test files first, so that the workers finish together (quant_pipeline_tests/scheduling.py)."""
+    items[:] = heaviest_files_first(items)
 
 
 @pytest.fixture(scope="session")
