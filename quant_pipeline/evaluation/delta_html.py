@@ -3,7 +3,7 @@
 A reviewer handed only the HTML must be able to say which exact model was judged (full hashes of the base,
 the artifact, its calibration set and runtime), by what rule (the policy, its hash, its tolerances, and the
 rule in words), with what result (every slice, failing ones first, none left out) and who decided. The
-document is one file: inline CSS, plots as base64 PNG, every value HTML-escaped (names and notes come from
+document is one file: inline CSS, plots as inline SVG images, every value HTML-escaped (names and notes come from
 users). `release.report` builds the per-model report from the same pieces, one section per evaluation.
 
 Stable hooks for browser tests (per-audit document, `render_html`):
@@ -26,7 +26,7 @@ import math
 import pandas as pd
 
 from quant_pipeline.evaluation.delta import NOT_MEASURABLE, REGRESSION, UNGATED, UNINFORMATIVE, WAIVED, WITHIN
-from quant_pipeline.evaluation.plots import RATE_METRICS, cost_quality, delta_panels
+from quant_pipeline.evaluation.plots import RATE_METRICS, cost_quality, delta_panels, svg_data_uri
 from quant_pipeline.evaluation.policy import HIGHER, METRIC_DIRECTION, REFERENCE_VALUES, Policy
 from quant_pipeline.evaluation.report_context import PENDING, CostPoint, ReportContext
 
@@ -314,8 +314,8 @@ def render_html(
     quality (the base, this artifact and any other ``candidates``) and every slice, failing first."""
     rows = normalise(deltas, ctx.policy)
     panels = "".join(
-        f'<img class="delta-panel" alt="deltas of {html.escape(m)} per slice" src="data:image/png;base64,{png}">'
-        for m, png in delta_panels(rows)
+        f'<img class="delta-panel" alt="deltas of {html.escape(m)} per slice" src="{svg_data_uri(svg)}">'
+        for m, svg in delta_panels(rows)
     )
     points = [
         CostPoint(name="base", size_mb=sizes["base_mb"], latency_s=_mean(base_results, "latency_p50_s"),
@@ -334,7 +334,7 @@ def render_html(
         + '<section id="plots"><h2>Deltas per metric, each on its own scale</h2><div class="panels">'
         + f"{panels}</div></section>"
         + '<section id="cost"><h2>Cost vs quality</h2>'
-        + f'<img alt="size and latency against accuracy" src="data:image/png;base64,{cost_quality(points)}"></section>'
+        + f'<img alt="size and latency against accuracy" src="{svg_data_uri(cost_quality(points))}"></section>'
         + "<h2>Per slice and metric (failing first)</h2>"
         + slices_table(rows)
     )

@@ -147,7 +147,7 @@ def test_noise_damaged_copy_fails_the_slices_it_damages_and_the_gate_everywhere(
     )  # fmt: skip
     page = render_html(deltas, ctx, results, quant_results, {"base_mb": 27.0, "quantized_mb": 27.0})
     panels = page.count('class="delta-panel"')  # one per metric, then cost vs quality
-    assert panels == deltas["metric"].nunique() and page.count("data:image/png;base64,") == panels + 1
+    assert panels == deltas["metric"].nunique() and page.count("data:image/svg+xml;base64,") == panels + 1
     assert page.count('class="status-regression"') == len(gated)
 
 
