@@ -26,15 +26,11 @@ import math
 import pandas as pd
 
 from quant_pipeline.evaluation.delta import NOT_MEASURABLE, REGRESSION, UNGATED, UNINFORMATIVE, WAIVED, WITHIN
-from quant_pipeline.evaluation.plots import RATE_METRICS, cost_quality, delta_panels, svg_data_uri
+from quant_pipeline.evaluation.plots import RATE_METRICS, STATUS_CLASS, cost_quality, delta_panels, svg_data_uri
 from quant_pipeline.evaluation.policy import HIGHER, METRIC_DIRECTION, REFERENCE_VALUES, Policy
 from quant_pipeline.evaluation.report_context import PENDING, CostPoint, ReportContext
 
 STATUS_ORDER = (REGRESSION, NOT_MEASURABLE, UNINFORMATIVE, WAIVED, WITHIN, UNGATED)  # failing rows first
-STATUS_CLASS = {
-    REGRESSION: "status-regression", NOT_MEASURABLE: "status-not-measurable", UNINFORMATIVE: "status-uninformative",
-    WAIVED: "status-waived", WITHIN: "status-within", UNGATED: "status-ungated",
-}  # fmt: skip
 TWO_DECIMALS = frozenset({"word_perplexity", "byte_perplexity", "bits_per_byte"})
 STYLE = (
     "body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}"

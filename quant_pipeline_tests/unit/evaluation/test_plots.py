@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from quant_pipeline.evaluation.delta import REGRESSION, UNGATED, WITHIN
-from quant_pipeline.evaluation.plots import STATUS_COLOURS, cost_quality, delta_panels, ticks
+from quant_pipeline.evaluation.plots import STATUS_CLASS, STATUS_COLOURS, cost_quality, delta_panels, ticks
 from quant_pipeline.evaluation.report_context import CostPoint
 
 SVG = "{http://www.w3.org/2000/svg}"
@@ -55,7 +55,7 @@ def test_every_slice_is_a_row_of_its_metrics_panel_coloured_by_status_even_witho
         assert set(rows(svg)) == set(expected["category"])
         for r in expected.itertuples():
             row = rows(svg)[r.category]
-            assert f"status-{r.status}" in row.get("class")
+            assert row.get("class").split() == ["row", STATUS_CLASS[r.status]]
             point = row.find(f"{SVG}circle")
             assert point.get("stroke") == STATUS_COLOURS[r.status]
             has_ci = not math.isnan(r.ci_low)
