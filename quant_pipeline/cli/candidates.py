@@ -97,7 +97,7 @@ def audit_candidates(
     per = ", ".join(f"{k} {v:.0f}" for k, v in seconds.items())
     total = time.perf_counter() - start
     print(f"wall seconds per candidate (the first pays the shared base stages): {per}; all {total:.0f}")
-    print(f"plot: {out / 'tradeoff.png'}")
+    print(f"plot: {out / 'tradeoff.svg'}")
     if table["skipped"]:
         print("not compared: " + "; ".join(table["skipped"]))
     if table["recommended_artifact"]:

@@ -144,9 +144,9 @@ def candidate_tradeoff(
                 "why": why, "skipped": skipped, "identity_moved": identity_moved,
                 "pareto": {c: pareto_front(rows, c) for c in ("size_bytes", "latency_p50_s")},
             }, indent=2, default=str))  # fmt: skip
-            plot_fronts(rows, tmp / "tradeoff.png")
+            plot_fronts(rows, tmp / "tradeoff.svg")
     with stage_run(context, mlflow, meter, base_checkpoint["model_name"], "candidate_tradeoff") as run:
-        for name in ("tradeoff.md", "tradeoff.json", "tradeoff.png"):
+        for name in ("tradeoff.md", "tradeoff.json", "tradeoff.svg"):
             run.log_file(out / name)
         run.log_metrics({f"{r.candidate}.worst_share": r.worst_share for r in rows})
         run.set_tags({"recommended": best.candidate if best else "none", "objective": settings.objective})
@@ -165,7 +165,7 @@ def candidate_tradeoff(
             "recommended_artifact": best.artifact_id if best else "none",
             "candidates": len(rows),
             "skipped": dg.MetadataValue.json(skipped),
-            "plot": dg.MetadataValue.path(str(out / "tradeoff.png")),
+            "plot": dg.MetadataValue.path(str(out / "tradeoff.svg")),
             **meter.metadata(),
             **run.metadata(),
         },

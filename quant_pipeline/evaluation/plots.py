@@ -71,24 +71,24 @@ def ticks(low: float, high: float, count: int = 5) -> list[float]:
     return [float(round(k * step, 12)) for k in range(first, math.floor(high / step + 1e-9) + 1)]
 
 
-def _num(value: float) -> str:
+def svg_number(value: float) -> str:
     return f"{value:.4g}"
 
 
-def _text(x: float, y: float, text: str, size: int = 11, anchor: str = "start", extra: str = "") -> str:
+def svg_text(x: float, y: float, text: str, size: int = 11, anchor: str = "start", extra: str = "") -> str:
     return (
         f'<text x="{x:.1f}" y="{y:.1f}" font-size="{size}" text-anchor="{anchor}" {FONT}{extra}>'
         f"{html.escape(text)}</text>"
     )
 
 
-def _line(x1: float, y1: float, x2: float, y2: float, colour: str, width: float = 1, dash: str = "") -> str:
+def svg_line(x1: float, y1: float, x2: float, y2: float, colour: str, width: float = 1, dash: str = "") -> str:
     dashes = f' stroke-dasharray="{dash}"' if dash else ""
     ends = f'x1="{x1:.1f}" y1="{y1:.1f}" x2="{x2:.1f}" y2="{y2:.1f}"'
     return f'<line {ends} stroke="{colour}" stroke-width="{width}"{dashes}/>'
 
 
-def _svg(width: float, height: float, body: list[str], label: str) -> str:
+def svg_document(width: float, height: float, body: list[str], label: str) -> str:
     return (
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" '
         f'viewBox="0 0 {width:.0f} {height:.0f}" role="img" aria-label="{html.escape(label)}">'
@@ -96,15 +96,25 @@ def _svg(width: float, height: float, body: list[str], label: str) -> str:
     )
 
 
-def _x_axis(low: float, high: float, left: float, width: float, top: float, bottom: float, label: str) -> list[str]:
+def x_axis(low: float, high: float, left: float, width: float, top: float, bottom: float, label: str) -> list[str]:
     """Tick marks, grid and values along the bottom, the axis label under them; the scale as (lo, hi) → pixels."""
-    out = [_line(left, bottom, left + width, bottom, "#333")]
+    out = [svg_line(left, bottom, left + width, bottom, "#333")]
     for t in ticks(low, high):
         x = left + (t - low) / (high - low) * width
-        out += [_line(x, top, x, bottom, "#eee"), _line(x, bottom, x, bottom + 4, "#333")]
-        out.append(_text(x, bottom + 16, _num(t), 10, "middle"))
-    out.append(_text(left + width / 2, bottom + 32, label, 11, "middle"))
+        out += [svg_line(x, top, x, bottom, "#eee"), svg_line(x, bottom, x, bottom + 4, "#333")]
+        out.append(svg_text(x, bottom + 16, svg_number(t), 10, "middle"))
+    out.append(svg_text(left + width / 2, bottom + 32, label, 11, "middle"))
     return out
+
+
+def y_axis(low: float, high: float, left: float, top: float, bottom: float, label: str) -> list[str]:
+    """The left axis: values from `low` at `bottom` to `high` at `top`, ticked, the label written upwards."""
+    out = [svg_line(left, top, left, bottom, "#333")]
+    for t in ticks(low, high):
+        y = bottom - (t - low) / (high - low) * (bottom - top)
+        out += [svg_line(left - 4, y, left, y, "#333"), svg_text(left - 7, y + 4, svg_number(t), 10, "end")]
+    mid, x = (top + bottom) / 2, left - 42
+    return [*out, svg_text(x, mid, label, 10, "middle", f' transform="rotate(-90 {x:.1f} {mid:.1f})"')]
 
 
 def svg_data_uri(svg: str) -> str:
@@ -119,7 +129,7 @@ def _dot(colour: str, fill: str | None = None):
 def _legend(entries: list[tuple], x: float, y: float) -> list[str]:
     """Entries (mark, text) stacked from (x, y); a mark draws itself centred on the point it is given."""
     drawn = [
-        mark(x + 5, y + 16 * i) + _text(x + 16, y + 16 * i + 4, text, 10) for i, (mark, text) in enumerate(entries)
+        mark(x + 5, y + 16 * i) + svg_text(x + 16, y + 16 * i + 4, text, 10) for i, (mark, text) in enumerate(entries)
     ]
     return [f'<g class="legend">{"".join(drawn)}</g>']
 
@@ -142,39 +152,38 @@ def delta_panel(metric: str, part: pd.DataFrame) -> str:
         return left + (value - low) / (high - low) * PLOT_WIDTH
 
     unit = " (percentage points)" if scale == 100.0 else ""
-    body = _x_axis(low, high, left, PLOT_WIDTH, top, bottom, f"{metric}: quantized − base{unit}")
-    body.append(_line(x(0), top, x(0), bottom, "#555", 0.8))
+    body = x_axis(low, high, left, PLOT_WIDTH, top, bottom, f"{metric}: quantized − base{unit}")
+    body.append(svg_line(x(0), top, x(0), bottom, "#555", 0.8))
     for i, (r, bar) in enumerate(zip(part.itertuples(), bars, strict=True)):
         y = top + ROW * (i + 0.5)
         colour = STATUS_COLOURS.get(r.status, "#333")
         has_ci = math.isfinite(r.ci_low) and math.isfinite(r.ci_high)
-        ci = f", 95% interval [{_num(r.ci_low * scale)}, {_num(r.ci_high * scale)}]" if has_ci else ""
-        tolerance = f", bar at {_num(bar)}" if math.isfinite(bar) else ", no bar"
-        row = [
-            f"<title>{html.escape(f'{r.category}: delta {_num(r.delta * scale)}{ci}{tolerance}, {r.status}')}</title>"
-        ]
-        row.append(_text(left - 6, y + 4, str(r.category), 11, "end"))
+        ci = f", 95% interval [{svg_number(r.ci_low * scale)}, {svg_number(r.ci_high * scale)}]" if has_ci else ""
+        tolerance = f", bar at {svg_number(bar)}" if math.isfinite(bar) else ", no bar"
+        said = f"{r.category}: delta {svg_number(r.delta * scale)}{ci}{tolerance}, {r.status}"
+        row = [f"<title>{html.escape(said)}</title>"]
+        row.append(svg_text(left - 6, y + 4, str(r.category), 11, "end"))
         if has_ci:
-            row.append(_line(x(r.ci_low * scale), y, x(r.ci_high * scale), y, colour, 2))
+            row.append(svg_line(x(r.ci_low * scale), y, x(r.ci_high * scale), y, colour, 2))
         if math.isfinite(r.delta):
             fill = colour if has_ci else "white"
             row.append(f'<circle cx="{x(r.delta * scale):.1f}" cy="{y:.1f}" r="4.5" fill="{fill}" stroke="{colour}"/>')
         if math.isfinite(bar):
-            row.append(_line(x(bar), y - ROW * 0.4, x(bar), y + ROW * 0.4, "black", 1, "4 3"))
+            row.append(svg_line(x(bar), y - ROW * 0.4, x(bar), y + ROW * 0.4, "black", 1, "4 3"))
         status = STATUS_CLASS.get(r.status, "status-other")
         body.append(f'<g class="row {status}" data-slice="{html.escape(str(r.category))}">{"".join(row)}</g>')
     entries = [(_dot(STATUS_COLOURS[s]), s) for s in STATUS_COLOURS if s in set(part["status"])]
     with_ci = part["ci_low"].notna() & part["ci_high"].notna()
     if part["mode"].astype(bool).any():
-        entries.append((lambda x, y: _line(x, y - 7, x, y + 7, "black", 1, "4 3"), "tolerance (the bar)"))
+        entries.append((lambda x, y: svg_line(x, y - 7, x, y + 7, "black", 1, "4 3"), "tolerance (the bar)"))
     if with_ci.any():
-        entries.append((lambda x, y: _line(x - 7, y, x + 7, y, "#555", 2), "95% paired bootstrap interval"))
+        entries.append((lambda x, y: svg_line(x - 7, y, x + 7, y, "#555", 2), "95% paired bootstrap interval"))
     if not with_ci.all():
         entries.append((_dot("#555", "white"), "no per-item interval"))
     legend_x = left + PLOT_WIDTH + 16
     body += _legend(entries, legend_x, top + 8)
     height = max(bottom + 40, top + 16 * len(entries) + 16)
-    return _svg(legend_x + LEGEND_WIDTH, height, body, f"deltas of {metric} per slice")
+    return svg_document(legend_x + LEGEND_WIDTH, height, body, f"deltas of {metric} per slice")
 
 
 def delta_panels(rows: pd.DataFrame) -> list[tuple[str, str]]:
@@ -194,29 +203,19 @@ def cost_quality(points: list[CostPoint], quality_label: str = "mean multiple-ch
         shown = [p for p in points if math.isfinite(getattr(p, field)) and math.isfinite(p.quality)]
         top_value = max((getattr(p, field) for p in shown), default=1.0) * 1.25 or 1.0
         plot_left, plot_width = offset + left, width - left - 10
-        body += _x_axis(0.0, top_value, plot_left, plot_width, top, bottom, label)
-        body.append(_line(plot_left, top, plot_left, bottom, "#333"))
-        for q in ticks(0.0, 100.0):
-            y = bottom - q / 100 * (bottom - top)
-            body += [_line(plot_left - 4, y, plot_left, y, "#333"), _text(plot_left - 7, y + 4, _num(q), 10, "end")]
-        mid = (top + bottom) / 2
-        body.append(
-            _text(
-                offset + 14, mid, f"{quality_label} (%)", 10, "middle", f' transform="rotate(-90 {offset + 14} {mid})"'
-            )
-        )
+        body += x_axis(0.0, top_value, plot_left, plot_width, top, bottom, label)
+        body += y_axis(0.0, 100.0, plot_left, top, bottom, f"{quality_label} (%)")
         for i, p in enumerate(shown):
             px = plot_left + getattr(p, field) / top_value * plot_width
             py = bottom - p.quality * (bottom - top)
             colour = POINT_COLOURS[i % len(POINT_COLOURS)]
-            title = (
-                f"<title>{html.escape(f'{p.name}: {label} {_num(getattr(p, field))}, quality {p.quality:.1%}')}</title>"
-            )
+            said = f"{p.name}: {label} {svg_number(getattr(p, field))}, quality {p.quality:.1%}"
+            title = f"<title>{html.escape(said)}</title>"
             point = f'<circle cx="{px:.1f}" cy="{py:.1f}" r="4.5" fill="{colour}"/>'
             right = px > plot_left + plot_width * 0.6  # a name near the right edge is written leftwards
-            name = _text(px - 6 if right else px + 6, py - 6, p.name, 10, "end" if right else "start")
+            name = svg_text(px - 6 if right else px + 6, py - 6, p.name, 10, "end" if right else "start")
             body.append(f'<g class="point" data-name="{html.escape(p.name)}">{title}{point}{name}</g>')
         missing = [p.name for p in points if p not in shown]
         if missing:
-            body.append(_text(plot_left + plot_width / 2, 14, f"not measured: {', '.join(missing)}", 10, "middle"))
-    return _svg(2 * width + 40, height, body, "size and latency against accuracy")
+            body.append(svg_text(plot_left + plot_width / 2, 14, f"not measured: {', '.join(missing)}", 10, "middle"))
+    return svg_document(2 * width + 40, height, body, "size and latency against accuracy")

@@ -16,7 +16,6 @@ one `section.audit` per evaluation (id `audit-<seq>`, newest first) holding `.ve
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
 import html
 import json
@@ -29,6 +28,7 @@ from quant_pipeline.core.hashing import sha256_file
 from quant_pipeline.core.store import ArtifactStore, write_text_atomic
 from quant_pipeline.core.tracking import APPROVED_ALIAS, MlflowTracker
 from quant_pipeline.evaluation.delta_html import audit_parts, page, policy_section, rules_section
+from quant_pipeline.evaluation.plots import svg_data_uri
 from quant_pipeline.evaluation.policy import Policy, load_policy
 from quant_pipeline.evaluation.report_context import DecisionNote, ReportContext
 from quant_pipeline.release.governing import pinned_policy_file
@@ -259,10 +259,10 @@ def render(store: ArtifactStore | Path, tracker: MlflowTracker, model_name: str)
     if (tradeoff / "tradeoff.md").exists():  # the latest comparison of the model's candidates (candidate_tradeoff)
         table = (tradeoff / "tradeoff.md").read_text().split("\n", 2)[-1]
         lines += ["", "## Candidates", "", table]
-        plot = tradeoff / "tradeoff.png"
+        plot = tradeoff / "tradeoff.svg"
         figure = (
             f'<img alt="cost against worst regression, per candidate" style="max-width:100%" '
-            f'src="data:image/png;base64,{base64.b64encode(plot.read_bytes()).decode()}">'
+            f'src="{svg_data_uri(plot.read_text())}">'
             if plot.exists()
             else ""
         )

@@ -14,11 +14,15 @@ is listed, as the pipeline's own check, but never recommended: it saves nothing.
 
 from __future__ import annotations
 
+import html
 import math
+from pathlib import Path
 from typing import Literal
 
 import pandas as pd
 from pydantic import BaseModel
+
+from quant_pipeline.evaluation.plots import svg_document, svg_line, svg_number, svg_text, x_axis, y_axis
 
 OBJECTIVES = {  # what "best" means among the candidates that PASS (smallest value wins)
     "size": "size_bytes",
@@ -144,39 +148,51 @@ def why_kept(keep: str, sensitivity: dict[str, float]) -> str:
 
 def plot_fronts(rows: list[TradeoffRow], path) -> list[str]:
     """Size and latency against the worst regression, one point per candidate, the frontier joined, both cost axes
-    from zero. Returns the candidates drawn (a candidate beyond a zero tolerance is drawn at the top, named)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    from zero, the bar (1.0) dashed; written to `path` as SVG (`evaluation.plots`' primitives: one way to draw,
+    no matplotlib in an audit). Returns the candidates drawn (a candidate beyond a zero tolerance is drawn at the
+    top, named); each is a `<g class="candidate" data-name=…>` with its values in a `<title>`."""
     measured = [r for r in rows if math.isfinite(r.worst_share)]
     beyond = [r for r in rows if r.worst_share == math.inf]  # over a zero tolerance: drawn at the top, named
-    top = max([r.worst_share for r in measured] + [1.0]) * 1.15
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, (cost, label, scale) in zip(
-        axes, [("size_bytes", "size (MiB)", 2**20), ("latency_p50_s", "p50 latency (s)", 1.0)], strict=True
+    top_share = max([r.worst_share for r in measured] + [1.0]) * 1.15
+    width, height, left, top, bottom = 470, 330, 70, 40, 270
+    body = [svg_text(width + 20, 20, "Candidates: cost against worst per-slice regression (green PASS, red FAIL, "
+                     "grey other)", 12, "middle")]  # fmt: skip
+    low, high = -0.03 * top_share, 1.05 * top_share
+    for panel, (cost, label, scale) in enumerate(
+        [("size_bytes", "size (MiB)", 2**20), ("latency_p50_s", "p50 latency (s)", 1.0)]
     ):
+        shown = [r for r in measured + beyond if math.isfinite(getattr(r, cost))]
+        right = max((getattr(r, cost) / scale for r in shown), default=1.0) * 1.15 or 1.0  # the axis from zero
+        plot_left, plot_width = panel * (width + 40) + left, width - left - 20
+
+        def point(r: TradeoffRow) -> tuple[float, float]:
+            share = r.worst_share if r in measured else top_share
+            x = plot_left + getattr(r, cost) / scale / right * plot_width  # noqa: B023 (called in this iteration)
+            return x, bottom - (share - low) / (high - low) * (bottom - top)
+
+        body += x_axis(0.0, right, plot_left, plot_width, top, bottom, label)
+        body += y_axis(low, high, plot_left, top, bottom, "worst share of tolerance (1 = the bar)")
+        bar = bottom - (1.0 - low) / (high - low) * (bottom - top)
+        body.append(svg_line(plot_left, bar, plot_left + plot_width, bar, "#d62728", 0.8, "5 3"))
         front = set(pareto_front(rows, cost))
-        for r in measured:
-            colour = {"PASS": "tab:green", "FAIL": "tab:red"}.get(r.verdict, "tab:gray")
-            ax.scatter(getattr(r, cost) / scale, r.worst_share, color=colour, zorder=3)
-            ax.annotate(r.candidate, (getattr(r, cost) / scale, r.worst_share), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")  # fmt: skip
-        line = sorted((getattr(r, cost) / scale, r.worst_share) for r in measured if r.candidate in front)
-        if line:
-            ax.plot(*zip(*line, strict=True), color="black", linewidth=1, zorder=2)
-        for r in beyond:
-            ax.scatter(getattr(r, cost) / scale, top, color="tab:red", marker="^", zorder=3)
-            ax.annotate(f"{r.candidate} (beyond a zero tolerance)", (getattr(r, cost) / scale, top), fontsize=7,
-                        xytext=(3, -9), textcoords="offset points")  # fmt: skip
-        ax.axhline(1.0, color="tab:red", linestyle="--", linewidth=0.8)
-        ax.set_xlim(left=0)  # from zero: a third of the base's size must look like a third
-        ax.set_ylim(-0.03 * top, top * 1.05)
-        ax.set_xlabel(label)
-        ax.set_ylabel("worst share of tolerance (1 = the bar)")
-    fig.suptitle("Candidates: cost against worst per-slice regression (green PASS, red FAIL, grey other)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        joined = " ".join(
+            f"{x:.1f},{y:.1f}" for x, y in sorted(point(r) for r in shown if r in measured and r.candidate in front)
+        )
+        body.append(f'<polyline class="front" points="{joined}" fill="none" stroke="black" stroke-width="1"/>')
+        edge = plot_left + 0.6 * plot_width  # a name right of this is written leftwards, inside the panel
+        for r in shown:
+            x, y = point(r)
+            colour = {"PASS": "#2ca02c", "FAIL": "#d62728"}.get(r.verdict, "#7f7f7f") if r in measured else "#d62728"
+            mark = (
+                f'<circle cx="{x:.1f}" cy="{y:.1f}" r="4.5" fill="{colour}"/>'
+                if r in measured
+                else f'<path d="M{x:.1f},{y - 6:.1f} l5,9 h-10 z" fill="{colour}"/>'
+            )
+            name = r.candidate if r in measured else f"{r.candidate} (beyond a zero tolerance)"
+            said = f"{r.candidate}: {label} {svg_number(getattr(r, cost) / scale)}, worst share {r.worst_share:.3g}"
+            body.append(
+                f'<g class="candidate" data-name="{html.escape(r.candidate)}"><title>{html.escape(said)}</title>'
+                f"{mark}{svg_text(x - 5, y - 5, name, 9, 'end') if x > edge else svg_text(x + 5, y - 5, name, 9)}</g>"
+            )
+    Path(path).write_text(svg_document(2 * width + 40, height, body, "cost against worst regression, per candidate"))
     return [r.candidate for r in measured + beyond]

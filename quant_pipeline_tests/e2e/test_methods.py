@@ -3,6 +3,7 @@ the identity candidate (the base, copied) comes out with every quality delta exa
 
 import json
 import re
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import dagster as dg
@@ -123,7 +124,9 @@ def test_the_tradeoff_lists_every_candidate_and_recommends_the_smallest_passing_
     out = Path(results["tradeoff"]["path"])
     table = json.loads((out / "tradeoff.json").read_text())
     rows = {r["candidate"]: r for r in table["rows"]}
-    assert len(rows) == len(METHOD_FIELDS) and (out / "tradeoff.png").stat().st_size > 10_000
+    plot = ET.parse(out / "tradeoff.svg").getroot()  # both panels draw every candidate measured
+    drawn = [g.get("data-name") for g in plot.iter("{http://www.w3.org/2000/svg}g") if g.get("class") == "candidate"]
+    assert len(rows) == len(METHOD_FIELDS) and sorted(drawn) == sorted(2 * list(rows))
     passing = [r for r in rows.values() if r["verdict"] == "PASS" and r["method"] != "identity"]
     assert passing, rows
     assert table["recommended"] == min(passing, key=lambda r: r["size_bytes"])["candidate"]
@@ -132,7 +135,7 @@ def test_the_tradeoff_lists_every_candidate_and_recommends_the_smallest_passing_
     assert "pending sign-off" in table["why"]
     report = out.parent / "audit_report.html"  # the reviewer's report carries the table and the plot
     page = report.read_text()
-    assert 'id="candidates"' in page and all(key in page for key in rows) and "data:image/png;base64," in page
+    assert 'id="candidates"' in page and all(key in page for key in rows) and "data:image/svg+xml;base64," in page
 
 
 def test_a_candidate_whose_report_was_edited_after_the_gate_is_unverified_and_never_recommended(

@@ -1,11 +1,14 @@
 """The tradeoff's arithmetic: one scale for every metric's regression, the frontier, and what may be recommended."""
 
 import math
+import xml.etree.ElementTree as ET
 
 import pandas as pd
 import pytest
 
 from quant_pipeline.release.tradeoff import TradeoffRow, pareto_front, plot_fronts, recommend, worst_regression
+
+SVG = "{http://www.w3.org/2000/svg}"
 
 
 def row(candidate: str, verdict: str = "PASS", size: int = 100, latency: float = 1.0, share: float = 0.5, **kw):
@@ -90,5 +93,15 @@ def test_the_plot_draws_every_measured_candidate_and_one_beyond_a_zero_tolerance
         row("c", "FAIL", share=math.inf),
         row("d", "INCOMPLETE", share=math.nan),
     ]
-    drawn = plot_fronts(rows, tmp_path / "tradeoff.png")
-    assert drawn == ["a", "b", "c"] and (tmp_path / "tradeoff.png").stat().st_size > 10_000
+    drawn = plot_fronts(rows, tmp_path / "tradeoff.svg")
+    svg = ET.parse(tmp_path / "tradeoff.svg").getroot()
+    groups = [g for g in svg.iter(f"{SVG}g") if g.get("class") == "candidate"]
+    assert drawn == ["a", "b", "c"] and [g.get("data-name") for g in groups] == 2 * ["a", "b", "c"]  # both panels
+    beyond = [g for g in groups if g.get("data-name") == "c"]
+    assert all(g.find(f"{SVG}path") is not None for g in beyond)  # the triangle at the top
+    assert all(g.find(f"{SVG}text").text == "c (beyond a zero tolerance)" for g in beyond)
+    a, b = (float(g.find(f"{SVG}circle").get("cy")) for g in groups[:2])
+    top_of_c = float(beyond[0].find(f"{SVG}path").get("d").split(",")[1].split()[0]) + 6
+    assert top_of_c < b < a  # up is worse: c above b (3.0) above a (0.5)
+    texts = [t.text for t in svg.iter(f"{SVG}text")]
+    assert texts.count("0") >= 2  # both cost axes start at zero
