@@ -1,5 +1,7 @@
 """The evaluation suite on real model outputs with known answers: self-agreement, damage, gating."""
 
+import sys
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -19,6 +21,7 @@ from quant_pipeline.evaluation.suite import (
     add_agreement,
     aggregate_items,
     load_reference,
+    run_harness,
     run_suite,
     with_reference,
 )
@@ -102,6 +105,19 @@ def test_suite_measures_every_slice_and_metric_family(tiny_suite):
     gen = items[items["task"] == "qp_behaviour"]
     assert (gen["new_tokens"] <= MAX_NEW).all() and gen["output"].map(type).eq(str).all()
     assert stats["latency_requests"] > 0
+
+
+def test_the_harness_starts_no_process(tiny_suite):
+    """lm-eval's environment report runs `pip list` in a new interpreter (0.44 s a run, 2.5 s the first in a process)
+    and its git lookup runs `git`; the runtime fingerprint records the environment instead, so neither may run."""
+    model, tokenizer = tiny_suite[:2]
+    started, watching = [], [True]
+    sys.addaudithook(lambda event, args: started.append(args) if watching[0] and event == "subprocess.Popen" else None)
+    try:
+        rows, _, _ = run_harness(model, tokenizer, "base", limit=1, batch_size=4, tasks=["qp_golden_facts"])
+    finally:
+        watching[0] = False  # an audit hook cannot be removed: this one stops recording
+    assert rows and started == []
 
 
 def test_greedy_suite_is_deterministic(tiny_suite):
