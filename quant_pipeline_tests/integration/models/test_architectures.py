@@ -93,8 +93,8 @@ class Audits:
 
 
 @pytest.fixture(scope="module")
-def audits(tmp_path_factory, smollm2_tokenizer):
-    audits = Audits(tmp_path_factory.mktemp("architectures"), smollm2_tokenizer)
+def audits(tmp_path_factory, tiny_tokenizer):
+    audits = Audits(tmp_path_factory.mktemp("architectures"), tiny_tokenizer)
     with audits.stack:
         yield audits
 
