@@ -27,7 +27,14 @@ from quant_pipeline.core.perf import freeze_import_heap  # noqa: E402
 from quant_pipeline.core.tracking import MlflowTracker  # noqa: E402
 from quant_pipeline.defs.resources import AuditSettings  # noqa: E402
 from quant_pipeline_tests.scheduling import heaviest_files_first  # noqa: E402
-from quant_pipeline_tests.support import TINY_RECIPE, audit_world, fresh_audit_world, mlflow_db, run_audit  # noqa: E402
+from quant_pipeline_tests.support import (  # noqa: E402
+    TINY_RECIPE,
+    audit_world,
+    fresh_audit_world,
+    mlflow_db,
+    run_audit,
+    write_tiny_llama,
+)
 
 freeze_import_heap()  # each worker audits tiny models all session: its collections skip the imported stack
 
@@ -81,26 +88,7 @@ def tiny_tokenizer(smollm2_tokenizer):
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory, tiny_tokenizer) -> Path:
     """A 2-layer, 128-wide randomly initialised Llama saved as a safetensors checkpoint, with the tiny tokenizer."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    path = tmp_path_factory.mktemp("tiny_llama")
-    config = LlamaConfig(
-        vocab_size=len(tiny_tokenizer),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-        bos_token_id=tiny_tokenizer.bos_token_id,
-        eos_token_id=tiny_tokenizer.eos_token_id,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
-    tiny_tokenizer.save_pretrained(path)
-    return path
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), tiny_tokenizer)
 
 
 @pytest.fixture

@@ -14,15 +14,16 @@ from quant_pipeline_tests.servers import REPO_ROOT
 from quant_pipeline_tests.support import fresh_audit_world, mlflow_db, run_audit
 
 # kl_divergence is > 0 for any quantization that changes a weight: tolerance 0 fails every slice it measures, so
-# the verdict is FAIL whatever else happens. top1_agreement's 0.05 is there to be found on a page: a number no
-# other cell shows, which the tiny model's 4-bit artifact misses by 0.07-0.21 on most slices (not all).
+# the verdict is FAIL whatever else happens. top1_agreement's 0.025 is there to be found on a page: a number no
+# other cell of the failing row shows (not as part of another number either), which the tiny model's 4-bit
+# artifact misses on the arithmetic slice (delta -0.038) and meets on the others (-0.023 at worst, 2026-11-27).
 POLICY_NAME = "browser-fails"
 FAILING_POLICY = (
     f"name: {POLICY_NAME}\nmin_items: 1\ntolerances:\n"
     "  kl_divergence: {direction: lower_is_better, mode: absolute, tolerance: 0.0}\n"
-    "  top1_agreement: {direction: higher_is_better, mode: absolute, tolerance: 0.05}\n"
+    "  top1_agreement: {direction: higher_is_better, mode: absolute, tolerance: 0.025}\n"
 )
-TOP1_TOLERANCE = "0.05"  # how top1_agreement's tolerance reads on a page, whatever the digits after it
+TOP1_TOLERANCE = "0.025"  # how top1_agreement's tolerance reads on a page, whatever the digits after it
 
 
 @dataclass(frozen=True)

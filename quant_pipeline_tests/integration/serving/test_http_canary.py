@@ -38,7 +38,7 @@ from quant_pipeline.serving.arms import bucket, choose_arm, prefix_agreement
 from quant_pipeline.serving.resolver import ModelResolver, load_verified
 from quant_pipeline.serving.server import greedy_generate
 from quant_pipeline_tests.servers import free_port
-from quant_pipeline_tests.support import mlflow_db
+from quant_pipeline_tests.support import mlflow_db, write_tiny_llama
 
 MODEL = "tiny-canary"
 TOKENS = 4
@@ -51,11 +51,13 @@ CONTRACT = {
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory, tiny_llama):
-    """The tiny Llama as the registered base, and three candidates of it, each a reference-only pyfunc version:
+def fleet(tmp_path_factory, tiny_tokenizer):
+    """A tiny Llama as the registered base, and three candidates of it, each a reference-only pyfunc version:
     identity (production, approved), torchao int8 weight-only (canary, approved), and another identity copy
-    left pending sign-off."""
+    left pending sign-off. The base is initialised wider than the shared tiny model (0.1, not 0.02), so its greedy
+    outputs depend on the prompt and int8 moves some of them: shadow mode has differences to record."""
     root = tmp_path_factory.mktemp("canary")
+    tiny_llama = write_tiny_llama(root / "base", tiny_tokenizer, initializer_range=0.1)
     store = ArtifactStore(root / "store")
     tracker = MlflowTracker(tracking_uri=mlflow_db(root), artifact_root=(root / "mlartifacts").as_uri())
     base_hash, runtime_hash = tree_hash(file_hashes(tiny_llama)), fingerprint_hash(runtime_fingerprint())
