@@ -26,6 +26,7 @@ from quant_pipeline.core.paths import default_gguf_path  # noqa: E402
 from quant_pipeline.core.perf import freeze_import_heap  # noqa: E402
 from quant_pipeline.core.tracking import MlflowTracker  # noqa: E402
 from quant_pipeline.defs.resources import AuditSettings  # noqa: E402
+from quant_pipeline.models import tiny  # noqa: E402
 from quant_pipeline_tests.scheduling import heaviest_files_first  # noqa: E402
 from quant_pipeline_tests.support import (  # noqa: E402
     TINY_RECIPE,
@@ -33,7 +34,6 @@ from quant_pipeline_tests.support import (  # noqa: E402
     fresh_audit_world,
     mlflow_db,
     run_audit,
-    write_tiny_llama,
 )
 
 freeze_import_heap()  # each worker audits tiny models all session: its collections skip the imported stack
@@ -55,40 +55,15 @@ def smollm2_tokenizer():
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer(smollm2_tokenizer):
-    """A 4,096-token byte-level BPE trained on the shipped evaluation and calibration text, with SmolLM2's special
-    tokens (same ids) and chat template: any text encodes, and the suite's prompts are formatted as SmolLM2's are.
-
-    The tiny test models use it instead of SmolLM2's 49,152 tokens: with those, about 40% of a tiny audit was work
-    over the vocabulary (the output layer, log-softmax, the float64 reference summaries), and a tiny audit took
-    24 s in one process against 10 s with this one (2026-11-27). The default-model tests keep SmolLM2's own."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from quant_pipeline.core.paths import DEFAULT_CALIBRATION, EVALS_DIR
-
-    texts = [
-        line for f in [*sorted(EVALS_DIR.glob("*.jsonl")), DEFAULT_CALIBRATION] for line in f.read_text().splitlines()
-    ]
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    specials = [smollm2_tokenizer.convert_ids_to_tokens(i) for i in range(3)]  # <|endoftext|>, <|im_start|>, <|im_end|>
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    bpe.train_from_iterator(
-        texts, trainers.BpeTrainer(vocab_size=4096, special_tokens=specials, initial_alphabet=alphabet)
-    )
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, **smollm2_tokenizer.special_tokens_map)
-    tokenizer.chat_template = smollm2_tokenizer.chat_template
-    assert [tokenizer.bos_token_id, tokenizer.eos_token_id] == [
-        smollm2_tokenizer.bos_token_id,
-        smollm2_tokenizer.eos_token_id,
-    ]
-    return tokenizer
+    """A 4,096-token BPE trained on the shipped text, with SmolLM2's special tokens and chat template
+    (quant_pipeline/models/tiny.py says why). The default-model tests keep SmolLM2's own."""
+    return tiny.tiny_tokenizer(smollm2_tokenizer)
 
 
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory, tiny_tokenizer) -> Path:
     """A 2-layer, 128-wide randomly initialised Llama saved as a safetensors checkpoint, with the tiny tokenizer."""
-    return write_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), tiny_tokenizer)
+    return tiny.write_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), tiny_tokenizer)
 
 
 @pytest.fixture

@@ -23,26 +23,6 @@ TINY_RECIPE = Recipe(bits=4, group_size=64, calibration_samples=8, seq_len=64)
 LENIENT = "name: lenient\nmin_items: 1\ntolerances:\n  top1_agreement: {direction: higher_is_better, tolerance: 1.0}\n"
 
 
-def write_tiny_llama(path: Path, tokenizer, initializer_range: float = 0.02) -> Path:
-    """A 2-layer, 128-wide randomly initialised Llama (seed 0) and its tokenizer, saved as safetensors in `path`.
-
-    At transformers' default initialisation (0.02) greedy decoding is nearly independent of the prompt: the chat
-    template's shared text dominates, and the small-vocabulary model answers every prompt with one repeated token.
-    A larger `initializer_range` makes outputs depend on the prompt, for tests that need some prompts to move."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024, tie_word_embeddings=True,
-        initializer_range=initializer_range, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 def run_audit(
     settings: AuditSettings,
     tracker: MlflowTracker,

@@ -103,27 +103,11 @@ def mlflow_server(backend: str, artifacts: Path, log: Path) -> Iterator[str]:
 
 
 def tiny_models(out: Path, count: int) -> list[Path]:
-    """`count` 2-layer, 128-wide random Llamas (seeds 0..) with SmolLM2's tokenizer, as the tests build them."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    """`count` tiny random Llamas (seeds 0..) with the tiny tokenizer, as the tests build them (models/tiny.py)."""
+    from quant_pipeline.models.tiny import smollm2_tiny_tokenizer, write_tiny_llama
 
-    from quant_pipeline.core.paths import default_gguf_path
-
-    gguf = default_gguf_path()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=1024, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-    )  # fmt: skip
-    paths = []
-    for seed in range(count):
-        torch.manual_seed(seed)
-        path = out / f"tiny-{seed}"
-        LlamaForCausalLM(config).save_pretrained(path)
-        tokenizer.save_pretrained(path)
-        paths.append(path)
-    return paths
+    tokenizer = smollm2_tiny_tokenizer()
+    return [write_tiny_llama(out / f"tiny-{seed}", tokenizer, seed=seed) for seed in range(count)]
 
 
 def audits(env: dict, models: list[Path], logs: Path) -> float:

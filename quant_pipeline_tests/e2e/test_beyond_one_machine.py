@@ -18,24 +18,12 @@ from mlflow.tracking import MlflowClient
 from quant_pipeline.cli.bench_deploy import mlflow_server, running_postgres
 from quant_pipeline.core.hashing import file_hashes, tree_hash
 from quant_pipeline.core.paths import DEFAULT_CALIBRATION
+from quant_pipeline.models.tiny import write_tiny_llama
 from quant_pipeline_tests.servers import REPO_ROOT, start_server, stop_process_group, tail, wait_until
 from quant_pipeline_tests.support import LENIENT, edit_first_sample
 
 BIN_DIR = Path(sys.executable).parent
 MODELS = ("tiny-a", "tiny-b")
-
-
-def second_tiny_model(tiny_llama: Path, out: Path) -> Path:
-    """Another 2-layer Llama of the same shape with other random weights (the same tokenizer)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(1)
-    LlamaForCausalLM(LlamaConfig.from_pretrained(tiny_llama)).save_pretrained(out)
-    for f in tiny_llama.iterdir():
-        if f.name.startswith(("tokenizer", "chat_template", "special_tokens")):
-            shutil.copy(f, out / f.name)
-    return out
 
 
 def cli(env: dict, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -45,12 +33,12 @@ def cli(env: dict, *args: str, timeout: float = 300) -> subprocess.CompletedProc
 
 
 @pytest.fixture(scope="module")
-def deployment(tmp_path_factory, tiny_llama):
+def deployment(tmp_path_factory, tiny_llama, tiny_tokenizer):
     """PostgreSQL with a `dagster` and an `mlflow` database, the MLflow server on the latter, the environment a host
     of the deployment runs with (Dagster's instance from the shipped config), and both models audited at once."""
     root = tmp_path_factory.mktemp("deployment")
     # named explicitly: tiny-a's folder says tiny_llama0, and the daemon's re-audit must keep the name it was given
-    models = {"tiny-a": tiny_llama, "tiny-b": second_tiny_model(tiny_llama, root / "tiny-b")}
+    models = {"tiny-a": tiny_llama, "tiny-b": write_tiny_llama(root / "tiny-b", tiny_tokenizer, seed=1)}
     log = root / "mlflow.log"
     with running_postgres() as urls, mlflow_server(urls["mlflow"], root / "mlartifacts", log) as uri:
         home = root / "dagster_home"

@@ -30,6 +30,7 @@ from quant_pipeline.core.store import ArtifactStore
 from quant_pipeline.core.tracking import MlflowTracker
 from quant_pipeline.evaluation.behaviour import check_json_format, check_tool_call
 from quant_pipeline.models.methods import artifact_id, precision, quantize
+from quant_pipeline.models.tiny import write_tiny_llama
 from quant_pipeline.release.reference import base_artifact_id, log_registered_pyfunc
 from quant_pipeline.release.signoff import record_event
 from quant_pipeline.serving import HttpFrontend, RequestTimeout, Server, ServingConfig, read_requests, reproduce
@@ -38,7 +39,7 @@ from quant_pipeline.serving.arms import bucket, choose_arm, prefix_agreement
 from quant_pipeline.serving.resolver import ModelResolver, load_verified
 from quant_pipeline.serving.server import greedy_generate
 from quant_pipeline_tests.servers import free_port
-from quant_pipeline_tests.support import mlflow_db, write_tiny_llama
+from quant_pipeline_tests.support import mlflow_db
 
 MODEL = "tiny-canary"
 TOKENS = 4
