@@ -6,6 +6,8 @@ hash. That hash is the base model's identity in every record, and the checkpoint
 baseline (comparison and rollback path): the pipeline writes it once and never overwrites it.
 """
 
+import copy
+import functools
 import json
 import threading
 from contextlib import contextmanager
@@ -110,8 +112,22 @@ def read_model_config(source: ModelSource) -> dict:
     if source.kind == "local":
         return _config_json(Path(source.location) / "config.json")
     if source.kind == "gguf":
-        return AutoConfig.from_pretrained(source.location, gguf_file=source.gguf_file).to_dict()
+        stat = (Path(source.location) / source.gguf_file).stat()
+        version = (stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+        return copy.deepcopy(_gguf_config(source.location, source.gguf_file, version))
     return AutoConfig.from_pretrained(source.location).to_dict()
+
+
+@functools.lru_cache(maxsize=8)
+def _gguf_config(location: str, gguf_file: str, version: tuple) -> dict:
+    """A GGUF's config, once per process and version of the file (`version`: inode, size, mtime and ctime; a
+    rewrite changes the ctime even where it restores the mtime). transformers parses the whole file to read it,
+    every header field and the vocabulary's strings one by one: about 3 s for SmolLM2, 30 s for Gemma 3's 262k
+    tokens here, and an audit asks for it in two pre-run checks besides the conversion (which fills this cache
+    from its own parse, `_convert_gguf`)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(location, gguf_file=gguf_file).to_dict()
 
 
 def check_weights_readable(source: ModelSource) -> None:
@@ -204,6 +220,7 @@ def _convert_gguf(source: ModelSource, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with _gguf_parsed_once(Path(source.location) / source.gguf_file):
+        read_model_config(source)  # from the same parse: the next run's pre-run checks need not parse it again
         tok = AutoTokenizer.from_pretrained(source.location, gguf_file=source.gguf_file)
         loaded = AutoModelForCausalLM.from_pretrained(source.location, gguf_file=source.gguf_file, dtype=torch.float32)
     cfg = loaded.config.to_dict()
