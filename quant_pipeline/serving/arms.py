@@ -15,9 +15,6 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from jsonschema import Draft202012Validator
-from jsonschema.exceptions import SchemaError
-
 from quant_pipeline.core.records import OutputValidation, ShadowOutcome
 from quant_pipeline.core.registry_view import CANARY_ALIAS
 from quant_pipeline.evaluation.behaviour import check_json_format, check_tool_call
@@ -94,6 +91,11 @@ def check_declared_format(schema: object, tool: object) -> None:
 
 
 def _check_schema(schema: dict, field: str) -> None:
+    # imported here, as the behaviour scorer does: jsonschema builds rfc3987_syntax's grammar at import (1.7 s),
+    # and MLflow imports this package to check a registered model's code whenever an audit registers a version
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import SchemaError
+
     try:
         Draft202012Validator.check_schema(schema)
     except SchemaError as e:
