@@ -96,11 +96,17 @@ def svg_document(width: float, height: float, body: list[str], label: str) -> st
     )
 
 
+def linear(low: float, high: float, start: float, end: float):
+    """The map from values to pixels that puts `low` at `start` and `high` at `end`: an axis's ticks and all that is
+    drawn against it go through the same one."""
+    return lambda value: start + (value - low) / (high - low) * (end - start)
+
+
 def x_axis(low: float, high: float, left: float, width: float, top: float, bottom: float, label: str) -> list[str]:
     """Tick marks, grid and values along the bottom, the axis label under them; the scale as (lo, hi) → pixels."""
-    out = [svg_line(left, bottom, left + width, bottom, "#333")]
+    out, at = [svg_line(left, bottom, left + width, bottom, "#333")], linear(low, high, left, left + width)
     for t in ticks(low, high):
-        x = left + (t - low) / (high - low) * width
+        x = at(t)
         out += [svg_line(x, top, x, bottom, "#eee"), svg_line(x, bottom, x, bottom + 4, "#333")]
         out.append(svg_text(x, bottom + 16, svg_number(t), 10, "middle"))
     out.append(svg_text(left + width / 2, bottom + 32, label, 11, "middle"))
@@ -109,9 +115,9 @@ def x_axis(low: float, high: float, left: float, width: float, top: float, botto
 
 def y_axis(low: float, high: float, left: float, top: float, bottom: float, label: str) -> list[str]:
     """The left axis: values from `low` at `bottom` to `high` at `top`, ticked, the label written upwards."""
-    out = [svg_line(left, top, left, bottom, "#333")]
+    out, at = [svg_line(left, top, left, bottom, "#333")], linear(low, high, bottom, top)
     for t in ticks(low, high):
-        y = bottom - (t - low) / (high - low) * (bottom - top)
+        y = at(t)
         out += [svg_line(left - 4, y, left, y, "#333"), svg_text(left - 7, y + 4, svg_number(t), 10, "end")]
     mid, x = (top + bottom) / 2, left - 42
     return [*out, svg_text(x, mid, label, 10, "middle", f' transform="rotate(-90 {x:.1f} {mid:.1f})"')]
@@ -147,10 +153,7 @@ def delta_panel(metric: str, part: pd.DataFrame) -> str:
     low, high = low - pad, high + pad
     left = 12 + 6.2 * max(len(str(c)) for c in part["category"])
     top, bottom = 8, 8 + ROW * len(part)
-
-    def x(value: float) -> float:
-        return left + (value - low) / (high - low) * PLOT_WIDTH
-
+    x = linear(low, high, left, left + PLOT_WIDTH)
     unit = " (percentage points)" if scale == 100.0 else ""
     body = x_axis(low, high, left, PLOT_WIDTH, top, bottom, f"{metric}: quantized − base{unit}")
     body.append(svg_line(x(0), top, x(0), bottom, "#555", 0.8))
@@ -205,9 +208,9 @@ def cost_quality(points: list[CostPoint], quality_label: str = "mean multiple-ch
         plot_left, plot_width = offset + left, width - left - 10
         body += x_axis(0.0, top_value, plot_left, plot_width, top, bottom, label)
         body += y_axis(0.0, 100.0, plot_left, top, bottom, f"{quality_label} (%)")
+        to_x, to_y = linear(0.0, top_value, plot_left, plot_left + plot_width), linear(0.0, 1.0, bottom, top)
         for i, p in enumerate(shown):
-            px = plot_left + getattr(p, field) / top_value * plot_width
-            py = bottom - p.quality * (bottom - top)
+            px, py = to_x(getattr(p, field)), to_y(p.quality)
             colour = POINT_COLOURS[i % len(POINT_COLOURS)]
             said = f"{p.name}: {label} {svg_number(getattr(p, field))}, quality {p.quality:.1%}"
             title = f"<title>{html.escape(said)}</title>"

@@ -22,7 +22,7 @@ from typing import Literal
 import pandas as pd
 from pydantic import BaseModel
 
-from quant_pipeline.evaluation.plots import svg_document, svg_line, svg_number, svg_text, x_axis, y_axis
+from quant_pipeline.evaluation.plots import linear, svg_document, svg_line, svg_number, svg_text, x_axis, y_axis
 
 OBJECTIVES = {  # what "best" means among the candidates that PASS (smallest value wins)
     "size": "size_bytes",
@@ -158,21 +158,22 @@ def plot_fronts(rows: list[TradeoffRow], path) -> list[str]:
     body = [svg_text(width + 20, 20, "Candidates: cost against worst per-slice regression (green PASS, red FAIL, "
                      "grey other)", 12, "middle")]  # fmt: skip
     low, high = -0.03 * top_share, 1.05 * top_share
+    to_y = linear(low, high, bottom, top)
     for panel, (cost, label, scale) in enumerate(
         [("size_bytes", "size (MiB)", 2**20), ("latency_p50_s", "p50 latency (s)", 1.0)]
     ):
         shown = [r for r in measured + beyond if math.isfinite(getattr(r, cost))]
         right = max((getattr(r, cost) / scale for r in shown), default=1.0) * 1.15 or 1.0  # the axis from zero
         plot_left, plot_width = panel * (width + 40) + left, width - left - 20
+        to_x = linear(0.0, right, plot_left, plot_left + plot_width)
 
         def point(r: TradeoffRow) -> tuple[float, float]:
             share = r.worst_share if r in measured else top_share
-            x = plot_left + getattr(r, cost) / scale / right * plot_width  # noqa: B023 (called in this iteration)
-            return x, bottom - (share - low) / (high - low) * (bottom - top)
+            return to_x(getattr(r, cost) / scale), to_y(share)  # noqa: B023 (called in this iteration)
 
         body += x_axis(0.0, right, plot_left, plot_width, top, bottom, label)
         body += y_axis(low, high, plot_left, top, bottom, "worst share of tolerance (1 = the bar)")
-        bar = bottom - (1.0 - low) / (high - low) * (bottom - top)
+        bar = to_y(1.0)
         body.append(svg_line(plot_left, bar, plot_left + plot_width, bar, "#d62728", 0.8, "5 3"))
         front = set(pareto_front(rows, cost))
         joined = " ".join(
