@@ -7,41 +7,44 @@ ran the default model, a daemon test and Gemma one after another (pytest 1,934 s
 the longest files first (longest-processing-time-first scheduling) ends both workers together. `make test` passes
 `--no-loadscope-reorder` so that xdist keeps this order.
 
-The figures are each file's setup, call and teardown seconds summed (`--durations=0`, one of two workers, 2 cores,
-2026-11-27, session 19). They only order the queue: a stale figure makes the run slower, never wrong. Files under
-5 s are left out and keep their collection order after these.
+The figures are each file's setup, call and teardown seconds summed (`--durations=0` in a fresh-clone CI run, two
+workers on 2 cores, 2026-11-27, session 20: 2,113 s of tests in 1,076 s of pytest). They only order the queue: a
+stale figure makes the run slower, never wrong. Files under 5 s are left out and keep their collection order after
+these.
 """
 
 FILE_SECONDS = {
-    "e2e/test_default_model.py": 422,
-    "e2e/test_methods.py": 354,
-    "e2e/test_beyond_one_machine.py": 345,
-    "e2e/test_second_model.py": 302,
-    "e2e/test_servers.py": 268,
-    "integration/models/test_architectures.py": 202,
-    "e2e/test_audit_pipeline.py": 159,
-    "integration/test_model_identity.py": 132,
-    "e2e/test_reaudit.py": 125,
-    "red_team/test_gate_attacks.py": 117,
-    "integration/serving/test_serving.py": 91,
-    "e2e/test_signoff.py": 81,
-    "red_team/test_crash_attacks.py": 61,
-    "e2e/test_live_rollback.py": 58,
-    "browser/test_dagster_ui.py": 54,
-    "red_team/test_evidence_attacks.py": 52,
-    "e2e/test_bench.py": 44,
-    "red_team/test_bad_input_attacks.py": 41,
-    "e2e/test_bad_input.py": 38,
-    "browser/test_mlflow_ui.py": 36,
-    "integration/test_record_shown.py": 26,
-    "unit/cli/test_main.py": 22,
-    "integration/evaluation/test_eval_suite.py": 21,
-    "integration/monitoring/test_live_monitoring.py": 19,
-    "integration/serving/test_http_canary.py": 15,
-    "integration/monitoring/test_served_canary.py": 15,
-    "unit/core/test_store.py": 10,
+    "e2e/test_default_model.py": 428,
+    "e2e/test_beyond_one_machine.py": 268,
+    "e2e/test_second_model.py": 261,
+    "e2e/test_servers.py": 237,
+    "e2e/test_methods.py": 140,
+    "integration/models/test_architectures.py": 82,
+    "integration/serving/test_serving.py": 63,
+    "e2e/test_live_rollback.py": 61,
+    "red_team/test_gate_attacks.py": 60,
+    "e2e/test_reaudit.py": 51,
+    "integration/test_model_identity.py": 48,
+    "e2e/test_audit_pipeline.py": 43,
+    "e2e/test_signoff.py": 39,
+    "browser/test_dagster_ui.py": 38,
+    "red_team/test_crash_attacks.py": 34,
+    "browser/test_mlflow_ui.py": 32,
+    "integration/test_record_shown.py": 23,
+    "e2e/test_bad_input.py": 22,
+    "unit/cli/test_main.py": 20,
+    "red_team/test_bad_input_attacks.py": 20,
+    "red_team/test_evidence_attacks.py": 18,
+    "integration/monitoring/test_live_monitoring.py": 16,
+    "e2e/test_bench.py": 16,
+    "integration/monitoring/test_served_canary.py": 13,
+    "unit/defs/test_definitions_load.py": 10,
+    "integration/models/test_gguf_config.py": 9,
+    "unit/core/test_store.py": 9,
     "unit/defs/test_resources.py": 9,
-    "red_team/test_serving_attacks.py": 9,
+    "integration/serving/test_http_canary.py": 7,
+    "integration/evaluation/test_eval_suite.py": 7,
+    "red_team/test_serving_attacks.py": 6,
 }
 PACKAGE = "quant_pipeline_tests/"
 

@@ -108,6 +108,9 @@ def _quiet_libraries() -> None:
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
+    # its own verbosity too: transformers sets its root logger's level when it first logs, over `_quiet_loggers`
+    # (a tiny model's config said "`loss_type=None` was set in the config but it is unrecognized" on the terminal)
+    transformers.utils.logging.set_verbosity_error()
     with contextlib.redirect_stdout(io.StringIO()):  # gptqmodel prints a banner and its env settings on import
         import gptqmodel  # noqa: F401
     from logbar import LogBar  # gptqmodel's logger: kernel selection and packing INFO lines per model load
