@@ -28,13 +28,7 @@ from quant_pipeline.core.tracking import MlflowTracker  # noqa: E402
 from quant_pipeline.defs.resources import AuditSettings  # noqa: E402
 from quant_pipeline.models import tiny  # noqa: E402
 from quant_pipeline_tests.scheduling import heaviest_files_first  # noqa: E402
-from quant_pipeline_tests.support import (  # noqa: E402
-    TINY_RECIPE,
-    audit_world,
-    fresh_audit_world,
-    mlflow_db,
-    run_audit,
-)
+from quant_pipeline_tests.support import TINY_RECIPE, audit_world, fresh_audit_world, mlflow_db, run_audit  # noqa: E402
 
 freeze_import_heap()  # each worker audits tiny models all session: its collections skip the imported stack
 

@@ -122,7 +122,7 @@ def read_model_config(source: ModelSource) -> dict:
 def _gguf_config(location: str, gguf_file: str, version: tuple) -> dict:
     """A GGUF's config, once per process and version of the file (`version`: inode, size, mtime and ctime; a
     rewrite changes the ctime even where it restores the mtime). transformers parses the whole file to read it,
-    every header field and the vocabulary's strings one by one: about 3 s for SmolLM2, 30 s for Gemma 3's 262k
+    every header field and the vocabulary's strings one by one: about 3 s for SmolLM2, 18 s for Gemma 3's 262k
     tokens here, and an audit asks for it in two pre-run checks besides the conversion (which fills this cache
     from its own parse, `_convert_gguf`)."""
     from transformers import AutoConfig
