@@ -21,7 +21,7 @@ from quant_pipeline.core.perf import bound_heap_fragmentation
 from quant_pipeline.core.records import CheckpointRecord, RecordError
 from quant_pipeline.core.store import ArtifactStore, StoreError, atomic_directory, check_name, verify_tree
 from quant_pipeline.models import hqq
-from quant_pipeline.models.identity import HUB_ID, architecture_of, gguf_name, name_from_config
+from quant_pipeline.models.identity import HUB_ID, architecture_of, file_version, gguf_name, name_from_config
 from quant_pipeline.models.packaged import PACKAGED_MODELS, packaged_model_path
 from quant_pipeline.models.placement import CPU, Placement
 
@@ -112,19 +112,17 @@ def read_model_config(source: ModelSource) -> dict:
     if source.kind == "local":
         return _config_json(Path(source.location) / "config.json")
     if source.kind == "gguf":
-        stat = (Path(source.location) / source.gguf_file).stat()
-        version = (stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+        version = file_version(Path(source.location) / source.gguf_file)
         return copy.deepcopy(_gguf_config(source.location, source.gguf_file, version))
     return AutoConfig.from_pretrained(source.location).to_dict()
 
 
 @functools.lru_cache(maxsize=8)
 def _gguf_config(location: str, gguf_file: str, version: tuple) -> dict:
-    """A GGUF's config, once per process and version of the file (`version`: inode, size, mtime and ctime; a
-    rewrite changes the ctime even where it restores the mtime). transformers parses the whole file to read it,
-    every header field and the vocabulary's strings one by one: about 3 s for SmolLM2, 18 s for Gemma 3's 262k
-    tokens here, and an audit asks for it in two pre-run checks besides the conversion (which fills this cache
-    from its own parse, `_convert_gguf`)."""
+    """A GGUF's config, once per process and version of the file (`identity.file_version`). transformers parses
+    the whole file to read it, every header field and the vocabulary's strings one by one: about 3 s for SmolLM2,
+    18 s for Gemma 3's 262k tokens here, and an audit asks for it in two pre-run checks besides the conversion
+    (which fills this cache from its own parse, `_convert_gguf`)."""
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(location, gguf_file=gguf_file).to_dict()

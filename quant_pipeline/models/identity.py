@@ -49,13 +49,19 @@ def name_from_config(config: dict) -> str | None:
     return safe_name(value.replace("/", "--"))
 
 
+def file_version(path: Path) -> tuple[int, int, int, int]:
+    """What a per-process cache of a file's contents is keyed on: inode, size, mtime and ctime. A rewrite changes
+    the ctime even where it puts the size and mtime back (`os.utime` cannot set a ctime)."""
+    stat = Path(path).stat()
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
+
+
 def gguf_name(path: Path) -> str | None:
     """The GGUF's own `general.name`, read from the header's key-value pairs up to that key. gguf's reader parses
     every field first, the tokenizer's vocabulary included (262k strings, tens of seconds for Gemma 3), and the
     name is asked for by every stage's pre-run check."""
     try:
-        stat = Path(path).stat()
-        value = _gguf_header_string(str(path), stat.st_size, stat.st_mtime_ns, "general.name")
+        value = _gguf_header_string(str(path), file_version(path), "general.name")
         return safe_name(value) if value is not None else None
     except (OSError, ValueError, UnicodeDecodeError, struct.error):
         return None
@@ -66,8 +72,8 @@ _SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 1
 
 
 @functools.lru_cache(maxsize=64)
-def _gguf_header_string(path: str, size: int, mtime_ns: int, wanted: str) -> str | None:
-    """A string value of a GGUF's header (None if absent); cached per file version (size and mtime are keys)."""
+def _gguf_header_string(path: str, version: tuple, wanted: str) -> str | None:
+    """A string value of a GGUF's header (None if absent); cached per `file_version`."""
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":
             raise ValueError(f"{path} is not a GGUF file")
