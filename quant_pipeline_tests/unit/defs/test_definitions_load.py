@@ -7,13 +7,15 @@ import sys
 
 import pytest
 
+LOADED = [("quant_pipeline.definitions", "defs"), ("quant_pipeline.serving", "Server")]  # a module, a name it defines
 
-@pytest.mark.parametrize("module", ["quant_pipeline.definitions", "quant_pipeline.serving"])
+
+@pytest.mark.parametrize(("module", "loaded"), LOADED)
 def test_loading_the_definitions_or_the_served_models_code_leaves_jsonschema_and_its_iri_grammar_to_the_scorer(
-    module,
+    module, loaded
 ):
     code = (
-        f"import sys, importlib; importlib.import_module({module!r}); "
+        f"import sys, importlib; assert getattr(importlib.import_module({module!r}), {loaded!r}) is not None; "
         "print('LOADED', sorted(m for m in ('jsonschema', 'rfc3987_syntax') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
