@@ -20,7 +20,7 @@ from quant_pipeline.core.paths import default_gguf_path
 from quant_pipeline.core.perf import bound_heap_fragmentation
 from quant_pipeline.core.records import CheckpointRecord, RecordError
 from quant_pipeline.core.store import ArtifactStore, StoreError, atomic_directory, check_name, verify_tree
-from quant_pipeline.models import hqq
+from quant_pipeline.models import gptq, hqq
 from quant_pipeline.models.identity import HUB_ID, architecture_of, file_version, gguf_name, name_from_config
 from quant_pipeline.models.packaged import PACKAGED_MODELS, packaged_model_path
 from quant_pipeline.models.placement import CPU, Placement
@@ -351,12 +351,15 @@ def load_model(path: Path, trust_remote_code: bool = False, where: Placement = C
         model.eval()
         return model, tokenizer
     kwargs = {"device_map": where.device, "use_safetensors": True, "trust_remote_code": trust_remote_code}
+    quantization = _config_json(Path(path) / "config.json").get("quantization_config", None)
     # a quantized checkpoint on the CPU keeps the dtype it was saved with (its kernels choose); on a GPU every
     # model computes in the placement's dtype, the base included
-    if where != CPU or "quantization_config" not in (Path(path) / "config.json").read_text():
+    if where != CPU or quantization is None:
         kwargs["dtype"] = where.torch_dtype
     with _gpt2_init_skips_packed_layers():
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if isinstance(quantization, dict) and quantization.get("quant_method") == "gptq":
+        gptq.skip_identity_gather(model)
     model.eval()
     return model, tokenizer
 

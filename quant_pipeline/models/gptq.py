@@ -151,3 +151,36 @@ def quantize(base_path: Path, texts: list[str], recipe: Recipe, out_dir: Path, w
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     return {"calibration_passes_cut_short": stopped["passes"], "layer_sensitivity": sensitivity}
+
+
+def skip_identity_gather(model) -> int:
+    """Let a GPTQ model's int4 layers on the CPU skip a copy that changes nothing; returns how many layers.
+
+    gptqmodel's CPU kernel (`TorchAtenLinear`) gathers each input's columns into its group order before the int4
+    matmul (`x[:, ret_idx]`). Without act-order that order is the identity, so the gather only copies the input:
+    12% of a prefill of the default model (32 prompts, 1 thread, torch profiler), 5% of a decode step, and a fresh
+    mapping per copy under the heap bound (core.perf). A layer skips it only where its order is the identity, and
+    then hands the kernel the same bf16 values in the same layout, so every output is bit for bit the library's
+    (pinned by a test against the library's own method); any other order keeps the library's path."""
+    import types
+
+    from gptqmodel.nn_modules.qlinear.torch_aten_kernel import TorchAtenLinear
+
+    layers = [layer for layer in model.modules() if type(layer) is TorchAtenLinear]
+    for layer in layers:
+        layer._fused_op_forward = types.MethodType(_int4_mm_in_group_order, layer)
+    return len(layers)
+
+
+def _int4_mm_in_group_order(layer, x):
+    import torch
+
+    if getattr(layer, "_gather_is_identity", None) is None:  # `ret_idx` exists once the layer has packed for the CPU
+        order = layer.ret_idx
+        layer._gather_is_identity = torch.equal(order, torch.arange(order.numel(), dtype=order.dtype))
+    if not layer._gather_is_identity:
+        return type(layer)._fused_op_forward(layer, x)
+    out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+        x.to(torch.bfloat16).contiguous(), layer.qweight, layer.group_size, layer.scales_and_zeros
+    )
+    return out.to(x.dtype)
