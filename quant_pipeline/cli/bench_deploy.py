@@ -56,25 +56,52 @@ def running_postgres(databases: tuple[str, ...] = ("dagster", "mlflow")) -> Iter
     `postgres`, trust on loopback). PostgreSQL refuses to run as root: under root the cluster belongs to the
     `postgres` user Debian's package creates, in a folder outside root-only temporary trees."""
     root = Path(tempfile.mkdtemp(prefix="qp-postgres-", dir="/tmp"))
-    if os.geteuid() == 0:
-        owner = pwd.getpwnam("postgres")
-        os.chown(root, owner.pw_uid, owner.pw_gid)
     data, port = root / "data", free_port()
-    subprocess.run(
-        _as_owner([_pg_binary("initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"]),
-        check=True, capture_output=True,
-    )  # fmt: skip
-    options = f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories={root} -c fsync=off"
-    start = [_pg_binary("pg_ctl"), "-D", str(data), "-l", str(root / "server.log"), "-o", options, "-w", "start"]
-    subprocess.run(_as_owner(start), check=True, capture_output=True)
+    with _sigterm_exits():
+        try:
+            if os.geteuid() == 0:
+                owner = pwd.getpwnam("postgres")
+                os.chown(root, owner.pw_uid, owner.pw_gid)
+            initdb = [_pg_binary("initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"]
+            subprocess.run(_as_owner([*initdb, "--no-sync"]), check=True, capture_output=True)
+            options = f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories={root} -c fsync=off"
+            log = str(root / "server.log")
+            subprocess.run(
+                _as_owner([_pg_binary("pg_ctl"), "-D", str(data), "-l", log, "-o", options, "-w", "start"]),
+                check=True, capture_output=True,
+            )  # fmt: skip
+            for db in databases:
+                createdb = [_pg_binary("createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", db]
+                subprocess.run(createdb, check=True, capture_output=True)
+            yield {db: f"postgresql+psycopg2://postgres@127.0.0.1:{port}/{db}" for db in databases}
+        finally:
+            if (data / "postmaster.pid").exists():  # started: stop it, whatever ended the block
+                stop = [_pg_binary("pg_ctl"), "-D", str(data), "-m", "fast", "stop"]
+                subprocess.run(_as_owner(stop), capture_output=True)
+            shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _sigterm_exits() -> Iterator[None]:
+    """Within: SIGTERM exits through Python's `finally` blocks (SystemExit 143) instead of killing the process where
+    it stands. A cluster is a server of its own, started detached: a `make bench-deploy` or a test run stopped with
+    SIGTERM (a CI timeout, `kill`) left it running, its port taken and its folder in /tmp. Only the main thread may
+    set a handler; elsewhere nothing changes."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def exit_143(signum, frame) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, exit_143)
     try:
-        for db in databases:
-            createdb = [_pg_binary("createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", db]
-            subprocess.run(createdb, check=True, capture_output=True)
-        yield {db: f"postgresql+psycopg2://postgres@127.0.0.1:{port}/{db}" for db in databases}
+        yield
     finally:
-        subprocess.run(_as_owner([_pg_binary("pg_ctl"), "-D", str(data), "-m", "fast", "stop"]), capture_output=True)
-        shutil.rmtree(root, ignore_errors=True)
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager
