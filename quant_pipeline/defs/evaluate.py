@@ -123,14 +123,15 @@ def evaluate_checkpoint(
                 base_model, _ = load_model(
                     Path(target.base_path), settings.trust_remote_code, where
                 )  # its output embeddings only: no forward pass
-                items = add_agreement(
-                    items,
-                    pd.read_parquet(base_eval["items_path"]),
-                    load_reference(base_eval),
-                    base_model.get_output_embeddings(),
-                    model,
-                    settings.eval_batch_size,
-                )
+                with log_progress(context.log.info):
+                    items = add_agreement(
+                        items,
+                        pd.read_parquet(base_eval["items_path"]),
+                        load_reference(base_eval),
+                        base_model.get_output_embeddings(),
+                        model,
+                        settings.eval_batch_size,
+                    )
                 del base_model
                 stats["agreement_reference_sha256"] = base_eval["reference_sha256"]
                 stats["part_seconds"]["agreement_seconds"] = round(time.perf_counter() - t0, 2)

@@ -185,14 +185,17 @@ def generate_greedy(
     return out  # type: ignore[return-value]
 
 
-def latency_probe(model, tokenizer, prompts: list[str], max_new_tokens: int = 32) -> dict:
-    """One request at a time, as a server would see them: latency percentiles and tokens/s."""
+def latency_probe(model, tokenizer, prompts: list[str], max_new_tokens: int = 32, label: str = "") -> dict:
+    """One request at a time, as a server would see them: latency percentiles and tokens/s (the progress is
+    counted after each request's clock stops)."""
     latencies, tokens = [], 0
-    for prompt in prompts:
-        t0 = time.perf_counter()
-        result = generate_greedy(model, tokenizer, [prompt], [max_new_tokens], batch_size=1)[0]
-        latencies.append(time.perf_counter() - t0)
-        tokens += len(result["output_ids"])
+    with Progress(f"{label} latency probe".lstrip(), len(prompts), "requests") as progress:
+        for prompt in prompts:
+            t0 = time.perf_counter()
+            result = generate_greedy(model, tokenizer, [prompt], [max_new_tokens], batch_size=1)[0]
+            latencies.append(time.perf_counter() - t0)
+            tokens += len(result["output_ids"])
+            progress.advance(tokens=len(result["output_ids"]))
     q = statistics.quantiles(latencies, n=100, method="inclusive") if len(latencies) > 1 else latencies * 99
     return {
         "latency_p50_s": round(statistics.median(latencies), 4),
@@ -329,6 +332,7 @@ def agreement_with_reference(base_head, model, reference: dict[str, torch.Tensor
     if shared and spans:
         _check_logits_are_head_of_hidden(model, reference["input_ids"][None, spans[0][0] : spans[0][1]])
     out: list[dict | None] = [None] * len(spans)
+    progress = Progress("agreement with the base", len(spans), "texts")
     for idx in _by_length([hi - lo for lo, hi in spans], batch_size):
         ids, mask = right_padded([reference["input_ids"][spans[i][0] : spans[i][1]] for i in idx])
         with torch.inference_mode():
@@ -359,4 +363,6 @@ def agreement_with_reference(base_head, model, reference: dict[str, torch.Tensor
                     kl = (lb.exp() * (lb - lq)).sum(-1)
                     top1 = (lb.argmax(-1) == lq.argmax(-1)).float()
                 out[i] = {"top1_agreement": top1.mean().item(), "kl_divergence": max(kl.mean().item(), 0.0)}
+        progress.advance(len(idx), tokens=int(mask.sum()))
+    progress.close()
     return out  # type: ignore[return-value]

@@ -310,7 +310,7 @@ def run_suite(
     bias_items = run_bias(model, tokenizer, label, limit)
     lap("bias")
     probes = [i["prompt"] for i in limited(read_jsonl(GENERATION_FILE), "slice", 2)][:LATENCY_REQUESTS]
-    latency = latency_probe(model, tokenizer, probes, max_new_tokens=min(32, max_new_tokens or 32))
+    latency = latency_probe(model, tokenizer, probes, max_new_tokens=min(32, max_new_tokens or 32), label=label)
     lap("latency")
     items = pd.DataFrame(harness_items + behaviour_items + bias_items)
     cost = {

@@ -12,7 +12,7 @@ from quant_pipeline.core.errors import AuditInputError
 from quant_pipeline.core.hashing import sha256_file
 from quant_pipeline.evaluation.delta import NOT_MEASURABLE, REGRESSION, WITHIN, compute_deltas, verdict
 from quant_pipeline.evaluation.delta_html import render_html, render_markdown
-from quant_pipeline.evaluation.generation import agreement_with_reference, reference_states
+from quant_pipeline.evaluation.generation import agreement_with_reference, latency_probe, reference_states
 from quant_pipeline.evaluation.policy import Policy
 from quant_pipeline.evaluation.report_context import ReportContext
 from quant_pipeline.evaluation.statistics import paired_bootstrap_ci
@@ -309,3 +309,25 @@ def test_the_harness_reports_requests_done_and_tokens_per_second_in_the_run_log(
     harness = [line for line in lines if line.startswith("base harness: ")]
     assert items and harness, lines
     assert re.fullmatch(r"base harness: (\d+)/\1 requests in \d+ s, \d+ tok/s", harness[-1]), harness
+
+
+def test_the_latency_probe_and_the_agreement_report_their_progress_in_the_run_log(tiny_llama):
+    """The two parts of an evaluation that had no progress line: on the default model's full suite the agreement
+    ran 97 s and the latency probe 13-24 s with nothing in the run log (#13 asks for a line at least every 15 s,
+    and the final count)."""
+    import re
+
+    from quant_pipeline.core.progress import log_progress
+
+    model, tokenizer = load_model(tiny_llama)
+    texts = ["The cat sat on the mat.", "Two plus two is four.", "Paris is in France.", "Rain falls."]
+    reference = reference_states(model, tokenizer, texts, batch_size=2)
+    lines: list[str] = []
+    with log_progress(lines.append):
+        latency = latency_probe(model, tokenizer, texts[:3], max_new_tokens=4, label="quantized")
+        scores = agreement_with_reference(model.get_output_embeddings(), model, reference, batch_size=2)
+    assert latency["requests"] == 3 and len(scores) == 4
+    assert scores[0] == {"top1_agreement": 1.0, "kl_divergence": 0.0}  # the model against its own states
+    assert re.fullmatch(r"quantized latency probe: 3/3 requests in \d+ s(, \d+ tok/s)?", lines[0]), lines
+    assert re.fullmatch(r"agreement with the base: 4/4 texts in \d+ s, \d+ tok/s", lines[1]), lines
+    assert len(lines) == 2  # each the final count, once (both ran in under 15 s)
