@@ -158,8 +158,8 @@ def quantize(base_path: Path, texts: list[str], recipe: Recipe, out_dir: Path, w
     return {"calibration_passes_cut_short": stopped["passes"], "layer_sensitivity": sensitivity}
 
 
-def skip_identity_gather(model) -> int:
-    """Let a GPTQ model's int4 layers on the CPU skip a copy that changes nothing; returns how many layers.
+def skip_identity_gather(model) -> None:
+    """Let a GPTQ model's int4 layers on the CPU skip a copy that changes nothing.
 
     gptqmodel's CPU kernel (`TorchAtenLinear`) gathers each input's columns into its group order before the int4
     matmul (`x[:, ret_idx]`). Without act-order that order is the identity, so the gather only copies the input:
@@ -171,10 +171,9 @@ def skip_identity_gather(model) -> int:
 
     from gptqmodel.nn_modules.qlinear.torch_aten_kernel import TorchAtenLinear
 
-    layers = [layer for layer in model.modules() if type(layer) is TorchAtenLinear]
-    for layer in layers:
-        layer._fused_op_forward = types.MethodType(_int4_mm_in_group_order, layer)
-    return len(layers)
+    for layer in model.modules():
+        if type(layer) is TorchAtenLinear:
+            layer._fused_op_forward = types.MethodType(_int4_mm_in_group_order, layer)
 
 
 def _int4_mm_in_group_order(layer, x):
