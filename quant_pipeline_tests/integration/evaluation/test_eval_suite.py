@@ -274,13 +274,17 @@ def test_paired_bootstrap_interval_contains_the_true_delta_and_collapses_for_ide
 def test_greedy_rows_match_model_generate_row_for_row_while_finished_rows_leave_the_batch(tiny_llama):
     """The audit's own decode loop drops finished rows from the batch; every row must still get exactly
     the tokens `model.generate(do_sample=False)` gives it, cut at the row's budget and first stop token."""
-    from quant_pipeline.evaluation.generation import greedy_batches, greedy_rows, stop_ids
+    from quant_pipeline.evaluation.generation import chat_text, greedy_rows, stop_ids
 
     model, tokenizer = load_model(tiny_llama)
     prompts = ["Name a colour.", "Write a JSON object with a key a.", "Hi", "Count to five, slowly, in words."]
     budgets = [3, 12, 7, 12]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ((idx, enc, budget),) = greedy_batches(tokenizer, prompts, budgets, batch_size=4)
+    # one batch of rows with budgets of their own (the suite's batches hold one budget, a row still stops at its own)
+    tokenizer.padding_side = "left"
+    texts = [chat_text(tokenizer, p) for p in prompts]
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    idx, budget = list(range(len(prompts))), max(budgets)
     # a random model rarely says its stop token: make one row stop early by treating its 2nd token as one
     with torch.inference_mode():
         gen = model.generate(**enc, do_sample=False, max_new_tokens=budget, pad_token_id=pad, num_beams=1)
@@ -294,6 +298,28 @@ def test_greedy_rows_match_model_generate_row_for_row_while_finished_rows_leave_
         assert rows[row] == (expected[: cut[0]] if cut else expected), (i, rows[row], expected)
     assert sum(finished) == len(idx) and finished[-1] >= 1
     assert len(rows[1]) <= 1 < budgets[idx[1]]  # stopped at its own stop token, which is not kept
+
+
+def test_greedy_batches_hold_one_budget_each_split_evenly_and_ordered_by_prompt_tokens(tiny_llama):
+    """Every position of a left-padded prompt is computed, so a batch holds prompts of one budget and similar
+    token length: 7 prompts of budget 8 in batches of at most 3 are 2 + 2 + 3 (not 3 + 3 + 1), shortest first."""
+    from quant_pipeline.evaluation.generation import chat_text, greedy_batches
+
+    _, tokenizer = load_model(tiny_llama)
+    prompts = ["word " * n for n in (9, 1, 30, 4, 2, 17, 6)] + ["Hi", "Say a long sentence about rain please."]
+    budgets, side = [8] * 7 + [5, 5], tokenizer.padding_side
+    batches = greedy_batches(tokenizer, prompts, budgets, batch_size=3)
+    lengths = [len(tokenizer(chat_text(tokenizer, p), add_special_tokens=False)["input_ids"]) for p in prompts]
+    assert [len(idx) for idx, _, _ in batches] == [2, 2, 2, 3]
+    assert sorted(i for idx, _, _ in batches for i in idx) == list(range(len(prompts)))
+    for idx, enc, budget in batches:
+        assert {budgets[i] for i in idx} == {budget}
+        assert enc["input_ids"].shape == (len(idx), max(lengths[i] for i in idx))
+        assert enc["attention_mask"].sum(1).tolist() == [lengths[i] for i in idx]  # each row its own, left-padded
+        assert enc["attention_mask"][:, -1].all()
+    order = [i for idx, _, budget in batches if budget == 8 for i in idx]
+    assert [lengths[i] for i in order] == sorted(lengths[:7])
+    assert tokenizer.padding_side == side  # the tokenizer is left as it was
 
 
 def test_the_harness_reports_requests_done_and_tokens_per_second_in_the_run_log(tiny_llama):
