@@ -84,7 +84,7 @@ def greedy_batches(
     Prompts of one budget batch together, by token length, in the fewest batches of at most `batch_size`, their
     sizes differing by one at most. Every position of a left-padded prompt is computed: when batches crossed budgets,
     short prompts were padded to long ones, and the default model's 22,878 prompt tokens took 36,377 positions
-    (27,788 now; its fp32 base's behaviour suite 320.5 s -> 228.6 s, the same 281 outputs, 2026-11-27)."""
+    (27,788 now; its fp32 base's behaviour suite 280.7-320.5 s -> 228.6-237.1 s, the same 281 outputs, 2026-11-27)."""
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
