@@ -38,11 +38,11 @@ GENERATION_BATCH = 64
 # a kernel that is not batch-invariant (gptqmodel's bf16 int4 CPU kernel is not) gives other greedy
 # outputs in other batches. /2 writes the cache in place (kv_cache.py): the default model's 281 behaviour outputs
 # are token for token those of /1, kept apart anyway so that a record says which loop made it. /3 batches prompts
-# of one budget by token length (`greedy_batches`): the fp32 base's 281 outputs are again those of /2, the int4
-# kernel's move with their batches.
+# by token length, each budget on its own where that takes no more batches (`greedy_batches`): the fp32 base's 281
+# outputs are again those of /2, the int4 kernel's move with their batches.
 DECODER = (
     "greedy_rows/3: argmax, key/value cache written in place, finished rows leave the batch, "
-    "batches of one budget by prompt length"
+    "batches by budget and prompt length"
 )
 
 
@@ -76,31 +76,40 @@ def execution(model, harness_batch: int) -> dict:
     }
 
 
+def _even_chunks(order: list[int], batch_size: int) -> list[list[int]]:
+    """`order` cut into the fewest chunks of at most `batch_size`, their sizes differing by one at most."""
+    count = -(-len(order) // batch_size)
+    bounds = [len(order) * k // count for k in range(count + 1)]
+    return [order[start:end] for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
 def greedy_batches(
     tokenizer, prompts: list[str], max_new_tokens: list[int], batch_size: int = GENERATION_BATCH
 ) -> list[tuple[list[int], dict, int]]:
     """The batches greedy generation runs: (prompt indices, left-padded encoding, token budget).
 
-    Prompts of one budget batch together, by token length, in the fewest batches of at most `batch_size`, their
-    sizes differing by one at most. Every position of a left-padded prompt is computed: when batches crossed budgets,
-    short prompts were padded to long ones, and the default model's 22,878 prompt tokens took 36,377 positions
-    (27,788 now; its fp32 base's behaviour suite 280.7-320.5 s -> 228.6-237.1 s, the same 281 outputs, 2026-11-27)."""
+    The prompts, ordered by budget, then by token length, in the fewest batches of at most `batch_size`, their sizes
+    differing by one at most; where that takes no more batches, each budget's prompts batch on their own. Every
+    position of a left-padded prompt is computed: when batches crossed budgets, short prompts were padded to long
+    ones, and the default model's 22,878 prompt tokens took 36,377 positions (27,788 now; its fp32 base's behaviour
+    suite 280.7-320.5 s -> 228.6-237.1 s, the same 281 outputs, 2026-11-27). A small suite (`--eval-limit`) stays
+    in one batch: split by budget, its rows made batches of a third of the size, each step a third as efficient."""
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
         texts = [chat_text(tokenizer, p) for p in prompts]
         lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        order = sorted(range(len(prompts)), key=lambda i: (max_new_tokens[i], lengths[i]))
         groups: dict[int, list[int]] = {}
-        for i in sorted(range(len(prompts)), key=lambda i: (max_new_tokens[i], lengths[i])):
+        for i in order:
             groups.setdefault(max_new_tokens[i], []).append(i)
+        chunks = [chunk for group in groups.values() for chunk in _even_chunks(group, batch_size)]
+        if len(chunks) > -(-len(order) // batch_size):
+            chunks = _even_chunks(order, batch_size)
         batches = []
-        for group in groups.values():
-            count = -(-len(group) // batch_size)
-            bounds = [len(group) * k // count for k in range(count + 1)]  # sizes differ by one at most
-            for start, end in zip(bounds[:-1], bounds[1:], strict=True):
-                idx = group[start:end]
-                enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
-                batches.append((idx, enc, max_new_tokens[idx[0]]))
+        for idx in chunks:
+            enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+            batches.append((idx, enc, max(max_new_tokens[i] for i in idx)))
     finally:
         tokenizer.padding_side = side
     return batches

@@ -300,25 +300,27 @@ def test_greedy_rows_match_model_generate_row_for_row_while_finished_rows_leave_
     assert len(rows[1]) <= 1 < budgets[idx[1]]  # stopped at its own stop token, which is not kept
 
 
-def test_greedy_batches_hold_one_budget_each_split_evenly_and_ordered_by_prompt_tokens(tiny_llama):
-    """Every position of a left-padded prompt is computed, so a batch holds prompts of one budget and similar
-    token length: 7 prompts of budget 8 in batches of at most 3 are 2 + 2 + 3 (not 3 + 3 + 1), shortest first."""
+def test_greedy_batches_split_evenly_by_budget_and_prompt_tokens_and_share_budgets_only_to_save_a_batch(tiny_llama):
+    """Every position of a left-padded prompt is computed, so batches hold prompts of similar token length, one budget
+    each where that takes no more batches: 7 prompts of budget 8 and 2 of budget 5 are 2 | 3 + 4 in batches of at
+    most 4; in batches of at most 5, one budget each would take 3 batches where 2 do, so they share: 4 + 5."""
     from quant_pipeline.evaluation.generation import chat_text, greedy_batches
 
     _, tokenizer = load_model(tiny_llama)
-    prompts = ["word " * n for n in (9, 1, 30, 4, 2, 17, 6)] + ["Hi", "Say a long sentence about rain please."]
+    prompts = ["word " * n for n in (9, 1, 30, 4, 2, 17, 6)] + ["Say a long sentence about rain please.", "Hi"]
     budgets, side = [8] * 7 + [5, 5], tokenizer.padding_side
-    batches = greedy_batches(tokenizer, prompts, budgets, batch_size=3)
     lengths = [len(tokenizer(chat_text(tokenizer, p), add_special_tokens=False)["input_ids"]) for p in prompts]
-    assert [len(idx) for idx, _, _ in batches] == [2, 2, 2, 3]
-    assert sorted(i for idx, _, _ in batches for i in idx) == list(range(len(prompts)))
-    for idx, enc, budget in batches:
-        assert {budgets[i] for i in idx} == {budget}
-        assert enc["input_ids"].shape == (len(idx), max(lengths[i] for i in idx))
-        assert enc["attention_mask"].sum(1).tolist() == [lengths[i] for i in idx]  # each row its own, left-padded
-        assert enc["attention_mask"][:, -1].all()
-    order = [i for idx, _, budget in batches if budget == 8 for i in idx]
-    assert [lengths[i] for i in order] == sorted(lengths[:7])
+    order = sorted(range(len(prompts)), key=lambda i: (budgets[i], lengths[i]))
+    for batch_size, sizes in ((4, [2, 3, 4]), (5, [4, 5])):
+        batches = greedy_batches(tokenizer, prompts, budgets, batch_size=batch_size)
+        assert [len(idx) for idx, _, _ in batches] == sizes
+        assert [i for idx, _, _ in batches for i in idx] == order  # shortest first, within each budget
+        for idx, enc, budget in batches:
+            assert budget == max(budgets[i] for i in idx)
+            assert enc["input_ids"].shape == (len(idx), max(lengths[i] for i in idx))
+            assert enc["attention_mask"].sum(1).tolist() == [lengths[i] for i in idx]  # each row its own, left-padded
+            assert enc["attention_mask"][:, -1].all()
+    assert {budgets[i] for i in batches[0][0]} == {5, 8}
     assert tokenizer.padding_side == side  # the tokenizer is left as it was
 
 
