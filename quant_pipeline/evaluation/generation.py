@@ -93,7 +93,7 @@ def greedy_batches(
     position of a left-padded prompt is computed: when batches crossed budgets, short prompts were padded to long
     ones, and the default model's 22,878 prompt tokens took 36,377 positions (27,788 now; its fp32 base's behaviour
     suite 280.7-320.5 s -> 228.6-237.1 s, the same 281 outputs, 2026-11-27). A small suite (`--eval-limit`) stays
-    in one batch: split by budget, its rows made batches of a third of the size, each step a third as efficient."""
+    in one batch: split by budget, the bench's 24 prompts ran as 3 batches of 8, at 75.4 tok/s against 84.3."""
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
