@@ -280,7 +280,7 @@ def test_greedy_rows_match_model_generate_row_for_row_while_finished_rows_leave_
     prompts = ["Name a colour.", "Write a JSON object with a key a.", "Hi", "Count to five, slowly, in words."]
     budgets = [3, 12, 7, 12]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    # one batch of rows with budgets of their own (the suite's batches hold one budget, a row still stops at its own)
+    # one batch of rows with budgets of their own (a small suite shares batches across budgets)
     tokenizer.padding_side = "left"
     texts = [chat_text(tokenizer, p) for p in prompts]
     enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
