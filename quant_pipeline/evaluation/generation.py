@@ -98,7 +98,7 @@ def greedy_batches(
     tokenizer.padding_side = "left"
     try:
         texts = [chat_text(tokenizer, p) for p in prompts]
-        lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
         order = sorted(range(len(prompts)), key=lambda i: (max_new_tokens[i], lengths[i]))
         groups: dict[int, list[int]] = {}
         for i in order:

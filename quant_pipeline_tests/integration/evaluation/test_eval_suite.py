@@ -322,6 +322,7 @@ def test_greedy_batches_split_evenly_by_budget_and_prompt_tokens_and_share_budge
             assert enc["attention_mask"][:, -1].all()
     assert {budgets[i] for i in batches[0][0]} == {5, 8}
     assert tokenizer.padding_side == side  # the tokenizer is left as it was
+    assert greedy_batches(tokenizer, [], []) == []  # nothing to generate: no batch (a tokenizer refuses an empty list)
 
 
 def test_the_harness_reports_requests_done_and_tokens_per_second_in_the_run_log(tiny_llama):
