@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from itertools import groupby
 
 import torch
 
@@ -79,7 +80,7 @@ def execution(model, harness_batch: int) -> dict:
 def _even_chunks(order: list[int], batch_size: int) -> list[list[int]]:
     """`order` cut into the fewest chunks of at most `batch_size`, their sizes differing by one at most."""
     count = -(-len(order) // batch_size)
-    bounds = [len(order) * k // count for k in range(count + 1)]
+    bounds = [len(order) * k // count for k in range(count + 1)] if order else [0]
     return [order[start:end] for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
@@ -100,12 +101,10 @@ def greedy_batches(
         texts = [chat_text(tokenizer, p) for p in prompts]
         lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
         order = sorted(range(len(prompts)), key=lambda i: (max_new_tokens[i], lengths[i]))
-        groups: dict[int, list[int]] = {}
-        for i in order:
-            groups.setdefault(max_new_tokens[i], []).append(i)
-        chunks = [chunk for group in groups.values() for chunk in _even_chunks(group, batch_size)]
-        if len(chunks) > -(-len(order) // batch_size):
-            chunks = _even_chunks(order, batch_size)
+        together = _even_chunks(order, batch_size)
+        by_budget = groupby(order, key=max_new_tokens.__getitem__)
+        apart = [chunk for _, group in by_budget for chunk in _even_chunks(list(group), batch_size)]
+        chunks = apart if len(apart) == len(together) else together
         batches = []
         for idx in chunks:
             enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
