@@ -96,7 +96,7 @@ def add_registry_commands(sub) -> None:
     def check_trail(a):
         """Exit 0 intact, 1 broken, 2 unknown model; --expected-head is an extra anchor on top of MLflow's."""
         from quant_pipeline.release import shared_trail, signoff
-        from quant_pipeline.release.trail import verify_trail
+        from quant_pipeline.release.trail import anchor_problems
 
         store, tracker = _store_and_reader()
         try:  # on a tracking server, this host's copy first takes what the shared one adds (verified)
@@ -104,11 +104,10 @@ def add_registry_commands(sub) -> None:
         except shared_trail.SharedTrailError as e:
             print(f"{a.model}: trail BROKEN:\n  {e}")
             return 1
-        problems = signoff.verify_model_trail(store, tracker, a.model)
-        if a.expected_head:
-            problems += [
-                p for p in verify_trail(signoff.trail_path(store, a.model), a.expected_head) if p not in problems
-            ]
+        entries, problems = signoff.verified_model_trail(store, tracker, a.model)
+        if a.expected_head:  # checked on the bytes MLflow's anchor was checked on, not on a second read
+            head = entries[-1].get("hash") if entries else None
+            problems += [p for p in anchor_problems(head, a.expected_head) if p not in problems]
         print(f"{a.model}: trail " + ("intact" if not problems else "BROKEN:\n  " + "\n  ".join(problems)))
         return 0 if not problems else 1
 
@@ -142,8 +141,8 @@ def add_registry_commands(sub) -> None:
         from quant_pipeline.release import governing, signoff
 
         store, tracker = _store_and_reader()
-        signoff.require_intact_trail(store, tracker, a.model, f"read the policy of {a.model}")
-        entry = signoff.governing_policy(store, a.model)
+        trail = signoff.require_intact_trail(store, tracker, a.model, f"read the policy of {a.model}")
+        entry = signoff.governing_policy(store, a.model, trail)
         if entry is None:
             print(f"{a.model}: no policy pinned yet (the first judged audit pins the one it runs under)")
             return 0

@@ -42,8 +42,7 @@ from quant_pipeline.models.calibration import (
     used_samples_hash,
 )
 from quant_pipeline.models.checkpoint import source_stat, source_version
-from quant_pipeline.release.signoff import verify_model_trail
-from quant_pipeline.release.trail import read_entries
+from quant_pipeline.release.signoff import verified_model_trail
 
 TRIGGER_TAG = "quant_pipeline/trigger"
 FROM_TAG = "quant_pipeline/from_version"
@@ -254,8 +253,8 @@ def _changed_candidates(
     def hashes(model_name: str) -> dict[str, str]:
         if model_name not in audited_with:
             try:
-                intact = not verify_model_trail(settings.store, tracker, model_name)
-                entries = read_entries(settings.store.trail_path(model_name)) if intact else []
+                entries, problems = verified_model_trail(settings.store, tracker, model_name)  # one read
+                entries = entries if not problems else []
             except (AuditInputError, OSError, ValueError):  # no trail, or one that cannot be read: nothing known
                 entries = []
             audited_with[model_name] = {

@@ -40,10 +40,10 @@ def set_canary(store: ArtifactStore | Path, tracker: MlflowTracker, artifact_id:
         raise SignOffError("setting a canary needs a name (--by): a canary serves real users")
     store = ArtifactStore.of(store)
     model_name = artifact_record(store, artifact_id).model_name
-    require_intact_trail(store, tracker, model_name, f"set {artifact_id} as {CANARY_ALIAS}")
-    if not is_approved(store, model_name, artifact_id):
+    trail = require_intact_trail(store, tracker, model_name, f"set {artifact_id} as {CANARY_ALIAS}")
+    if not is_approved(store, model_name, artifact_id, trail):
         raise SignOffError(f"artifact {artifact_id} is not approved: only approved versions can be the {CANARY_ALIAS}")
-    verified_bytes(store, tracker, artifact_id)  # the bytes the registry and the trail name, checked now
+    verified_bytes(store, tracker, artifact_id, trail)  # the bytes the registry and the trail name, checked now
     version = str(tracker.find_version(model_name, artifact_id))
     previous = tracker.alias_version(model_name, CANARY_ALIAS)
     tracker.set_alias(model_name, CANARY_ALIAS, version)

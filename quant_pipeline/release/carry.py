@@ -22,16 +22,16 @@ from quant_pipeline.core.hashing import sha256_file
 from quant_pipeline.core.records import Decision
 from quant_pipeline.core.registry_view import APPROVED_ALIAS
 from quant_pipeline.core.store import ArtifactStore
-from quant_pipeline.release.evidence import gate_failures, judged_report, report_path, verified_bytes
-from quant_pipeline.release.signoff import (
-    artifact_record,
+from quant_pipeline.release.evidence import (
     decisions_of_model,
+    gate_failures,
     governing_policy,
     is_approved,
-    record_event,
-    require_intact_trail,
+    judged_report,
+    report_path,
+    verified_bytes,
 )
-from quant_pipeline.release.trail import read_entries
+from quant_pipeline.release.signoff import artifact_record, record_event, require_intact_trail
 
 if TYPE_CHECKING:
     from quant_pipeline.core.tracking import MlflowTracker
@@ -51,30 +51,31 @@ def carry_approval(
     did not PASS under the governing policy): the caller then records what it would have."""
     store = ArtifactStore.of(store)
     model_name = artifact_record(store, artifact_id).model_name
-    if is_approved(store, model_name, artifact_id) or gate_failures(store, model_name, artifact_id):
+    # every trail fact below comes from this one verified read (trail.read_verified says why)
+    trail = require_intact_trail(store, tracker, model_name, f"carry an approval over to {artifact_id}")
+    if is_approved(store, model_name, artifact_id, trail) or gate_failures(store, model_name, artifact_id, trail):
         return None
-    report = judged_report(store, model_name, artifact_id)  # its own verdict, as the trail recorded it
-    if report.verdict != "PASS" or report.policy_hash != (governing_policy(store, model_name) or {}).get("policy_hash"):
+    report = judged_report(store, model_name, artifact_id, trail)  # its own verdict, as the trail recorded it
+    governing = (governing_policy(store, model_name, trail) or {}).get("policy_hash")
+    if report.verdict != "PASS" or report.policy_hash != governing:
         return None
-    require_intact_trail(store, tracker, model_name, f"carry an approval over to {artifact_id}")
-    record = verified_bytes(store, tracker, artifact_id)  # re-hashed now, matched with MLflow's and the trail's
-    entries = read_entries(store.trail_path(model_name))
-    mine = _last_audit(entries, artifact_id)
+    record = verified_bytes(store, tracker, artifact_id, trail)  # re-hashed now, matched with MLflow's and the trail's
+    mine = _last_audit(trail, artifact_id)
     source = next(
         (
             e
-            for e in reversed(decisions_of_model(store, model_name))
+            for e in reversed(decisions_of_model(store, model_name, trail))
             if e["event"] == "approved"
             and e["artifact_id"] != artifact_id
             and e.get("content_hash") == record.content_hash
-            and _last_audit(entries, e["artifact_id"]).get("base_hash") == record.base_hash == mine.get("base_hash")
-            and is_approved(store, model_name, e["artifact_id"])
+            and _last_audit(trail, e["artifact_id"]).get("base_hash") == record.base_hash == mine.get("base_hash")
+            and is_approved(store, model_name, e["artifact_id"], trail)
         ),
         None,
     )
     if source is None:
         return None
-    theirs = _last_audit(entries, source["artifact_id"])
+    theirs = _last_audit(trail, source["artifact_id"])
     changed = {k: {"from": theirs.get(k), "to": mine.get(k)} for k in INPUTS if theirs.get(k) != mine.get(k)}
     version = tracker.find_version(model_name, artifact_id)
     what = ", ".join(changed) or "the artifact ID only"
@@ -85,7 +86,7 @@ def carry_approval(
     decision = Decision(
         event="approved", artifact_id=artifact_id, registry_version=version, content_hash=record.content_hash,
         by=f"{source['by']} (carried over by quant_pipeline)", note=note, policy_hash=report.policy_hash,
-        report_sha256=sha256_file(report_path(store, model_name, artifact_id)), dagster_run_id=dagster_run_id,
+        report_sha256=sha256_file(report_path(store, model_name, artifact_id, trail)), dagster_run_id=dagster_run_id,
     )  # fmt: skip
     entry = record_event(
         store, tracker, model_name,

@@ -4,7 +4,9 @@ A check that compares a file with a record lying in the same folder proves nothi
 rewrite the one can rewrite the other. So the verdict an approval rests on is the delta report
 whose sha256 the gate wrote into the hash-chained, MLflow-anchored trail, and the bytes an approval
 or promotion rests on are the ones whose content hash both the registry version (MLflow) and the
-trail's audit entry hold.
+trail's audit entry hold. The trail's readers here (an artifact's decisions, whether it stands approved, the
+policy governing its model, its latest evaluation) take ``trail=``, the entries a sign-off verified against
+the anchor, so that what it decides on is what it verified (`trail.read_verified`).
 """
 
 from __future__ import annotations
@@ -27,12 +29,49 @@ class EvidenceError(AuditInputError):
     """The evidence a decision would rest on does not match what was recorded when it was produced."""
 
 
-def _entries(store: ArtifactStore, model_name: str, event: str, artifact_id: str) -> list[dict]:
+DECISIONS = ("approved", "rejected", "incomplete", "pending sign-off", "revoked")
+PINNED = "policy pinned"  # the trail event that sets the policy governing a model (release/governing.py)
+
+
+def _trail(store: ArtifactStore | Path, model_name: str, trail: list[dict] | None) -> list[dict]:
+    """``trail``: the entries a caller verified, to act on them as verified (`signoff.require_intact_trail`); without
+    it, the file's entries read now."""
+    path = ArtifactStore.of(store).trail_path(model_name)
+    return trail if trail is not None else read_entries(path) if path.exists() else []
+
+
+def _entries(
+    store: ArtifactStore, model_name: str, event: str, artifact_id: str, trail: list[dict] | None = None
+) -> list[dict]:
+    """The trail's `event` entries of the artifact."""
     return [
-        e
-        for e in read_entries(store.trail_path(model_name))
-        if e.get("event") == event and e.get("artifact_id") == artifact_id
+        e for e in _trail(store, model_name, trail) if (e.get("event"), e.get("artifact_id")) == (event, artifact_id)
     ]
+
+
+def decisions_of_model(store: ArtifactStore | Path, model_name: str, trail: list[dict] | None = None) -> list[dict]:
+    """Every sign-off decision in the model's trail, oldest first."""
+    return [e for e in _trail(store, model_name, trail) if e.get("event") in DECISIONS]
+
+
+def decisions(
+    store: ArtifactStore | Path, model_name: str, artifact_id: str, trail: list[dict] | None = None
+) -> list[dict]:
+    return [e for e in decisions_of_model(store, model_name, trail) if e.get("artifact_id") == artifact_id]
+
+
+def is_approved(
+    store: ArtifactStore | Path, model_name: str, artifact_id: str, trail: list[dict] | None = None
+) -> bool:
+    history = decisions(store, model_name, artifact_id, trail)
+    latest = [e for e in history if e["event"] != "pending sign-off"]
+    return bool(latest) and latest[-1]["event"] == "approved"
+
+
+def governing_policy(store: ArtifactStore | Path, model_name: str, trail: list[dict] | None = None) -> dict | None:
+    """The model's latest `policy pinned` trail entry (None before its first judged audit); see governing.py."""
+    pins = [e for e in _trail(store, model_name, trail) if e.get("event") == PINNED]
+    return pins[-1] if pins else None
 
 
 EVAL_TABLES = ("results.parquet", "items.parquet")
@@ -48,25 +87,27 @@ def eval_table_hashes(store: ArtifactStore, base_key: str, quantized_key: str) -
     }
 
 
-def latest_evaluation(store: ArtifactStore, model_name: str, artifact_id: str) -> dict:
-    evaluated = _entries(store, model_name, "evaluated", artifact_id)
+def latest_evaluation(store: ArtifactStore, model_name: str, artifact_id: str, trail: list[dict] | None = None) -> dict:
+    evaluated = _entries(store, model_name, "evaluated", artifact_id, trail)
     if not evaluated:
         raise EvidenceError(f"artifact {artifact_id} has no evaluation in the trail of {model_name}: run the audit")
     return evaluated[-1]
 
 
-def gate_failures(store: ArtifactStore, model_name: str, artifact_id: str) -> list[dict]:
+def gate_failures(
+    store: ArtifactStore, model_name: str, artifact_id: str, trail: list[dict] | None = None
+) -> list[dict]:
     """Every evaluation of the artifact the gate judged FAIL: one is enough to make it unapprovable."""
     return [
         e
-        for e in _entries(store, model_name, "evaluated", artifact_id)
+        for e in _entries(store, model_name, "evaluated", artifact_id, trail)
         if e.get("verdict", "PASS" if e.get("passed") else "FAIL") == "FAIL"
     ]
 
 
-def report_path(store: ArtifactStore, model_name: str, artifact_id: str) -> Path:
+def report_path(store: ArtifactStore, model_name: str, artifact_id: str, trail: list[dict] | None = None) -> Path:
     """The delta report of the artifact's latest evaluation in the trail."""
-    return _report_of(store, artifact_id, latest_evaluation(store, model_name, artifact_id))
+    return _report_of(store, artifact_id, latest_evaluation(store, model_name, artifact_id, trail))
 
 
 def _report_of(store: ArtifactStore, artifact_id: str, entry: dict) -> Path:
@@ -78,11 +119,13 @@ def _report_of(store: ArtifactStore, artifact_id: str, entry: dict) -> Path:
     return store.delta_report_dir(artifact_id, entry["report_key"]) / "delta_report.json"
 
 
-def judged_report(store: ArtifactStore, model_name: str, artifact_id: str) -> DeltaReportRecord:
+def judged_report(
+    store: ArtifactStore, model_name: str, artifact_id: str, trail: list[dict] | None = None
+) -> DeltaReportRecord:
     """The delta report as the gate judged it: its bytes, and the eval tables it was computed from, must
     hash to what the latest evaluation in the trail recorded, so a `"passed": true` typed into the file
     (or a doctored results table) is refused, not believed."""
-    entry = latest_evaluation(store, model_name, artifact_id)
+    entry = latest_evaluation(store, model_name, artifact_id, trail)
     path = _report_of(store, artifact_id, entry)
     if not path.exists() or sha256_file(path) != entry["report_sha256"]:
         raise EvidenceError(
@@ -99,16 +142,17 @@ def judged_report(store: ArtifactStore, model_name: str, artifact_id: str) -> De
     return record
 
 
-def verified_bytes(store: ArtifactStore, tracker: MlflowTracker, artifact_id: str) -> ArtifactRecord:
+def verified_bytes(
+    store: ArtifactStore, tracker: MlflowTracker, artifact_id: str, trail: list[dict] | None = None
+) -> ArtifactRecord:
     """The artifact re-hashed now, and its content hash matched with the registry version's and the
     trail's: rewriting the files and the record beside them together is caught here."""
     record = verify_artifact(store, artifact_id)  # the files match the record lying beside them
     mv = tracker.model_version(record.model_name, artifact_id)
+    audits = _entries(store, record.model_name, "audit", artifact_id, trail)
     held = {
         "the MLflow registry": mv.tags.get("content_hash") if mv is not None else None,
-        "the trail": next(
-            (e.get("content_hash") for e in reversed(_entries(store, record.model_name, "audit", artifact_id))), None
-        ),
+        "the trail": next((e.get("content_hash") for e in reversed(audits)), None),
     }
     for holder, digest in held.items():
         if digest != record.content_hash:

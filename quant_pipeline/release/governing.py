@@ -20,13 +20,8 @@ from quant_pipeline.core.records import Architecture
 from quant_pipeline.core.store import ArtifactStore, write_bytes_atomic
 from quant_pipeline.evaluation.policy import load_policy
 from quant_pipeline.release import shared_trail
-from quant_pipeline.release.signoff import (
-    PINNED,
-    SignOffError,
-    governing_policy,
-    record_event,
-    require_intact_trail,
-)
+from quant_pipeline.release.evidence import PINNED, governing_policy
+from quant_pipeline.release.signoff import SignOffError, record_event, require_intact_trail
 from quant_pipeline.release.trail import read_entries
 
 if TYPE_CHECKING:  # the class imports MLflow (seconds): read-only verbs run without it
@@ -71,8 +66,8 @@ def pin_policy(
     if not by.strip() or not reason.strip():
         raise SignOffError("pinning a policy needs a name (--by NAME) and a reason (--reason TEXT)")
     policy, policy_hash = load_policy(Path(policy_file))
-    require_intact_trail(store, tracker, model_name, f"pin a policy for {model_name}")
-    current = governing_policy(store, model_name)
+    trail = require_intact_trail(store, tracker, model_name, f"pin a policy for {model_name}")
+    current = governing_policy(store, model_name, trail)
     if current is not None and current.get("policy_hash") == policy_hash:
         raise SignOffError(f"policy {policy.name} ({policy_hash[:12]}) already governs {model_name}: nothing to change")
     shared_trail.share_policy(tracker, model_name, _keep_copy(store, Path(policy_file), policy_hash))

@@ -29,8 +29,7 @@ from quant_pipeline.core.hashing import file_matches, sha256_bytes
 from quant_pipeline.core.store import ArtifactStore, atomic_directory, write_bytes_atomic
 from quant_pipeline.release import shared_trail
 from quant_pipeline.release.evidence import EVAL_TABLES
-from quant_pipeline.release.signoff import verify_model_trail
-from quant_pipeline.release.trail import read_entries
+from quant_pipeline.release.signoff import verified_model_trail
 
 if TYPE_CHECKING:
     from quant_pipeline.core.tracking import MlflowTracker
@@ -189,13 +188,12 @@ def rebuild_records(store: ArtifactStore | Path, tracker: MlflowTracker, model_n
         taken = shared_trail.catch_up(tracker, model_name, path)
     except shared_trail.SharedTrailError as e:
         raise RebuildError(f"cannot rebuild {model_name}: {e}") from None
-    problems = verify_model_trail(store, tracker, model_name)
+    entries, problems = verified_model_trail(store, tracker, model_name)  # what follows pulls by these entries
     if problems:
         raise RebuildError(
             f"cannot rebuild {model_name}: its trail does not verify against the anchor ({problems[0]}): "
             f"nothing was taken; run `quant-pipeline verify-trail {model_name}`"
         )
-    entries = read_entries(path)
     pulled = Pulled()
     kind = "fetched" if taken else "present"
     pulled.add(kind, f"trail of {model_name} ({len(entries)} entries, verified against its anchor)")

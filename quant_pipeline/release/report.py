@@ -31,9 +31,10 @@ from quant_pipeline.evaluation.delta_html import audit_parts, page, policy_secti
 from quant_pipeline.evaluation.plots import svg_data_uri
 from quant_pipeline.evaluation.policy import Policy, load_policy
 from quant_pipeline.evaluation.report_context import DecisionNote, ReportContext
+from quant_pipeline.release.evidence import DECISIONS
 from quant_pipeline.release.governing import pinned_policy_file
-from quant_pipeline.release.signoff import DECISIONS, PRODUCTION_ALIAS
-from quant_pipeline.release.trail import head_hash, read_entries, verify_trail
+from quant_pipeline.release.signoff import PRODUCTION_ALIAS
+from quant_pipeline.release.trail import read_verified
 
 
 def describe(entry: dict) -> str:
@@ -208,11 +209,10 @@ def render(store: ArtifactStore | Path, tracker: MlflowTracker, model_name: str)
     HTML is the reviewer's document (see the module docstring for its hooks)."""
     store = ArtifactStore.of(store)
     path = store.trail_path(model_name)
-    entries = read_entries(path)
-    problems = verify_trail(path)
+    entries, problems = read_verified(path)  # what the report shows is what its integrity line speaks for
     aliases = {alias: tracker.alias_version(model_name, alias) for alias in (APPROVED_ALIAS, PRODUCTION_ALIAS)}
     generated = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    head = head_hash(path) or ""
+    head = (entries[-1].get("hash") if entries else None) or ""
     integrity = "intact" if not problems else "BROKEN — " + "; ".join(problems)
     alias_text = ", ".join(f"`{a}` → v{v}" for a, v in aliases.items() if v) or "none"
     evaluations = [e for e in entries if e.get("event") == "evaluated" and e.get("deltas")]

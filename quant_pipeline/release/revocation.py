@@ -15,13 +15,8 @@ from quant_pipeline.core.artifacts import read_artifact_record
 from quant_pipeline.core.records import Decision
 from quant_pipeline.core.store import ArtifactStore
 from quant_pipeline.core.tracking import APPROVED_ALIAS, MlflowTracker
-from quant_pipeline.release.signoff import (
-    PRODUCTION_ALIAS,
-    base_version,
-    decisions_of_model,
-    is_approved,
-    record_event,
-)
+from quant_pipeline.release.evidence import decisions_of_model, is_approved
+from quant_pipeline.release.signoff import PRODUCTION_ALIAS, base_version, record_event
 
 REVOKER = "quant_pipeline (re-audit)"
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from quant_pipeline.core.errors import AuditInputError
 from quant_pipeline.core.store import StoreError, extend_locked, locked_for_reading
-from quant_pipeline.release.trail import head_hash, verify_trail
+from quant_pipeline.release.trail import head_hash, verify_bytes
 
 if TYPE_CHECKING:  # MLflow takes seconds to import: the read-only verbs that import sign-off run without it
     from quant_pipeline.core.tracking import MlflowTracker
@@ -112,13 +112,13 @@ def catch_up(tracker: MlflowTracker, model_name: str, path: Path) -> int:
             local = tracker.client().download_artifacts(run_id, f"{TRAIL_DIR}/{path.name}", tmp)
         except Exception:  # noqa: BLE001 - no shared copy is the same finding as an unreachable one
             return 0
-        problems = verify_trail(Path(local), expected_head=head, expected_length=int(length) if length else None)
+        data = Path(local).read_bytes()  # verified as read, and extended with these bytes, not a second read
+        _, problems = verify_bytes(data, expected_head=head, expected_length=int(length) if length else None)
         if problems:
             raise SharedTrailError(
                 f"the shared trail of {model_name} on {tracker.uri} does not verify against its anchor "
                 f"({problems[0]}): nothing was taken from it"
             )
-        data = Path(local).read_bytes()
     try:
         return extend_locked(path, data)
     except StoreError as e:

@@ -22,9 +22,17 @@ from quant_pipeline.core.records import ArtifactRecord, Decision
 from quant_pipeline.core.registry_view import APPROVED_ALIAS
 from quant_pipeline.core.store import ArtifactStore
 from quant_pipeline.release import shared_trail
-from quant_pipeline.release.evidence import gate_failures, judged_report, report_path, verified_bytes
+from quant_pipeline.release.evidence import (
+    decisions,
+    gate_failures,
+    governing_policy,
+    is_approved,
+    judged_report,
+    report_path,
+    verified_bytes,
+)
 from quant_pipeline.release.shared_trail import TRAIL_HEAD_TAG, TRAIL_LENGTH_TAG
-from quant_pipeline.release.trail import append_entry, read_entries, verify_trail
+from quant_pipeline.release.trail import append_entry, read_verified
 
 if TYPE_CHECKING:  # the class imports MLflow (seconds): read-only verbs run without it
     from quant_pipeline.core.registry_view import RegistryReader
@@ -118,7 +126,15 @@ def _require_registered(tracker: MlflowTracker, model_name: str, event: dict) ->
 
 
 def verify_model_trail(store: ArtifactStore | Path, tracker: RegistryReader, model_name: str) -> list[str]:
-    """Everything wrong with the model's trail, checked against its MLflow anchor ([] = intact).
+    """Everything wrong with the model's trail, checked against its MLflow anchor ([] = intact)."""
+    return verified_model_trail(store, tracker, model_name)[1]
+
+
+def verified_model_trail(
+    store: ArtifactStore | Path, tracker: RegistryReader, model_name: str
+) -> tuple[list[dict], list[str]]:
+    """The model's trail entries and everything wrong with them against its MLflow anchor, from one read
+    (`trail.read_verified`: act on the entries only when the problems are none).
 
     A name with neither a trail nor a registered model raises `UnknownTrailError`: "intact" for a
     typo would be a false assurance. A trail with no anchor is reported too: it cannot be told
@@ -132,47 +148,42 @@ def verify_model_trail(store: ArtifactStore | Path, tracker: RegistryReader, mod
     if head is None:
         if path.exists() and path.stat().st_size:
             where = "no registered model of that name" if tags is None else "the registered model has no trail_head tag"
-            return [
-                *verify_trail(path),
+            entries, problems = read_verified(path)
+            return entries, [
+                *problems,
                 f"the trail is not anchored in MLflow ({where}): it was written before anchoring, or "
                 "QP_MLFLOW_TRACKING_URI is not the registry the pipeline used",
             ]
-        return []
+        return [], []
     if not path.exists():
-        return [
+        return [], [
             f"the trail file is missing but MLflow anchors {length} entries (head {head[:16]}…): "
             "it was deleted or moved"
         ]
     try:
         expected_length = int(length) if length is not None else None
     except ValueError:
-        return [*verify_trail(path, expected_head=head), f"the MLflow anchor's trail_length {length!r} is not a number"]
-    return verify_trail(path, expected_head=head, expected_length=expected_length)
+        entries, problems = read_verified(path, expected_head=head)
+        return entries, [*problems, f"the MLflow anchor's trail_length {length!r} is not a number"]
+    return read_verified(path, expected_head=head, expected_length=expected_length)
 
 
-def require_intact_trail(store: ArtifactStore | Path, tracker: RegistryReader, model_name: str, action: str) -> None:
-    """Refuse ``action`` in one line when the model's trail does not verify against its anchor."""
-    problems = verify_model_trail(store, tracker, model_name)
+def require_intact_trail(
+    store: ArtifactStore | Path, tracker: RegistryReader, model_name: str, action: str
+) -> list[dict]:
+    """Refuse ``action`` in one line when the model's trail does not verify against its anchor; otherwise
+    the entries that verified, for ``action`` to decide on (passed on as ``trail=``, never read again)."""
+    entries, problems = verified_model_trail(store, tracker, model_name)
     if problems:
         more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
         raise SignOffError(
             f"cannot {action}: the audit trail of {model_name} is broken — {problems[0]}{more}; "
             f"run `quant-pipeline verify-trail {model_name}`"
         )
+    return entries
 
 
-DECISIONS = ("approved", "rejected", "incomplete", "pending sign-off", "revoked")
-PINNED = "policy pinned"  # the trail event that sets the policy governing a model (release/governing.py)
 GATE = "the gate"  # who records a FAIL or INCOMPLETE verdict's decision: no person is needed to refuse
-
-
-def decisions_of_model(store: ArtifactStore | Path, model_name: str) -> list[dict]:
-    """Every sign-off decision in the model's trail, oldest first."""
-    return [e for e in read_entries(trail_path(store, model_name)) if e.get("event") in DECISIONS]
-
-
-def decisions(store: ArtifactStore | Path, model_name: str, artifact_id: str) -> list[dict]:
-    return [e for e in decisions_of_model(store, model_name) if e.get("artifact_id") == artifact_id]
 
 
 def approve(
@@ -193,9 +204,9 @@ def approve(
         raise SignOffError("approval needs a rationale (--note TEXT)")
     store = ArtifactStore.of(store)
     model_name = artifact_record(store, artifact_id).model_name
-    require_intact_trail(store, tracker, model_name, f"approve {artifact_id}")
-    report = judged_report(store, model_name, artifact_id)
-    governing = (governing_policy(store, model_name) or {}).get("policy_hash")
+    trail = require_intact_trail(store, tracker, model_name, f"approve {artifact_id}")
+    report = judged_report(store, model_name, artifact_id, trail)
+    governing = (governing_policy(store, model_name, trail) or {}).get("policy_hash")
     if report.policy_hash != governing:
         raise SignOffError(
             f"artifact {artifact_id} was last judged under policy {report.policy_name} ({report.policy_hash[:12]}), "
@@ -207,7 +218,7 @@ def approve(
             f"{f'; +{len(report.reasons) - 1} more' if len(report.reasons) > 1 else ''}): only a PASS can be approved; "
             "measure more items (--eval-limit) or waive the slice in the policy with a reason"
         )
-    failures = gate_failures(store, model_name, artifact_id)
+    failures = gate_failures(store, model_name, artifact_id, trail)
     if failures and not override:
         failing = ", ".join(f"{f['metric']}/{f['category']}" for f in failures[-1].get("failing") or []) or "checks"
         raise SignOffError(
@@ -224,12 +235,12 @@ def approve(
                 "an override needs a second named approver, different from the first (--second-approver NAME)"
             )
     override = bool(failures) and override  # nothing to override on an artifact that never failed
-    record = verified_bytes(store, tracker, artifact_id)
+    record = verified_bytes(store, tracker, artifact_id, trail)
     version = tracker.find_version(model_name, artifact_id)
     decision = Decision(
         event="approved", artifact_id=artifact_id, registry_version=version, content_hash=record.content_hash,
         by=by.strip(), second_approver=second_approver.strip() or None, override=override, note=note,
-        policy_hash=report.policy_hash, report_sha256=sha256_file(report_path(store, model_name, artifact_id)),
+        policy_hash=report.policy_hash, report_sha256=sha256_file(report_path(store, model_name, artifact_id, trail)),
         dagster_run_id=dagster_run_id,
     )  # fmt: skip
     entry = record_event(store, tracker, model_name, decision.model_dump(mode="json"))
@@ -269,13 +280,6 @@ def record_pending(
         dagster_run_id=dagster_run_id,
     )
     return record_event(store, tracker, record.model_name, decision.model_dump(mode="json"))
-
-
-def governing_policy(store: ArtifactStore | Path, model_name: str) -> dict | None:
-    """The model's latest `policy pinned` trail entry (None before its first judged audit); see governing.py."""
-    path = trail_path(store, model_name)
-    pins = [e for e in read_entries(path) if e.get("event") == PINNED] if path.exists() else []
-    return pins[-1] if pins else None
 
 
 def record_gate_decision(
@@ -321,21 +325,15 @@ def reject(store: ArtifactStore | Path, tracker: MlflowTracker, artifact_id: str
     return record_event(store, tracker, record.model_name, decision.model_dump(mode="json"))
 
 
-def is_approved(store: ArtifactStore | Path, model_name: str, artifact_id: str) -> bool:
-    history = decisions(store, model_name, artifact_id)
-    latest = [e for e in history if e["event"] != "pending sign-off"]
-    return bool(latest) and latest[-1]["event"] == "approved"
-
-
 def promote(store: ArtifactStore | Path, tracker: MlflowTracker, artifact_id: str, by: str, note: str = "") -> dict:
     """Move `production` to an approved artifact (only approved ones, on an intact trail)."""
     record = artifact_record(store, artifact_id)
     model_name = record.model_name
     if not by.strip():
         raise SignOffError("promotion needs a name (--by)")
-    require_intact_trail(store, tracker, model_name, f"promote {artifact_id}")
-    verified_bytes(ArtifactStore.of(store), tracker, artifact_id)  # the bytes the registry and the trail name
-    if not is_approved(store, model_name, artifact_id):
+    trail = require_intact_trail(store, tracker, model_name, f"promote {artifact_id}")
+    verified_bytes(ArtifactStore.of(store), tracker, artifact_id, trail)  # the bytes the registry and the trail name
+    if not is_approved(store, model_name, artifact_id, trail):
         raise SignOffError(
             f"artifact {artifact_id} is not approved: only approved versions can be promoted to {PRODUCTION_ALIAS}"
         )
@@ -365,16 +363,17 @@ def rollback(
     The target is read from the trail, so a trail that fails its anchor check is refused first."""
     if not by.strip() or not note.strip():
         raise SignOffError("a rollback needs a name (--by) and a reason (--note)")
-    require_intact_trail(store, tracker, model_name, f"roll back {model_name}")
+    trail = require_intact_trail(store, tracker, model_name, f"roll back {model_name}")
     current = tracker.alias_version(model_name, PRODUCTION_ALIAS)
     target = None
     if not to_base:
-        promoted = [e for e in read_entries(trail_path(store, model_name)) if e["event"] in ("promoted", "rollback")]
+        promoted = [e for e in trail if e["event"] in ("promoted", "rollback")]
         history = [e["registry_version"] for e in promoted if e.get("registry_version")]
         earlier = [v for v in reversed(history) if v != current]
-        target = next(
-            (v for v in earlier if is_approved(store, model_name, version_artifact(tracker, model_name, v))), None
+        approved = (
+            v for v in earlier if is_approved(store, model_name, version_artifact(tracker, model_name, v), trail)
         )
+        target = next(approved, None)
     if target is None:
         target = base_version(tracker, model_name)
         if target is None:

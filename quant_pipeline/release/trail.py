@@ -90,15 +90,12 @@ def read_entries(path: Path) -> list[dict]:
     """All entries in file order ([] when the trail does not exist yet).
 
     Each entry is validated as a `TrailEntry`; a line that is not one raises a one-line StoreError
-    naming the line (use `verify_trail` to audit a trail).
+    naming the line (use `verify_trail` to audit a trail, `read_verified` to act on what it holds).
     """
     entries = []
     for number, obj in read_json_lines(path):
-        try:
-            TrailEntry.model_validate(obj)  # validated; the entry is kept exactly as stored (its hash covers it)
-        except ValidationError as e:
-            field, _ = first_error(e)
-            raise StoreError(f"{path} line {number}: not a trail entry (field `{field}`); run verify-trail") from None
+        if problem := _not_an_entry(number, obj):  # kept exactly as stored (its hash covers it), once validated
+            raise StoreError(f"{path} {problem}; run verify-trail")
         entries.append(obj)
     return entries
 
@@ -119,23 +116,42 @@ def head_hash(path: Path) -> str | None:
 
 
 def verify_trail(path: Path, expected_head: str | None = None, expected_length: int | None = None) -> list[str]:
-    """Everything wrong with the trail, in file order; an empty list means it is intact.
+    """Everything wrong with the trail, in file order; an empty list means it is intact (see `verify_bytes`)."""
+    return read_verified(path, expected_head, expected_length)[1]
+
+
+def read_verified(
+    path: Path, expected_head: str | None = None, expected_length: int | None = None
+) -> tuple[list[dict], list[str]]:
+    """The trail's entries and everything wrong with it, both from one read of the file.
+
+    Whoever acts on the trail (approves, promotes, carries an approval over, skips a re-audit) must act on
+    the bytes that were verified: a check and a read made apart leave a window in which the file can be
+    swapped, verified intact and then read doctored, and put back before anyone looks again."""
+    path = Path(path)
+    data = b""
+    if path.exists():
+        with locked_for_reading(path) as f:  # never a line an appender is half-way through
+            data = f.read()
+    return verify_bytes(data, expected_head, expected_length)
+
+
+def verify_bytes(
+    data: bytes, expected_head: str | None = None, expected_length: int | None = None
+) -> tuple[list[dict], list[str]]:
+    """A trail's entries and everything wrong with them (each must also validate as a `TrailEntry`).
 
     Reports lines that are not JSON entries, entries whose content no longer matches their hash
     (edited), entries whose `prev_hash` does not match the entry before them (one was removed or
     reordered), gaps in `seq`, and a torn last line (no final newline: every append ends its line,
     so only a crash mid-write or an edit leaves one, and appends are refused until it is repaired).
-    The file cannot show that entries were cut off its end or that it was swapped for a shorter
+    The bytes cannot show that entries were cut off their end or that the file was swapped for a shorter
     valid chain; pass the head hash and entry count recorded elsewhere as ``expected_head`` and
-    ``expected_length`` to catch that too.
+    ``expected_length`` to catch that too. The entries of a broken trail are those lines that are JSON
+    objects, unvalidated: something to show a person, never to act on.
     """
-    path = Path(path)
     problems: list[str] = []
-    if path.exists():
-        with locked_for_reading(path) as f:  # never a line an appender is half-way through
-            data = f.read()
-    else:
-        data = b""
+    entries: list[dict] = []
     text = data.decode("utf-8", errors="replace")
     lines = text.removesuffix("\n").split("\n") if text else []
     prev_hash: str | None = GENESIS_HASH  # None: the line before was unreadable, skip the link check
@@ -150,6 +166,7 @@ def verify_trail(path: Path, expected_head: str | None = None, expected_length: 
             problems.append(f"line {number}: not a JSON trail entry")
             prev_hash, expected_seq, head = None, None, None
             continue
+        entries.append(entry)
         seq = entry.get("seq")
         label = f"entry {seq}" if isinstance(seq, int) else f"entry at line {number}"
         stored = entry.get("hash")
@@ -171,15 +188,31 @@ def verify_trail(path: Path, expected_head: str | None = None, expected_length: 
             f"line {len(lines)}: torn — the file does not end in a newline (a crash mid-write, or an edit); "
             "appends are refused until a person repairs it"
         )
-    if expected_head is not None and head != expected_head:
-        problems.append(
-            f"head hash differs from the anchor (anchor {expected_head[:16]}…, "
-            f"trail {head[:16] + '…' if head else 'empty'}): "
-            "entries were removed from the end, or the trail was replaced"
-        )
+    problems += anchor_problems(head, expected_head)
     if expected_length is not None and len(lines) != expected_length:
         problems.append(
             f"the anchor records {expected_length} entries but the trail has {len(lines)}: "
             "entries were removed or added outside the pipeline, or the trail was replaced"
         )
-    return problems
+    if not problems:  # a chain intact line by line, each line must also be an entry the pipeline writes
+        problems = [_not_an_entry(number, e) for number, e in enumerate(entries, start=1) if _not_an_entry(number, e)]
+    return entries, problems
+
+
+def _not_an_entry(number: int, obj: dict) -> str:
+    try:
+        TrailEntry.model_validate(obj)
+    except ValidationError as e:
+        return f"line {number}: not a trail entry (field `{first_error(e)[0]}`)"
+    return ""
+
+
+def anchor_problems(head: str | None, expected_head: str | None) -> list[str]:
+    """The trail's head against an anchor kept elsewhere (none to check: no problem)."""
+    if expected_head is None or head == expected_head:
+        return []
+    return [
+        f"head hash differs from the anchor (anchor {expected_head[:16]}…, "
+        f"trail {head[:16] + '…' if head else 'empty'}): "
+        "entries were removed from the end, or the trail was replaced"
+    ]

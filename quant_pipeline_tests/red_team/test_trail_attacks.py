@@ -223,3 +223,42 @@ def test_racing_appenders_leave_the_anchor_on_the_true_head(world):
         t.join()
     assert signoff.verify_model_trail(store, tracker, "raced") == []
     assert tracker.model_tags("raced")["trail_length"] == "16"
+
+
+def test_an_approval_forged_into_the_trail_right_after_its_check_is_not_what_promote_acts_on(world, monkeypatch):
+    """The anchor check and the reads a decision rests on are one read: whoever can write the store and swaps the
+    trail in the instant after it verified (a chained `approved` entry, hashes and all, that only the anchor would
+    catch) must not get an unapproved artifact promoted. Before, `promote` read the file again after the check,
+    found the forged approval, and moved `production` before its own append was refused."""
+    store, tracker = world
+    model = "swapped-after-check"
+    aid = fake_artifact(world, model)
+    content_hash = ArtifactRecord.read(store.artifact_record_path(aid)).content_hash
+    with tracker.stage_run(model, f"register {aid}") as run:
+        version = tracker.register_artifact(
+            model, aid, "file:///nowhere", run.run_id, {"artifact_id": aid, "content_hash": content_hash}
+        )
+    signoff.record_event(store, tracker, model, {"event": "audit", "artifact_id": aid, "content_hash": content_hash})
+    path = signoff.trail_path(store, model)
+    genuine = path.read_bytes()
+    last = json.loads(genuine.splitlines()[-1])
+    forged = {
+        "event": "approved", "artifact_id": aid, "registry_version": str(version), "by": "Mallory", "note": "",
+        "content_hash": content_hash, "seq": last["seq"] + 1, "prev_hash": last["hash"], "at": last["at"],
+        "schema_version": 1,
+    }  # fmt: skip
+    forged["hash"] = entry_hash(forged)
+    checked = signoff.read_verified
+
+    def swapped_right_after_the_check(*args, **kwargs):
+        found = checked(*args, **kwargs)
+        path.write_bytes(genuine + (json.dumps(forged) + "\n").encode())
+        return found
+
+    monkeypatch.setattr(signoff, "read_verified", swapped_right_after_the_check)
+    with pytest.raises(signoff.SignOffError, match=f"artifact {aid} is not approved"):
+        signoff.promote(store, tracker, aid, by="Mallory")
+    assert tracker.alias_version(model, "production") is None
+    assert signoff.is_approved(store, model, aid)  # what a second read of the file would have believed
+    monkeypatch.undo()
+    assert any("anchor" in p for p in signoff.verify_model_trail(store, tracker, model))  # and what the anchor says

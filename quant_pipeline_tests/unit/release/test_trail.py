@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from quant_pipeline.release.trail import append_entry, head_hash, read_entries, verify_trail
+from quant_pipeline.release.trail import append_entry, entry_hash, head_hash, read_entries, read_verified, verify_trail
 
 
 def _trail(tmp_path, n=6):
@@ -172,3 +172,20 @@ def test_concurrent_appends_from_8_threads_form_one_intact_chain(tmp_path):
 
 
 # --- ML-BOM ------------------------------------------------------------------------------------
+
+
+def test_read_verified_returns_the_entries_it_verified_and_refuses_a_line_that_is_no_entry(tmp_path):
+    path = tmp_path / "trail.jsonl"
+    for i in range(3):
+        append_entry(path, {"event": "audit", "i": i})
+    entries, problems = read_verified(path, expected_head=head_hash(path), expected_length=3)
+    assert problems == [] and entries == read_entries(path) and [e["i"] for e in entries] == [0, 1, 2]
+    # a chained line, hashes and all, that is not an entry this version writes
+    last = entries[-1]
+    odd = {"event": "audit", "seq": 3, "prev_hash": last["hash"], "at": "now", "schema_version": 2}
+    odd["hash"] = entry_hash(odd)
+    with open(path, "a") as f:
+        f.write(json.dumps(odd) + "\n")
+    entries, problems = read_verified(path)
+    assert problems == ["line 4: not a trail entry (field `schema_version`)"] and len(entries) == 4
+    assert verify_trail(path) == problems
