@@ -31,6 +31,37 @@ def test_every_layer_type_is_ranked_and_more_bits_hurt_less(tiny_llama):
     assert four == layer_type_sensitivity(model, tokenizer, texts, Recipe(calibration_samples=4, seq_len=32))
 
 
+def test_each_type_measures_its_own_inputs_rounding_error_though_layers_sharing_an_input_share_its_moment(tiny_llama):
+    """The definition, computed the long way: every layer's own inputs X, ||X (W - Q(W))^T||^2 / ||X W^T||^2 summed
+    per type. The measurement computes X^T X once for q, k and v (and for gate and up), which read one tensor: a
+    moment handed to a layer whose input differs would move its type's value here."""
+    import pytest
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    texts, recipe = load_calibration_texts(DEFAULT_CALIBRATION), Recipe(calibration_samples=3, seq_len=24)
+    measured = layer_type_sensitivity(model, tokenizer, texts, recipe)
+    layers = {n: m for n, m in model.get_decoder().named_modules() if n.rsplit(".", 1)[-1] in LAYER_TYPES}
+    inputs: dict[str, list] = {n: [] for n in layers}
+    handles = [
+        m.register_forward_pre_hook(lambda m, a, n=n: inputs[n].append(a[0][0].clone())) for n, m in layers.items()
+    ]
+    with torch.inference_mode():
+        for text in texts[:3]:
+            model(**tokenizer(text, return_tensors="pt", truncation=True, max_length=24))
+    for h in handles:
+        h.remove()
+    error, signal = dict.fromkeys(LAYER_TYPES, 0.0), dict.fromkeys(LAYER_TYPES, 0.0)
+    for name, module in layers.items():
+        w = module.weight.detach()
+        e = w - round_to_nearest(w, recipe.bits, recipe.group_size)
+        for x in inputs[name]:
+            error[name.rsplit(".", 1)[-1]] += float((x.double() @ e.T.double()).pow(2).sum())
+            signal[name.rsplit(".", 1)[-1]] += float((x.double() @ w.T.double()).pow(2).sum())
+    assert measured == pytest.approx({k: error[k] / signal[k] for k in LAYER_TYPES}, rel=1e-4)
+
+
 def test_the_most_sensitive_types_come_first_in_the_recipe_spelling():
     scores = {"q_proj": 0.1, "down_proj": 0.5, "o_proj": 0.3, "k_proj": 0.3}
     assert most_sensitive(scores, 1) == "down_proj"
