@@ -195,7 +195,7 @@ def verify_bytes(
             "entries were removed or added outside the pipeline, or the trail was replaced"
         )
     if not problems:  # a chain intact line by line, each line must also be an entry the pipeline writes
-        problems = [_not_an_entry(number, e) for number, e in enumerate(entries, start=1) if _not_an_entry(number, e)]
+        problems = [p for number, e in enumerate(entries, start=1) if (p := _not_an_entry(number, e))]
     return entries, problems
 
 
