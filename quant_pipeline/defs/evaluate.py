@@ -33,6 +33,7 @@ from quant_pipeline.evaluation.suite import (
     with_reference,
 )
 from quant_pipeline.models.checkpoint import load_model
+from quant_pipeline.models.output_layer import load_output_layer
 from quant_pipeline.models.placement import CPU
 
 
@@ -120,19 +121,18 @@ def evaluate_checkpoint(
                 stats["reference_sha256"] = sha256_file(out_dir / "reference.safetensors")
             else:
                 t0 = time.perf_counter()
-                base_model, _ = load_model(
-                    Path(target.base_path), settings.trust_remote_code, where
-                )  # its output embeddings only: no forward pass
+                # the base's output layer alone (models/output_layer.py): no forward pass of the base runs here
+                base_head = load_output_layer(Path(target.base_path), settings.trust_remote_code, where)
                 with log_progress(context.log.info):
                     items = add_agreement(
                         items,
                         pd.read_parquet(base_eval["items_path"]),
                         load_reference(base_eval),
-                        base_model.get_output_embeddings(),
+                        base_head,
                         model,
                         settings.eval_batch_size,
                     )
-                del base_model
+                del base_head
                 stats["agreement_reference_sha256"] = base_eval["reference_sha256"]
                 stats["part_seconds"]["agreement_seconds"] = round(time.perf_counter() - t0, 2)
                 results = pd.concat(
