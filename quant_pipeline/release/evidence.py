@@ -36,8 +36,7 @@ PINNED = "policy pinned"  # the trail event that sets the policy governing a mod
 def _trail(store: ArtifactStore | Path, model_name: str, trail: list[dict] | None) -> list[dict]:
     """``trail``: the entries a caller verified, to act on them as verified (`signoff.require_intact_trail`); without
     it, the file's entries read now."""
-    path = ArtifactStore.of(store).trail_path(model_name)
-    return trail if trail is not None else read_entries(path) if path.exists() else []
+    return trail if trail is not None else read_entries(ArtifactStore.of(store).trail_path(model_name))  # [] if none
 
 
 def _entries(
